@@ -1,0 +1,112 @@
+"""Import HF transformers checkpoints as (family, config, params) and export them back.
+
+``ARCHITECTURES`` is the one table of what we read: HF ``model_type`` -> conversion module and our
+model family. Each conversion module is declarative (``config_from_hf``, ``config_to_hf``, ``rules``,
+``ALIASES``); this file only dispatches and does the file I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from types import ModuleType
+
+import numpy as np
+
+from mllm_jax.hf import clip, common, llama, llava
+from mllm_jax.hf.common import ConversionError
+
+# HF model_type -> (our family, conversion module).
+ARCHITECTURES: dict[str, tuple[str, ModuleType]] = {
+    "clip_vision_model": ("vit", clip),
+    "siglip_vision_model": ("vit", clip),
+    "llama": ("llm", llama),
+    "mistral": ("llm", llama),
+    "qwen2": ("llm", llama),
+    "llava": ("llava", llava),
+}
+
+# Files that are weights or the model config: everything else in a HF dir (tokenizer, processor,
+# chat template, generation config) is an asset that travels with the model.
+_NOT_ASSETS = ("config.json", "model.safetensors.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+@dataclasses.dataclass
+class Pretrained:
+    family: str
+    config: object
+    params: dict
+    hf_config: dict  # the original config.json, kept as the base of a later export
+
+
+def architecture(hf_config: dict) -> tuple[str, ModuleType]:
+    model_type = hf_config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConversionError(
+            f"model_type {model_type!r} ({hf_config.get('architectures')}) is not supported; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def load_pretrained(model_dir: str) -> Pretrained:
+    """Read a HF directory (config.json + safetensors) into our params (numpy, HF dtypes kept)."""
+    hf_config = common.read_config(model_dir)
+    family, module = architecture(hf_config)
+    config = module.config_from_hf(hf_config)
+    tensors = common.normalize_keys(common.read_safetensors(model_dir), module.ALIASES)
+    if family == "llava" and config.llm.tie_embeddings:
+        tensors.pop("language_model.lm_head.weight", None)  # some tied checkpoints store a copy
+    if family == "llm" and config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    params = common.hf_to_params(tensors, module.rules(config), f"{model_dir} ({hf_config['model_type']})")
+    return Pretrained(family, config, params, hf_config)
+
+
+def config_to_hf(family: str, config, base: dict | None = None) -> dict:
+    base = base or {}
+    if family == "vit":
+        ours = clip.config_to_hf(config)
+        ours["architectures"] = [clip.TOWERS[ours["model_type"]]["architecture"]]
+    elif family == "llm":
+        ours = llama.config_to_hf(config, base.get("model_type", "llama"))
+        ours["architectures"] = [llama.DECODERS[ours["model_type"]][0]]
+    else:
+        ours = ARCHITECTURES[family][1].config_to_hf(config, base)
+    if base.get("model_type", ours["model_type"]) != ours["model_type"]:
+        base = {}  # the model changed kind: nothing of the old config applies
+    return common.merge_config(base, ours)
+
+
+def save_pretrained(out_dir: str, family: str, config, params, hf_config: dict | None = None,
+                    assets_dir: str | None = None):
+    """Write a directory that ``transformers`` loads with ``from_pretrained``: safetensors in PyTorch
+    layout, config.json, and the tokenizer/processor assets copied from ``assets_dir``."""
+    d = config_to_hf(family, config, hf_config)
+    module = ARCHITECTURES[d["model_type"]][1]
+    np_params = _to_numpy(params)
+    tensors = common.params_to_hf(np_params, module.rules(config), f"export to {d['model_type']}")
+    os.makedirs(out_dir, exist_ok=True)
+    if assets_dir:
+        copy_assets(assets_dir, out_dir)
+    common.write_safetensors(out_dir, tensors)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+
+
+def copy_assets(src_dir: str, dst_dir: str):
+    """Copy tokenizer, processor, chat template and generation config files."""
+    os.makedirs(dst_dir, exist_ok=True)
+    for name in sorted(os.listdir(src_dir)):
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path) and name not in _NOT_ASSETS and not name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, os.path.join(dst_dir, name))
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(getattr(tree, "value", tree))  # unbox flax Partitioned leaves

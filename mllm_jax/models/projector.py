@@ -1,0 +1,42 @@
+"""Vision-to-LLM projectors: linear, or an N-layer MLP (LLaVA-1.5's ``mlp2x_gelu`` is depth 2, gelu)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.models.layers import Dense, activation, constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    in_features: int = 64
+    out_features: int = 64
+    depth: int = 2  # 1 = linear
+    act: str = "gelu"
+    bias: bool = True
+
+    def validate(self):
+        if self.depth < 1:
+            raise ValueError(f"projector depth must be >= 1, got {self.depth}")
+        activation(self.act)
+
+
+class Projector(nn.Module):
+    """``[..., in_features] -> [..., out_features]``; layers named ``linear_1..N`` as in HF LLaVA."""
+
+    config: ProjectorConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxPxF):
+        c = self.config
+        h = x_BxPxF
+        for i in range(1, c.depth + 1):
+            h = Dense(c.out_features, ("mlp" if i == 1 else "embed", "embed"), c.bias, self.dtype,
+                      name=f"linear_{i}")(h)
+            if i < c.depth:
+                h = activation(c.act)(h)
+        return constrain(h, ("act_batch", "act_seq", "act_embed"))
