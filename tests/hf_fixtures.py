@@ -82,12 +82,13 @@ def build_llava(path: str, *, vision="clip", feature_layer=-2, strategy="default
     tokenizer = make_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     v = dict(VISION[vision])
+    seq_len = image_seq_length(v, strategy)
     vision_config = AutoConfig.for_model(v.pop("model_type"), **v)
     t = text_config(tokenizer, **(text or {}))
     text_cfg = AutoConfig.for_model(t.pop("model_type"), **t)
     config = LlavaConfig(vision_config=vision_config, text_config=text_cfg, image_token_index=image_token_id,
                          vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                         projector_hidden_act=projector_act, image_seq_length=1,
+                         projector_hidden_act=projector_act, image_seq_length=seq_len,
                          tie_word_embeddings=text_cfg.tie_word_embeddings)
     model = randomize_(LlavaForConditionalGeneration(config).eval(), seed)
     model.save_pretrained(path)
@@ -98,6 +99,12 @@ def build_llava(path: str, *, vision="clip", feature_layer=-2, strategy="default
     )
     processor.save_pretrained(path)
     return path
+
+
+def image_seq_length(vision: dict, strategy: str) -> int:
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    has_cls = vision.get("model_type", "clip_vision_model") == "clip_vision_model"
+    return patches + int(has_cls) - int(strategy == "default")
 
 
 def make_image_processor(vision: str):

@@ -158,7 +158,9 @@ class Llm(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
 
-    def embed(self, tokens_BxT):
+    def embed(self, tokens_BxT, images=None):
+        if images is not None:
+            raise ValueError("a text-only LLM takes no images")
         x = self.embed_tokens(jnp.clip(tokens_BxT, 0, self.config.vocab_size - 1))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
@@ -169,6 +171,8 @@ class Llm(nn.Module):
         overwritten by the decoded tokens before any query can see them)."""
         c = self.config
         b, t, _ = embeds_BxTxD.shape
+        if self.is_initializing():  # init from embeddings alone must still create the embedding table
+            self.embed(jnp.zeros((1, 1), jnp.int32))
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
         if cache is None:
@@ -191,6 +195,10 @@ class Llm(nn.Module):
             logits = self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
         return logits, (None if cache is None else tuple(new_cache))
+
+
+    def decode(self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None):
+        return self(embeds_BxTxD, positions_BxT, attention_mask_BxT, cache, cache_index_B)
 
 
 def init_cache(c: LlmConfig, batch: int, length: int, dtype=jnp.float32):

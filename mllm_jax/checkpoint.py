@@ -1,0 +1,105 @@
+"""Our checkpoint directory: an orbax CheckpointManager plus what is needed to use and export it.
+
+```
+DIR/
+  mllm_config.json      {"family": ..., "config": {...}}     our model config (frozen dataclasses)
+  hf/                   config.json of the HF model it came from (export base), tokenizer, processor
+  checkpoints/<step>/   orbax items: "params" (and, from training, optimizer state, data state, ...)
+```
+
+A training workdir has the same layout, so ``predict``, ``convert`` and ``config.model.init`` accept
+either. Orbax writes each step to a temporary directory and renames it when complete, so a step that
+was interrupted while being written is never listed as the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+
+from mllm_jax import hf, models
+
+MODEL_CONFIG = "mllm_config.json"
+ASSETS = "hf"
+CHECKPOINTS = "checkpoints"
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MODEL_CONFIG))
+
+
+def assets_dir(path: str) -> str:
+    return os.path.join(path, ASSETS)
+
+
+def write_model_config(directory: str, family: str, config):
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, MODEL_CONFIG + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"family": family, "config": models.config_to_dict(config)}, f, indent=2)
+    os.replace(tmp, os.path.join(directory, MODEL_CONFIG))
+
+
+def read_model_config(directory: str):
+    with open(os.path.join(directory, MODEL_CONFIG)) as f:
+        d = json.load(f)
+    family = d["family"]
+    if family not in models.FAMILIES:
+        raise ValueError(f"{directory}: unknown model family {family!r}")
+    return family, models.config_from_dict(models.FAMILIES[family][0], d["config"])
+
+
+def manager(directory: str, max_to_keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, CHECKPOINTS)), options=options)
+
+
+def latest_step(directory: str) -> int | None:
+    if not os.path.isdir(os.path.join(directory, CHECKPOINTS)):
+        return None
+    with manager(directory) as m:
+        return m.latest_step()
+
+
+def save_model(directory: str, family: str, config, params, *, hf_config: dict | None = None,
+               assets_from: str | None = None, step: int = 0):
+    """Save params as an orbax checkpoint with our config and the HF assets beside it."""
+    write_model_config(directory, family, config)
+    assets = assets_dir(directory)
+    os.makedirs(assets, exist_ok=True)
+    if assets_from and os.path.abspath(assets_from) != os.path.abspath(assets):
+        hf.copy_assets(assets_from, assets)
+    if hf_config is not None:
+        with open(os.path.join(assets, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+    with manager(directory) as m:
+        m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        m.wait_until_finished()
+
+
+def load_model(directory: str, step: int | None = None) -> hf.Pretrained:
+    """Params of the newest (or given) step, our config and the HF config the model came from."""
+    family, config = read_model_config(directory)
+    with manager(directory) as m:
+        step = m.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no complete checkpoint under {CHECKPOINTS}/")
+        restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    hf_config_path = os.path.join(assets_dir(directory), "config.json")
+    hf_config = {}
+    if os.path.exists(hf_config_path):
+        with open(hf_config_path) as f:
+            hf_config = json.load(f)
+    return hf.Pretrained(family, config, restored["params"], hf_config)
+
+
+def load_any(path: str) -> tuple[hf.Pretrained, str]:
+    """A model from our checkpoint dir or a HF dir; returns it with its assets directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: no such directory")
+    if is_checkpoint(path):
+        return load_model(path), assets_dir(path)
+    return hf.load_pretrained(path), path

@@ -1,0 +1,68 @@
+"""Convert between HF transformers directories and our checkpoints.
+
+    python -m mllm_jax.convert --from_hf=HF_DIR --to=CKPT_DIR     # HF -> orbax checkpoint + our config
+    python -m mllm_jax.convert --from=CKPT_DIR --to_hf=HF_DIR     # newest checkpoint -> HF directory
+                               [--step=N]
+
+CKPT_DIR may be a training workdir: its newest checkpoint is exported. HF -> ours -> HF is bit-exact,
+and tokenizer/processor files travel along.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("from_hf", None, "HF model directory to import.")
+flags.DEFINE_string("to", None, "Checkpoint directory to write (with --from_hf).")
+flags.DEFINE_string("from", None, "Our checkpoint directory (or training workdir) to export.")
+flags.DEFINE_string("to_hf", None, "HF directory to write (with --from).")
+flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).")
+
+
+def import_hf(hf_dir: str, ckpt_dir: str):
+    from mllm_jax import checkpoint, hf
+
+    pretrained = hf.load_pretrained(hf_dir)
+    checkpoint.save_model(ckpt_dir, pretrained.family, pretrained.config, pretrained.params,
+                          hf_config=pretrained.hf_config, assets_from=hf_dir)
+    return pretrained
+
+
+def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
+    from mllm_jax import checkpoint, hf
+
+    if not checkpoint.is_checkpoint(ckpt_dir):
+        raise FileNotFoundError(f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {checkpoint.MODEL_CONFIG})")
+    model = checkpoint.load_model(ckpt_dir, step)
+    assets = checkpoint.assets_dir(ckpt_dir)
+    hf.save_pretrained(hf_dir, model.family, model.config, model.params, hf_config=model.hf_config or None,
+                       assets_dir=assets if os.path.isdir(assets) else None)
+    return model
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mllm_jax.hf.common import ConversionError
+
+    src_ours = getattr(FLAGS, "from")
+    try:
+        if FLAGS.from_hf and FLAGS.to and not (src_ours or FLAGS.to_hf):
+            model = import_hf(FLAGS.from_hf, FLAGS.to)
+            logging.info("imported %s (%s) into %s", FLAGS.from_hf, model.family, FLAGS.to)
+        elif src_ours and FLAGS.to_hf and not (FLAGS.from_hf or FLAGS.to):
+            model = export_hf(src_ours, FLAGS.to_hf, FLAGS.step)
+            logging.info("exported %s (%s) to %s", src_ours, model.family, FLAGS.to_hf)
+        else:
+            raise ConversionError("use either --from_hf=HF_DIR --to=CKPT_DIR or --from=CKPT_DIR --to_hf=HF_DIR")
+    except (ConversionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

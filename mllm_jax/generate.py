@@ -1,0 +1,137 @@
+"""Jitted autoregressive decoding: one prefill over the (right-padded) prompt, then a compiled
+``while_loop`` over a preallocated KV cache, stopping when every sample has produced an EOS.
+
+Works for any model with ``embed(tokens, images)`` and ``decode(embeds, positions, mask, cache, index)``
+methods (``Llava``, ``Llm``). Prompts are padded to a bucket so repeated calls reuse the compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_jax.models.llm import LlmConfig, init_cache
+
+PROMPT_BUCKET = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    def validate(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def llm_config(model) -> LlmConfig:
+    c = model.config
+    return c if isinstance(c, LlmConfig) else c.llm
+
+
+def choose(logits_BxV, rng, sampling: Sampling):
+    """Next token from raw logits: argmax, or a sample after temperature / top-k / top-p filtering."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1)
+    logits = logits_BxV / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+        # keep tokens whose preceding mass is < top_p: the smallest set reaching top_p, never empty
+        keep = (cum - jax.nn.softmax(sorted_desc, axis=-1)) < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1)
+
+
+def _generate(model, sampling, max_new_tokens, params, tokens_BxT, lengths_B, images, eos_ids, rng):
+    b, t = tokens_BxT.shape
+    variables = {"params": params}
+    embeds = model.apply(variables, tokens_BxT, images, method="embed")
+    cache = init_cache(llm_config(model), b, t + max_new_tokens, embeds.dtype)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, cache = model.apply(variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32),
+                                method="decode")
+    last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, logits_BxV, cache, done, out_tokens, out_logprobs, rng = state
+        rng, step_rng = jax.random.split(rng)
+        token_B = choose(logits_BxV, step_rng, sampling).astype(jnp.int32)
+        logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=1)[:, 0]
+        out_tokens = out_tokens.at[:, i].set(jnp.where(done, -1, token_B))
+        out_logprobs = out_logprobs.at[:, i].set(jnp.where(done, 0.0, logprob_B))
+        done = done | jnp.isin(token_B, eos_ids)
+        index_B = lengths_B + i
+        step_embeds = model.apply(variables, token_B[:, None], None, method="embed")
+        logits, cache = model.apply(variables, step_embeds, index_B[:, None], None, cache, index_B, method="decode")
+        return i + 1, logits[:, 0], cache, done, out_tokens, out_logprobs, rng
+
+    state = (
+        jnp.int32(0), last_BxV, cache, jnp.zeros((b,), bool), jnp.full((b, max_new_tokens), -1, jnp.int32),
+        jnp.zeros((b, max_new_tokens), jnp.float32), rng,
+    )
+    _, _, _, _, out_tokens, out_logprobs, _ = jax.lax.while_loop(cond, body, state)
+    return out_tokens, out_logprobs
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(model, sampling: Sampling, max_new_tokens: int):
+    return jax.jit(functools.partial(_generate, model, sampling, max_new_tokens))
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
+    """Right-pad token lists to a common bucketed length; returns ``(tokens_BxT, lengths_B)``."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() < 1:
+        raise ValueError("empty prompt")
+    t = int(-(-lengths.max() // bucket) * bucket)
+    tokens = np.full((len(prompts), t), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+def generate(model, params, prompts: list[list[int]], images=None, *, max_new_tokens: int, eos_ids, pad_id: int = 0,
+             sampling: Sampling = Sampling(), seed: int = 0):
+    """Decode ``max_new_tokens`` (or until EOS) for each prompt.
+
+    ``images``: float ``[B, N, H, W, C]`` preprocessed pixels or None. Returns per prompt a
+    ``(token_ids, logprobs)`` pair of lists: the generated ids after the prompt, EOS included when
+    produced, and each one's log-probability under the raw (untempered) logits.
+    """
+    sampling.validate()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    c = llm_config(model)
+    tokens, lengths = pad_prompts(prompts, pad_id)
+    if tokens.shape[1] + max_new_tokens > c.max_positions:
+        raise ValueError(f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"{c.max_positions} positions")
+    eos = jnp.asarray(sorted(set(np.atleast_1d(eos_ids).tolist())) or [-1], jnp.int32)
+    fn = _compiled(model, sampling, max_new_tokens)
+    out_tokens, out_logprobs = fn(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                  None if images is None else jnp.asarray(images), eos, jax.random.key(seed))
+    out_tokens, out_logprobs = np.asarray(out_tokens), np.asarray(out_logprobs)
+    results = []
+    for row, lp in zip(out_tokens, out_logprobs, strict=True):
+        n = int((row >= 0).sum())
+        results.append((row[:n].tolist(), lp[:n].tolist()))
+    return results
