@@ -51,9 +51,12 @@ def read_model_config(directory: str):
     return family, models.config_from_dict(models.FAMILIES[family][0], d["config"])
 
 
-def manager(directory: str, max_to_keep: int | None = None, async_save: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=True)
+def manager(
+    directory: str, max_to_keep: int | None = None, async_save: bool = False
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+    )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, CHECKPOINTS)), options=options)
 
 
@@ -64,8 +67,16 @@ def latest_step(directory: str) -> int | None:
         return m.latest_step()
 
 
-def save_model(directory: str, family: str, config, params, *, hf_config: dict | None = None,
-               assets_from: str | None = None, step: int = 0):
+def save_model(
+    directory: str,
+    family: str,
+    config,
+    params,
+    *,
+    hf_config: dict | None = None,
+    assets_from: str | None = None,
+    step: int = 0,
+):
     """Save params as an orbax checkpoint with our config and the HF assets beside it."""
     write_model_config(directory, family, config)
     assets = assets_dir(directory)

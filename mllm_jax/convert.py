@@ -27,8 +27,14 @@ def import_hf(hf_dir: str, ckpt_dir: str):
     from mllm_jax import checkpoint, hf
 
     pretrained = hf.load_pretrained(hf_dir)
-    checkpoint.save_model(ckpt_dir, pretrained.family, pretrained.config, pretrained.params,
-                          hf_config=pretrained.hf_config, assets_from=hf_dir)
+    checkpoint.save_model(
+        ckpt_dir,
+        pretrained.family,
+        pretrained.config,
+        pretrained.params,
+        hf_config=pretrained.hf_config,
+        assets_from=hf_dir,
+    )
     return pretrained
 
 
@@ -36,11 +42,19 @@ def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
     from mllm_jax import checkpoint, hf
 
     if not checkpoint.is_checkpoint(ckpt_dir):
-        raise FileNotFoundError(f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {checkpoint.MODEL_CONFIG})")
+        raise FileNotFoundError(
+            f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {checkpoint.MODEL_CONFIG})"
+        )
     model = checkpoint.load_model(ckpt_dir, step)
     assets = checkpoint.assets_dir(ckpt_dir)
-    hf.save_pretrained(hf_dir, model.family, model.config, model.params, hf_config=model.hf_config or None,
-                       assets_dir=assets if os.path.isdir(assets) else None)
+    hf.save_pretrained(
+        hf_dir,
+        model.family,
+        model.config,
+        model.params,
+        hf_config=model.hf_config or None,
+        assets_dir=assets if os.path.isdir(assets) else None,
+    )
     return model
 
 
@@ -58,7 +72,9 @@ def main(argv):
             model = export_hf(src_ours, FLAGS.to_hf, FLAGS.step)
             logging.info("exported %s (%s) to %s", src_ours, model.family, FLAGS.to_hf)
         else:
-            raise ConversionError("use either --from_hf=HF_DIR --to=CKPT_DIR or --from=CKPT_DIR --to_hf=HF_DIR")
+            raise ConversionError(
+                "use either --from_hf=HF_DIR --to=CKPT_DIR or --from=CKPT_DIR --to_hf=HF_DIR"
+            )
     except (ConversionError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

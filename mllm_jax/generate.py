@@ -63,8 +63,9 @@ def _generate(model, sampling, max_new_tokens, params, tokens_BxT, lengths_B, im
     embeds = model.apply(variables, tokens_BxT, images, method="embed")
     cache = init_cache(llm_config(model), b, t + max_new_tokens, embeds.dtype)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, cache = model.apply(variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32),
-                                method="decode")
+    logits, cache = model.apply(
+        variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32), method="decode"
+    )
     last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
     def cond(state):
@@ -75,18 +76,27 @@ def _generate(model, sampling, max_new_tokens, params, tokens_BxT, lengths_B, im
         i, logits_BxV, cache, done, out_tokens, out_logprobs, rng = state
         rng, step_rng = jax.random.split(rng)
         token_B = choose(logits_BxV, step_rng, sampling).astype(jnp.int32)
-        logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=1)[:, 0]
+        logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=1)[
+            :, 0
+        ]
         out_tokens = out_tokens.at[:, i].set(jnp.where(done, -1, token_B))
         out_logprobs = out_logprobs.at[:, i].set(jnp.where(done, 0.0, logprob_B))
         done = done | jnp.isin(token_B, eos_ids)
         index_B = lengths_B + i
         step_embeds = model.apply(variables, token_B[:, None], None, method="embed")
-        logits, cache = model.apply(variables, step_embeds, index_B[:, None], None, cache, index_B, method="decode")
+        logits, cache = model.apply(
+            variables, step_embeds, index_B[:, None], None, cache, index_B, method="decode"
+        )
         return i + 1, logits[:, 0], cache, done, out_tokens, out_logprobs, rng
 
     state = (
-        jnp.int32(0), last_BxV, cache, jnp.zeros((b,), bool), jnp.full((b, max_new_tokens), -1, jnp.int32),
-        jnp.zeros((b, max_new_tokens), jnp.float32), rng,
+        jnp.int32(0),
+        last_BxV,
+        cache,
+        jnp.zeros((b,), bool),
+        jnp.full((b, max_new_tokens), -1, jnp.int32),
+        jnp.zeros((b, max_new_tokens), jnp.float32),
+        rng,
     )
     _, _, _, _, out_tokens, out_logprobs, _ = jax.lax.while_loop(cond, body, state)
     return out_tokens, out_logprobs
@@ -109,8 +119,18 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCK
     return tokens, lengths
 
 
-def generate(model, params, prompts: list[list[int]], images=None, *, max_new_tokens: int, eos_ids, pad_id: int = 0,
-             sampling: Sampling = Sampling(), seed: int = 0):
+def generate(
+    model,
+    params,
+    prompts: list[list[int]],
+    images=None,
+    *,
+    max_new_tokens: int,
+    eos_ids,
+    pad_id: int = 0,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+):
     """Decode ``max_new_tokens`` (or until EOS) for each prompt.
 
     ``images``: float ``[B, N, H, W, C]`` preprocessed pixels or None. Returns per prompt a
@@ -123,12 +143,20 @@ def generate(model, params, prompts: list[list[int]], images=None, *, max_new_to
     c = llm_config(model)
     tokens, lengths = pad_prompts(prompts, pad_id)
     if tokens.shape[1] + max_new_tokens > c.max_positions:
-        raise ValueError(f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"{c.max_positions} positions")
+        raise ValueError(
+            f"prompt ({lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{c.max_positions} positions"
+        )
     eos = jnp.asarray(sorted(set(np.atleast_1d(eos_ids).tolist())) or [-1], jnp.int32)
     fn = _compiled(model, sampling, max_new_tokens)
-    out_tokens, out_logprobs = fn(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                  None if images is None else jnp.asarray(images), eos, jax.random.key(seed))
+    out_tokens, out_logprobs = fn(
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        None if images is None else jnp.asarray(images),
+        eos,
+        jax.random.key(seed),
+    )
     out_tokens, out_logprobs = np.asarray(out_tokens), np.asarray(out_logprobs)
     results = []
     for row, lp in zip(out_tokens, out_logprobs, strict=True):

@@ -1,7 +1,8 @@
 r"""Run a model on images and a prompt.
 
-    python -m mllm_jax.predict --model=PATH --image=cat.jpg --prompt="USER: <image>\nWhat is this? ASSISTANT:" \
-        [--max_new_tokens=32] [--temperature=0] [--top_p=1] [--top_k=0] [--seed=0] [--format=text|json]
+    python -m mllm_jax.predict --model=PATH --image=cat.jpg \
+        --prompt="USER: <image>\nWhat is this? ASSISTANT:" [--max_new_tokens=32] [--temperature=0] \
+        [--top_p=1] [--top_k=0] [--seed=0] [--format=text|json]
 
 PATH is a HF directory (safetensors) or one of our checkpoints (``convert`` output or a training workdir).
 Prompt conventions are the model's HF processor's: for LLaVA, one ``<image>`` per ``--image``, in order.
@@ -78,8 +79,10 @@ def prepare_inputs(family: str, config, assets: str, prompt: str, images):
     placeholder = processor.image_token
     n_placeholders = prompt.count(placeholder)
     if n_placeholders != len(images):
-        raise UsageError(f"the prompt has {n_placeholders} {placeholder} placeholder(s) but {len(images)} --image "
-                         f"file(s) were given; put one {placeholder} where each image goes")
+        raise UsageError(
+            f"the prompt has {n_placeholders} {placeholder} placeholder(s) but {len(images)} --image "
+            f"file(s) were given; put one {placeholder} where each image goes"
+        )
     inputs = processor(images=images or None, text=prompt, return_tensors="np")
     tokens = inputs["input_ids"][0].tolist()
     pixels = None
@@ -88,13 +91,23 @@ def prepare_inputs(family: str, config, assets: str, prompt: str, images):
         expected = config.tokens_per_image * len(images)
         got = sum(t == config.image_token_id for t in tokens)
         if got != expected:
-            raise UsageError(f"the processor produced {got} image tokens, the model expects {expected} "
-                             f"({config.tokens_per_image} per image); check the processor config")
+            raise UsageError(
+                f"the processor produced {got} image tokens, the model expects {expected} "
+                f"({config.tokens_per_image} per image); check the processor config"
+            )
     return tokenizer, tokens, pixels
 
 
-def predict(model_path: str, prompt: str, image_paths=(), max_new_tokens: int = 32, temperature: float = 0.0,
-            top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> dict:
+def predict(
+    model_path: str,
+    prompt: str,
+    image_paths=(),
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> dict:
     from mllm_jax import checkpoint, generate, models
 
     sampling = generate.Sampling(temperature, top_k, top_p)
@@ -111,8 +124,15 @@ def predict(model_path: str, prompt: str, image_paths=(), max_new_tokens: int = 
     model = models.build(pretrained.family, pretrained.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     [(ids, logprobs)] = generate.generate(
-        model, pretrained.params, [tokens], pixels, max_new_tokens=max_new_tokens,
-        eos_ids=eos_token_ids(assets, pretrained.hf_config, tokenizer), pad_id=pad_id, sampling=sampling, seed=seed,
+        model,
+        pretrained.params,
+        [tokens],
+        pixels,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_token_ids(assets, pretrained.hf_config, tokenizer),
+        pad_id=pad_id,
+        sampling=sampling,
+        seed=seed,
     )
     return {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": logprobs}
 
@@ -126,8 +146,16 @@ def main(argv):
         print("error: --model and --prompt are required", file=sys.stderr)
         sys.exit(2)
     try:
-        result = predict(FLAGS.model, FLAGS.prompt, FLAGS.image, FLAGS.max_new_tokens, FLAGS.temperature,
-                         FLAGS.top_p, FLAGS.top_k, FLAGS.seed)
+        result = predict(
+            FLAGS.model,
+            FLAGS.prompt,
+            FLAGS.image,
+            FLAGS.max_new_tokens,
+            FLAGS.temperature,
+            FLAGS.top_p,
+            FLAGS.top_k,
+            FLAGS.seed,
+        )
     except (UsageError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

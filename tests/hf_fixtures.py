@@ -27,10 +27,13 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
     tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast
 
@@ -49,8 +52,16 @@ def randomize_(model, seed: int, scale: float = 0.2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "norm.weight",
-                              "layrnorm.weight", "layernorm.weight")):
+            if name.endswith(
+                (
+                    "layernorm.weight",
+                    "layer_norm1.weight",
+                    "layer_norm2.weight",
+                    "norm.weight",
+                    "layrnorm.weight",
+                    "layernorm.weight",
+                )
+            ):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
@@ -58,23 +69,48 @@ def randomize_(model, seed: int, scale: float = 0.2):
 
 
 VISION = {
-    "clip": dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                 num_attention_heads=4, image_size=16, patch_size=4),
-    "siglip": dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, image_size=16, patch_size=4),
+    "clip": dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+    ),
+    "siglip": dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+    ),
 }
 
 
 def text_config(tokenizer, **overrides):
-    base = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                pad_token_id=3, max_position_embeddings=256)
+    base = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        max_position_embeddings=256,
+    )
     base.update(overrides)
     return base
 
 
-def build_llava(path: str, *, vision="clip", feature_layer=-2, strategy="default", text=None, seed=0,
-                projector_act="gelu"):
+def build_llava(
+    path: str, *, vision="clip", feature_layer=-2, strategy="default", text=None, seed=0, projector_act="gelu"
+):
     """A tiny LlavaForConditionalGeneration + LlavaProcessor saved at ``path``."""
     from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -86,15 +122,24 @@ def build_llava(path: str, *, vision="clip", feature_layer=-2, strategy="default
     vision_config = AutoConfig.for_model(v.pop("model_type"), **v)
     t = text_config(tokenizer, **(text or {}))
     text_cfg = AutoConfig.for_model(t.pop("model_type"), **t)
-    config = LlavaConfig(vision_config=vision_config, text_config=text_cfg, image_token_index=image_token_id,
-                         vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                         projector_hidden_act=projector_act, image_seq_length=seq_len,
-                         tie_word_embeddings=text_cfg.tie_word_embeddings)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_cfg,
+        image_token_index=image_token_id,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act=projector_act,
+        image_seq_length=seq_len,
+        tie_word_embeddings=text_cfg.tie_word_embeddings,
+    )
     model = randomize_(LlavaForConditionalGeneration(config).eval(), seed)
     model.save_pretrained(path)
     processor = LlavaProcessor(
-        image_processor=make_image_processor(vision), tokenizer=tokenizer, patch_size=v["patch_size"],
-        vision_feature_select_strategy=strategy, image_token=IMAGE_TOKEN,
+        image_processor=make_image_processor(vision),
+        tokenizer=tokenizer,
+        patch_size=v["patch_size"],
+        vision_feature_select_strategy=strategy,
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if vision == "clip" else 0,
     )
     processor.save_pretrained(path)
@@ -134,7 +179,9 @@ def build_causal_lm(path: str, seed=0, **overrides):
     seed_all(seed)
     tokenizer = make_tokenizer()
     t = text_config(tokenizer, **overrides)
-    model = randomize_(AutoModelForCausalLM.from_config(AutoConfig.for_model(t.pop("model_type"), **t)).eval(), seed)
+    model = randomize_(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(t.pop("model_type"), **t)).eval(), seed
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

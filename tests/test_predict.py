@@ -21,10 +21,13 @@ def hf_generate(model_dir, image_files, prompt=PROMPT, n_images=2):
     images = [Image.open(p).convert("RGB") for p in image_files[:n_images]]
     inputs = processor(images=images, text=prompt, return_tensors="pt")
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, output_logits=True,
-                         return_dict_in_generate=True)
-    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids, strict=False)]
+    out = model.generate(
+        **inputs, do_sample=False, max_new_tokens=MAX_NEW, output_logits=True, return_dict_in_generate=True
+    )
+    ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    logprobs = [
+        torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids, strict=False)
+    ]
     return ids, logprobs
 
 
@@ -45,13 +48,21 @@ def run_predict(*flags):
 def test_cli_json_on_our_checkpoint_equals_hf(llava_dir, image_files, tmp_path):
     model_dir = llava_dir("clip_layers_mistral")
     ckpt = str(tmp_path / "ckpt")
-    r = subprocess.run([sys.executable, "-m", "mllm_jax.convert", f"--from_hf={model_dir}", f"--to={ckpt}"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mllm_jax.convert", f"--from_hf={model_dir}", f"--to={ckpt}"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     prompt = "USER : <image> describe this picture . ASSISTANT :"
     ids, logprobs = hf_generate(model_dir, image_files, prompt, n_images=1)
-    r = run_predict(f"--model={ckpt}", f"--image={image_files[0]}", f"--prompt={prompt}",
-                    f"--max_new_tokens={MAX_NEW}", "--format=json")
+    r = run_predict(
+        f"--model={ckpt}",
+        f"--image={image_files[0]}",
+        f"--prompt={prompt}",
+        f"--max_new_tokens={MAX_NEW}",
+        "--format=json",
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # stdout holds only the result; logs went to stderr
     assert set(result) == {"text", "token_ids", "logprobs"}
@@ -66,7 +77,10 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llava_dir, image_files):
     a = predict.predict(model_dir, PROMPT, temperature=1.5, seed=3, **kw)
     b = predict.predict(model_dir, PROMPT, temperature=1.5, seed=3, **kw)
     assert a == b
-    assert predict.predict(model_dir, PROMPT, temperature=1.0, top_k=1, seed=4, **kw)["token_ids"] == greedy["token_ids"]
+    assert (
+        predict.predict(model_dir, PROMPT, temperature=1.0, top_k=1, seed=4, **kw)["token_ids"]
+        == greedy["token_ids"]
+    )
     nucleus = predict.predict(model_dir, PROMPT, temperature=1.0, top_p=1e-6, seed=5, **kw)
     assert nucleus["token_ids"] == greedy["token_ids"]  # a tiny nucleus keeps only the top token
 

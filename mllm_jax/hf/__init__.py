@@ -81,8 +81,9 @@ def config_to_hf(family: str, config, base: dict | None = None) -> dict:
     return common.merge_config(base, ours)
 
 
-def save_pretrained(out_dir: str, family: str, config, params, hf_config: dict | None = None,
-                    assets_dir: str | None = None):
+def save_pretrained(
+    out_dir: str, family: str, config, params, hf_config: dict | None = None, assets_dir: str | None = None
+):
     """Write a directory that ``transformers`` loads with ``from_pretrained``: safetensors in PyTorch
     layout, config.json, and the tokenizer/processor assets copied from ``assets_dir``."""
     d = config_to_hf(family, config, hf_config)

@@ -11,10 +11,22 @@ from mllm_jax.models.vit import VitConfig
 
 # model_type -> the switches that tell the two towers apart.
 TOWERS = {
-    "clip_vision_model": dict(class_token=True, pre_norm=True, patch_bias=False, architecture="CLIPVisionModel",
-                              default_act="quick_gelu", default_eps=1e-5),
-    "siglip_vision_model": dict(class_token=False, pre_norm=False, patch_bias=True, architecture="SiglipVisionModel",
-                                default_act="gelu_pytorch_tanh", default_eps=1e-6),
+    "clip_vision_model": dict(
+        class_token=True,
+        pre_norm=True,
+        patch_bias=False,
+        architecture="CLIPVisionModel",
+        default_act="quick_gelu",
+        default_eps=1e-5,
+    ),
+    "siglip_vision_model": dict(
+        class_token=False,
+        pre_norm=False,
+        patch_bias=True,
+        architecture="SiglipVisionModel",
+        default_act="gelu_pytorch_tanh",
+        default_eps=1e-6,
+    ),
 }
 ALIASES = (("vision_model.", ""),)
 
@@ -25,11 +37,18 @@ def config_from_hf(d: dict) -> VitConfig:
         raise ConversionError(f"vision model_type {model_type!r} not supported; supported: {sorted(TOWERS)}")
     t = TOWERS[model_type]
     return VitConfig(
-        hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"], image_size=d["image_size"], patch_size=d["patch_size"],
-        num_channels=d.get("num_channels", 3), act=d.get("hidden_act", t["default_act"]),
-        layer_norm_eps=d.get("layer_norm_eps", t["default_eps"]), class_token=t["class_token"],
-        pre_norm=t["pre_norm"], patch_bias=t["patch_bias"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        image_size=d["image_size"],
+        patch_size=d["patch_size"],
+        num_channels=d.get("num_channels", 3),
+        act=d.get("hidden_act", t["default_act"]),
+        layer_norm_eps=d.get("layer_norm_eps", t["default_eps"]),
+        class_token=t["class_token"],
+        pre_norm=t["pre_norm"],
+        patch_bias=t["patch_bias"],
         pooling_head=model_type == "siglip_vision_model" and d.get("vision_use_head", True),
     )
 
@@ -38,15 +57,24 @@ def model_type_of(c: VitConfig) -> str:
     for name, t in TOWERS.items():
         if (c.class_token, c.pre_norm, c.patch_bias) == (t["class_token"], t["pre_norm"], t["patch_bias"]):
             return name
-    raise ConversionError("this vision tower (class_token/pre_norm/patch_bias combination) has no HF equivalent")
+    raise ConversionError(
+        "this vision tower (class_token/pre_norm/patch_bias combination) has no HF equivalent"
+    )
 
 
 def config_to_hf(c: VitConfig) -> dict:
     model_type = model_type_of(c)
     d = dict(
-        model_type=model_type, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, image_size=c.image_size,
-        patch_size=c.patch_size, num_channels=c.num_channels, hidden_act=c.act, layer_norm_eps=c.layer_norm_eps,
+        model_type=model_type,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        num_channels=c.num_channels,
+        hidden_act=c.act,
+        layer_norm_eps=c.layer_norm_eps,
     )
     if model_type == "siglip_vision_model":
         d["vision_use_head"] = c.pooling_head
@@ -56,7 +84,10 @@ def config_to_hf(c: VitConfig) -> dict:
 
 
 def _ln(hf: str, ours: str, layers: int = 0) -> list[Rule]:
-    return [Rule(f"{hf}.weight", f"{ours}/scale", SAME, layers), Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers)]
+    return [
+        Rule(f"{hf}.weight", f"{ours}/scale", SAME, layers),
+        Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers),
+    ]
 
 
 def _dense(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Rule]:
@@ -79,7 +110,9 @@ def rules(c: VitConfig) -> list[Rule]:
     layer = "encoder.layers.{i}"
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
         out += _dense(f"{layer}.self_attn.{proj}", f"layers_{{i}}/self_attn/{proj}", n)
-    out += _dense(f"{layer}.mlp.fc1", "layers_{i}/mlp/fc1", n) + _dense(f"{layer}.mlp.fc2", "layers_{i}/mlp/fc2", n)
+    out += _dense(f"{layer}.mlp.fc1", "layers_{i}/mlp/fc1", n) + _dense(
+        f"{layer}.mlp.fc2", "layers_{i}/mlp/fc2", n
+    )
     out += _ln(f"{layer}.layer_norm1", "layers_{i}/layer_norm1", n)
     out += _ln(f"{layer}.layer_norm2", "layers_{i}/layer_norm2", n)
     out += _ln("post_layernorm", "post_layernorm")

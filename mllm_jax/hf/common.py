@@ -19,9 +19,16 @@ import numpy as np
 
 # safetensors dtype tag <-> numpy dtype (bf16 through ml_dtypes, which JAX uses too).
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _TAGS = {v: k for k, v in _DTYPES.items()}
 
@@ -63,8 +70,8 @@ def read_safetensors(model_dir: str) -> dict[str, np.ndarray]:
         pickled = [n for n in os.listdir(model_dir) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = f" (found {', '.join(sorted(pickled))}, which we never unpickle)" if pickled else ""
         raise ConversionError(
-            f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}; safetensors is required "
-            "- convert with transformers: model.save_pretrained(dir, safe_serialization=True)"
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}; "
+            "safetensors is required - convert with transformers: model.save_pretrained(dir)"
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
@@ -78,7 +85,11 @@ def _write_file(path: str, tensors: dict[str, np.ndarray]):
         arr = tensors[name]
         if arr.dtype not in _TAGS:
             raise ConversionError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
-        header[name] = {"dtype": _TAGS[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _TAGS[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -171,13 +182,15 @@ def prefixed(rules: Sequence[Rule], hf_prefix: str, our_prefix: str) -> list[Rul
     return out
 
 
-def normalize_keys(tensors: dict[str, np.ndarray], aliases: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
+def normalize_keys(
+    tensors: dict[str, np.ndarray], aliases: Sequence[tuple[str, str]]
+) -> dict[str, np.ndarray]:
     """Rename legacy/in-memory key prefixes to the canonical ones (first matching alias wins)."""
     out = {}
     for key, value in tensors.items():
         for old, new in aliases:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     return out
@@ -224,7 +237,9 @@ def hf_to_params(tensors: dict[str, np.ndarray], rules: Sequence[Rule], what: st
     unused = sorted(set(tensors) - used)
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
-        raise ConversionError(f"{what}: unexpected tensors {unused[:3]}{more}; is this the right architecture?")
+        raise ConversionError(
+            f"{what}: unexpected tensors {unused[:3]}{more}; is this the right architecture?"
+        )
     return params
 
 

@@ -36,15 +36,25 @@ def config_from_hf(d: dict) -> LlmConfig:
     qkv_bias, o_bias = DECODERS[model_type][1](d)
     heads = d["num_attention_heads"]
     return LlmConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads, act=d.get("hidden_act", "silu"),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), max_positions=d.get("max_position_embeddings", 2048),
-        rope_theta=float(rope["rope_theta"]), rope_type=rope["rope_type"], rope_factor=float(rope.get("factor", 1.0)),
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        act=d.get("hidden_act", "silu"),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_positions=d.get("max_position_embeddings", 2048),
+        rope_theta=float(rope["rope_theta"]),
+        rope_type=rope["rope_type"],
+        rope_factor=float(rope.get("factor", 1.0)),
         rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=d.get("mlp_bias", False),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=d.get("mlp_bias", False),
         tie_embeddings=d.get("tie_word_embeddings", False),
         sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
     )
@@ -59,13 +69,25 @@ def config_to_hf(c: LlmConfig, model_type: str = "llama") -> dict:
     if c.rope_type in ("linear", "llama3"):
         rope["factor"] = c.rope_factor
     if c.rope_type == "llama3":
-        rope.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
-                    original_max_position_embeddings=c.rope_original_max_positions)
+        rope.update(
+            low_freq_factor=c.rope_low_freq_factor,
+            high_freq_factor=c.rope_high_freq_factor,
+            original_max_position_embeddings=c.rope_original_max_positions,
+        )
     d = dict(
-        model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, hidden_act=c.act, rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=c.max_positions, rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
+        model_type=model_type,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        hidden_act=c.act,
+        rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_positions,
+        rope_parameters=rope,
+        tie_word_embeddings=c.tie_embeddings,
     )
     if model_type == "llama":
         d.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
@@ -78,9 +100,19 @@ def rules(c: LlmConfig) -> list[Rule]:
     """Keys relative to the CausalLM root (``model.*`` and ``lm_head.weight``)."""
     n = c.num_layers
     layer = "model.layers.{i}"
-    out = [Rule("model.embed_tokens.weight", "embed_tokens/embedding"), Rule("model.norm.weight", "norm/scale")]
-    for proj, bias in (("q_proj", c.qkv_bias), ("k_proj", c.qkv_bias), ("v_proj", c.qkv_bias), ("o_proj", c.o_bias)):
-        out.append(Rule(f"{layer}.self_attn.{proj}.weight", f"layers_{{i}}/self_attn/{proj}/kernel", LINEAR, n))
+    out = [
+        Rule("model.embed_tokens.weight", "embed_tokens/embedding"),
+        Rule("model.norm.weight", "norm/scale"),
+    ]
+    for proj, bias in (
+        ("q_proj", c.qkv_bias),
+        ("k_proj", c.qkv_bias),
+        ("v_proj", c.qkv_bias),
+        ("o_proj", c.o_bias),
+    ):
+        out.append(
+            Rule(f"{layer}.self_attn.{proj}.weight", f"layers_{{i}}/self_attn/{proj}/kernel", LINEAR, n)
+        )
         if bias:
             out.append(Rule(f"{layer}.self_attn.{proj}.bias", f"layers_{{i}}/self_attn/{proj}/bias", SAME, n))
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -88,7 +120,9 @@ def rules(c: LlmConfig) -> list[Rule]:
         if c.mlp_bias:
             out.append(Rule(f"{layer}.mlp.{proj}.bias", f"layers_{{i}}/mlp/{proj}/bias", SAME, n))
     out.append(Rule(f"{layer}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", SAME, n))
-    out.append(Rule(f"{layer}.post_attention_layernorm.weight", "layers_{i}/post_attention_layernorm/scale", SAME, n))
+    out.append(
+        Rule(f"{layer}.post_attention_layernorm.weight", "layers_{i}/post_attention_layernorm/scale", SAME, n)
+    )
     if not c.tie_embeddings:
         out.append(Rule("lm_head.weight", "lm_head/kernel", LINEAR))
     return out

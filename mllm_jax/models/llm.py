@@ -92,9 +92,15 @@ class LlmAttention(nn.Module):
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache=None, cache_index_B=None):
         c = self.config
         b, t, _ = x_BxTxD.shape
-        q = Dense(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, self.dtype, name="q_proj")(x_BxTxD)
-        k = Dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="k_proj")(x_BxTxD)
-        v = Dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="v_proj")(x_BxTxD)
+        q = Dense(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, self.dtype, name="q_proj")(
+            x_BxTxD
+        )
+        k = Dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="k_proj")(
+            x_BxTxD
+        )
+        v = Dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="v_proj")(
+            x_BxTxD
+        )
         inv_freq = rope_inv_freq(c)
         q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions_BxT, inv_freq)
         k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions_BxT, inv_freq)
@@ -102,7 +108,9 @@ class LlmAttention(nn.Module):
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         if cache is not None:
             # Write this chunk at each sample's own offset, then attend over the whole buffer.
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0)))
+            write = jax.vmap(
+                lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0))
+            )
             k_cache = write(cache[0], k, cache_index_B)
             v_cache = write(cache[1], v, cache_index_B)
             cache = (k_cache, v_cache)
@@ -150,7 +158,9 @@ class Llm(nn.Module):
     def setup(self):
         c = self.config
         self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype,
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
         self.layers = [DecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
@@ -164,7 +174,9 @@ class Llm(nn.Module):
         x = self.embed_tokens(jnp.clip(tokens_BxT, 0, self.config.vocab_size - 1))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
-    def __call__(self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None):
+    def __call__(
+        self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
+    ):
         """Without a cache: causal attention over the chunk, ``attention_mask`` marking valid keys.
         With a cache (from ``init_cache``): the chunk is written at ``cache_index_B`` and attends to
         everything before it in the buffer (``attention_mask`` is then ignored: right-padded prompts are
@@ -196,8 +208,9 @@ class Llm(nn.Module):
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
         return logits, (None if cache is None else tuple(new_cache))
 
-
-    def decode(self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None):
+    def decode(
+        self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
+    ):
         return self(embeds_BxTxD, positions_BxT, attention_mask_BxT, cache, cache_index_B)
 
 

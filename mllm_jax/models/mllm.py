@@ -37,16 +37,20 @@ class LlavaConfig:
         self.projector.validate()
         self.llm.validate()
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
-            raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got "
-                             f"{self.vision_feature_select_strategy!r}")
+            raise ValueError(
+                f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got "
+                f"{self.vision_feature_select_strategy!r}"
+            )
         n = self.vision.num_layers
         for layer in self.vision_feature_layers:
             if not -(n + 1) <= layer <= n:
                 raise ValueError(f"vision_feature_layer {layer} out of range for a {n}-layer vision tower")
         want = self.vision.hidden_size * len(self.vision_feature_layers)
         if self.projector.in_features != want or self.projector.out_features != self.llm.hidden_size:
-            raise ValueError(f"projector maps {self.projector.in_features}->{self.projector.out_features}, the "
-                             f"model needs {want}->{self.llm.hidden_size}")
+            raise ValueError(
+                f"projector maps {self.projector.in_features}->{self.projector.out_features}, the "
+                f"model needs {want}->{self.llm.hidden_size}"
+            )
 
 
 def splice_images(embeds_BxLxD, tokens_BxL, image_token_id, features_BxMxD):
@@ -76,7 +80,9 @@ class Llava(nn.Module):
         c = self.config
         b, n = images_BxNxHxWxC.shape[:2]
         hidden_states, _ = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
-        feats = select_features(hidden_states, c.vision_feature_layers, c.vision_feature_select_strategy == "default")
+        feats = select_features(
+            hidden_states, c.vision_feature_layers, c.vision_feature_select_strategy == "default"
+        )
         projected = self.adapter(feats)
         return projected.reshape(b, n * projected.shape[1], projected.shape[2])
 
@@ -84,13 +90,24 @@ class Llava(nn.Module):
         embeds = self.llm.embed(tokens_BxL)
         if images_BxNxHxWxC is None or images_BxNxHxWxC.shape[1] == 0:
             return embeds
-        return splice_images(embeds, tokens_BxL, self.config.image_token_id, self.image_features(images_BxNxHxWxC))
+        return splice_images(
+            embeds, tokens_BxL, self.config.image_token_id, self.image_features(images_BxNxHxWxC)
+        )
 
-    def decode(self, embeds_BxLxD, positions_BxL=None, attention_mask_BxL=None, cache=None, cache_index_B=None):
+    def decode(
+        self, embeds_BxLxD, positions_BxL=None, attention_mask_BxL=None, cache=None, cache_index_B=None
+    ):
         return self.llm(embeds_BxLxD, positions_BxL, attention_mask_BxL, cache, cache_index_B)
 
-    def __call__(self, tokens_BxL, images_BxNxHxWxC=None, positions_BxL=None, attention_mask_BxL=None,
-                 cache=None, cache_index_B=None):
+    def __call__(
+        self,
+        tokens_BxL,
+        images_BxNxHxWxC=None,
+        positions_BxL=None,
+        attention_mask_BxL=None,
+        cache=None,
+        cache_index_B=None,
+    ):
         """Returns ``(logits_BxLxV, cache)``."""
         embeds = self.embed(tokens_BxL, images_BxNxHxWxC)
         return self.decode(embeds, positions_BxL, attention_mask_BxL, cache, cache_index_B)

@@ -35,8 +35,13 @@ class Projector(nn.Module):
         c = self.config
         h = x_BxPxF
         for i in range(1, c.depth + 1):
-            h = Dense(c.out_features, ("mlp" if i == 1 else "embed", "embed"), c.bias, self.dtype,
-                      name=f"linear_{i}")(h)
+            h = Dense(
+                c.out_features,
+                ("mlp" if i == 1 else "embed", "embed"),
+                c.bias,
+                self.dtype,
+                name=f"linear_{i}",
+            )(h)
             if i < c.depth:
                 h = activation(c.act)(h)
         return constrain(h, ("act_batch", "act_seq", "act_embed"))

@@ -44,7 +44,9 @@ class VitConfig:
 
     def validate(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
 
@@ -100,8 +102,11 @@ class PoolingHead(nn.Module):
     def __call__(self, x_BxTxD):
         c = self.config
         b, t, d = x_BxTxD.shape
-        probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None, "embed")),
-                           (1, 1, d))
+        probe = self.param(
+            "probe",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None, "embed")),
+            (1, 1, d),
+        )
         probe_Bx1xD = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
         q = Dense(d, ("embed", "heads"), dtype=self.dtype, name="q_proj")(probe_Bx1xD)
         k = Dense(d, ("embed", "heads"), dtype=self.dtype, name="k_proj")(x_BxTxD)
@@ -109,7 +114,9 @@ class PoolingHead(nn.Module):
         split = lambda y: y.reshape(b, y.shape[1], c.num_heads, c.head_dim)  # noqa: E731
         h = attention(split(q), split(k), split(v), dtype=self.dtype).reshape(b, 1, d)
         h = Dense(d, ("heads", "embed"), dtype=self.dtype, name="out_proj")(h)
-        h = h + VitMlp(c, self.dtype, name="mlp")(LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layernorm")(h))
+        h = h + VitMlp(c, self.dtype, name="mlp")(
+            LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layernorm")(h)
+        )
         return h[:, 0]
 
 
@@ -136,19 +143,26 @@ class VisionTower(nn.Module):
             padding="VALID",
             use_bias=c.patch_bias,
             dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="patch_embedding",
         )(pixels_BxHxWxC.astype(self.dtype))
         x_BxTxD = patches.reshape(b, -1, c.hidden_size)
         if c.class_token:
-            cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                             (c.hidden_size,))
+            cls = self.param(
+                "class_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                (c.hidden_size,),
+            )
             cls_Bx1xD = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.hidden_size))
             x_BxTxD = jnp.concatenate([cls_Bx1xD, x_BxTxD], axis=1)
-        pos = self.param("position_embedding",
-                         nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-                         (c.num_positions, c.hidden_size))
+        pos = self.param(
+            "position_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.num_positions, c.hidden_size),
+        )
         if x_BxTxD.shape[1] != c.num_positions:
             raise ValueError(
                 f"image of {pixels_BxHxWxC.shape[1:3]} gives {x_BxTxD.shape[1]} tokens; the tower expects "

@@ -29,7 +29,9 @@ def hf_inputs(model_dir, image_files):
 def torch_logits(model_dir, inputs):
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(inputs["input_ids"]), pixel_values=torch.tensor(inputs["pixel_values"]))
+        out = model(
+            input_ids=torch.tensor(inputs["input_ids"]), pixel_values=torch.tensor(inputs["pixel_values"])
+        )
     return out.logits.numpy()
 
 
@@ -55,7 +57,9 @@ def test_export_loads_cleanly_and_gives_same_logits(variant, llava_dir, image_fi
     model_dir = llava_dir(variant)
     pretrained = hf.load_pretrained(model_dir)
     out = str(tmp_path / "export")
-    hf.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config, model_dir)
+    hf.save_pretrained(
+        out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config, model_dir
+    )
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     inputs = hf_inputs(out, image_files)  # the exported processor works too

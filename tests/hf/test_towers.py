@@ -24,7 +24,8 @@ def test_vision_tower_matches_transformers(vision, tmp_path):
         ref = AutoModel.from_pretrained(model_dir).eval()(torch.tensor(pixels), output_hidden_states=True)
     module = models.build("vit", pretrained.config)
     hidden, pooled = jax.jit(lambda p, x: module.apply({"params": p}, x))(
-        pretrained.params, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+        pretrained.params, jnp.asarray(pixels.transpose(0, 2, 3, 1))
+    )
     assert len(hidden) == len(ref.hidden_states)
     for ours, theirs in zip(hidden, ref.hidden_states, strict=True):
         np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=0)
@@ -55,12 +56,16 @@ def test_decoder_matches_transformers_and_exports_cleanly(name, tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     out = str(tmp_path / "export")
-    hf.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config, model_dir)
+    hf.save_pretrained(
+        out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config, model_dir
+    )
     exported, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert type(exported).__name__ == pretrained.hf_config["architectures"][0]
     with torch.no_grad():
-        np.testing.assert_allclose(exported.eval()(torch.tensor(tokens)).logits.numpy(), ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            exported.eval()(torch.tensor(tokens)).logits.numpy(), ref, atol=1e-6, rtol=0
+        )
 
 
 def test_bf16_checkpoint_round_trips_in_bf16(tmp_path):
@@ -72,7 +77,9 @@ def test_bf16_checkpoint_round_trips_in_bf16(tmp_path):
     out = str(tmp_path / "out")
     hf.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config)
     a, b = read_safetensors(src), read_safetensors(out)
-    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a) and a.keys() == b.keys()
+    assert (
+        all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a) and a.keys() == b.keys()
+    )
     reloaded = AutoModel.from_pretrained(out)
     assert next(reloaded.parameters()).dtype == torch.bfloat16
 
@@ -87,7 +94,9 @@ def test_sharded_checkpoints_are_read_and_written(tmp_path):
     again = read_safetensors(sharded)
     assert again.keys() == tensors.keys() and all(np.array_equal(again[k], tensors[k]) for k in tensors)
     os.rename(os.path.join(model_dir, "config.json"), os.path.join(sharded, "config.json"))
-    model, info = AutoModel.from_pretrained(sharded, output_loading_info=True)  # transformers reads our shards
+    model, info = AutoModel.from_pretrained(
+        sharded, output_loading_info=True
+    )  # transformers reads our shards
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 

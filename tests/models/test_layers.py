@@ -11,7 +11,11 @@ def test_rmsnorm_matches_formula():
     x = jax.random.normal(jax.random.key(0), (2, 3, 8))
     params = {"scale": jnp.linspace(0.5, 1.5, 8)}
     y = layers.RMSNorm(1e-6).apply({"params": params}, x)
-    want = np.asarray(x) / np.sqrt((np.asarray(x) ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(params["scale"])
+    want = (
+        np.asarray(x)
+        / np.sqrt((np.asarray(x) ** 2).mean(-1, keepdims=True) + 1e-6)
+        * np.asarray(params["scale"])
+    )
     chex.assert_trees_all_close(y, want, atol=1e-5)
 
 

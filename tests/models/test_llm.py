@@ -9,8 +9,16 @@ import pytest
 
 from mllm_jax.models.llm import Llm, LlmConfig, init_cache, rope_inv_freq
 
-CONFIG = LlmConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=8, max_positions=64)
+CONFIG = LlmConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_positions=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,7 @@ def test_no_gradient_from_future_tokens(model_and_params):
     embeds = jax.random.normal(jax.random.key(2), (1, 8, 32))
     t = 3
     grad = jax.jit(jax.grad(lambda e: model.apply({"params": params}, e)[0][0, t].sum()))(embeds)
-    assert np.all(np.asarray(grad[0, t + 1:]) == 0)
+    assert np.all(np.asarray(grad[0, t + 1 :]) == 0)
     assert np.any(np.asarray(grad[0, : t + 1]) != 0)
 
 
@@ -61,11 +69,13 @@ def test_kv_cache_decoding_equals_full_forward(model_and_params):
         return model.apply({"params": params}, embeds, positions, None, cache, index)
 
     cache = init_cache(CONFIG, 2, 16)
-    logits, cache = step(tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), cache, jnp.zeros((2,), jnp.int32))
+    logits, cache = step(
+        tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), cache, jnp.zeros((2,), jnp.int32)
+    )
     steps = [logits]
     for i in range(5, 9):
         pos = jnp.full((2, 1), i)
-        logits, cache = step(tokens[:, i:i + 1], pos, cache, pos[:, 0])
+        logits, cache = step(tokens[:, i : i + 1], pos, cache, pos[:, 0])
         steps.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
@@ -88,8 +98,11 @@ def test_tied_embeddings_have_no_lm_head():
 
 def test_rope_scaling_changes_only_low_frequencies():
     base = rope_inv_freq(dataclasses.replace(CONFIG, head_dim=64))
-    scaled = rope_inv_freq(dataclasses.replace(CONFIG, head_dim=64, rope_type="llama3", rope_factor=8.0,
-                                               rope_original_max_positions=64))
+    scaled = rope_inv_freq(
+        dataclasses.replace(
+            CONFIG, head_dim=64, rope_type="llama3", rope_factor=8.0, rope_original_max_positions=64
+        )
+    )
     assert scaled[0] == base[0]  # highest frequency untouched
     np.testing.assert_allclose(scaled[-1], base[-1] / 8.0, rtol=1e-6)  # lowest divided by the factor
     linear = rope_inv_freq(dataclasses.replace(CONFIG, rope_type="linear", rope_factor=2.0))

@@ -13,8 +13,15 @@ from mllm_jax.models.projector import Projector, ProjectorConfig
 from mllm_jax.models.vit import VitConfig
 
 VIT = VitConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=8, patch_size=4)
-LLM = LlmConfig(vocab_size=40, hidden_size=24, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                head_dim=12)
+LLM = LlmConfig(
+    vocab_size=40,
+    hidden_size=24,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=12,
+)
 CONFIG = LlavaConfig(vision=VIT, projector=ProjectorConfig(16, 24), llm=LLM, image_token_id=39)
 IMG = 39
 
@@ -62,7 +69,9 @@ class LlavaVariantsTest(chex.TestCase):
         logits, cache = self.variant(lambda p: model.apply({"params": p}, tokens, images))(params)
         chex.assert_shape(logits, (1, 6, 40))
         assert cache is None
-        chex.assert_trees_all_close(logits, jax.jit(model.apply)({"params": params}, tokens, images)[0], atol=1e-5)
+        chex.assert_trees_all_close(
+            logits, jax.jit(model.apply)({"params": params}, tokens, images)[0], atol=1e-5
+        )
 
 
 def test_text_before_the_image_ignores_it(setup):

@@ -7,8 +7,19 @@ import pytest
 from mllm_jax.models.vit import VisionTower, VitConfig, select_features
 
 CLIP = VitConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=16, patch_size=4)
-SIGLIP = VitConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=16, patch_size=4,
-                   act="gelu_pytorch_tanh", class_token=False, pre_norm=False, patch_bias=True, pooling_head=True)
+SIGLIP = VitConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    image_size=16,
+    patch_size=4,
+    act="gelu_pytorch_tanh",
+    class_token=False,
+    pre_norm=False,
+    patch_bias=True,
+    pooling_head=True,
+)
 
 
 class VitTest(chex.TestCase):
