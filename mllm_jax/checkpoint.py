@@ -114,3 +114,65 @@ def load_any(path: str) -> tuple[hf.Pretrained, str]:
     if is_checkpoint(path):
         return load_model(path), assets_dir(path)
     return hf.load_pretrained(path), path
+
+
+# ---------------------------------------------------------------- training state
+
+
+class TrainCheckpointer:
+    """One orbax manager per run (async saves need it to outlive the call). Items per step: ``params``
+    (full tree, what predict/export read), ``meta`` (stage and position), and while a stage is in
+    progress ``opt_state`` and ``data`` (the iterator state)."""
+
+    def __init__(self, directory: str, keep: int | None = None, async_save: bool = True):
+        self.directory = directory
+        self._manager = manager(directory, max_to_keep=keep, async_save=async_save)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, params, meta: dict, opt_state=None, data_state=None, wait: bool = False):
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if wait:
+            self._manager.wait_until_finished()
+
+    def restore(self, step: int, name: str, target=None):
+        arg = ocp.args.JsonRestore() if name in ("meta", "data") else ocp.args.StandardRestore(target)
+        return self._manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def encode_state(state):
+    """JSON-safe form of a data iterator state (bytes become base64)."""
+    import base64
+
+    if isinstance(state, bytes):
+        return {"__b64__": base64.b64encode(state).decode()}
+    if isinstance(state, dict):
+        return {k: encode_state(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return [encode_state(v) for v in state]
+    return state
+
+
+def decode_state(state):
+    import base64
+
+    if isinstance(state, dict):
+        if set(state) == {"__b64__"}:
+            return base64.b64decode(state["__b64__"])
+        return {k: decode_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [decode_state(v) for v in state]
+    return state

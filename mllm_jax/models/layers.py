@@ -37,6 +37,25 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+# Rematerialisation policies by name (as MaxText names them): what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def maybe_remat(module_cls, policy: str):
+    """``module_cls`` wrapped in ``nn.remat`` with the named policy (param names are unchanged)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=True)
+
+
 def constrain(x, axes: Sequence[str | None]):
     """Logical sharding constraint on an activation (a no-op outside a mesh/rules context)."""
     return nn.with_logical_constraint(x, tuple(axes))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_jax.models.layers import Dense, RMSNorm, activation, attention, causal_mask, constrain
+from mllm_jax.models.layers import Dense, RMSNorm, activation, attention, causal_mask, constrain, maybe_remat
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -154,6 +154,7 @@ class Llm(nn.Module):
 
     config: LlmConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # a layers.REMAT_POLICIES name
 
     def setup(self):
         c = self.config
@@ -163,7 +164,8 @@ class Llm(nn.Module):
             dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        self.layers = [DecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
+        layer = maybe_remat(DecoderLayer, self.remat)
+        self.layers = [layer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)

@@ -68,12 +68,13 @@ def splice_images(embeds_BxLxD, tokens_BxL, image_token_id, features_BxMxD):
 class Llava(nn.Module):
     config: LlavaConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # a layers.REMAT_POLICIES name, for the vision and LLM layers
 
     def setup(self):
         c = self.config
-        self.vision = VisionTower(c.vision, self.dtype)
+        self.vision = VisionTower(c.vision, self.dtype, self.remat)
         self.adapter = Projector(c.projector, self.dtype)
-        self.llm = Llm(c.llm, self.dtype)
+        self.llm = Llm(c.llm, self.dtype, self.remat)
 
     def image_features(self, images_BxNxHxWxC):
         """``[B, N, H, W, C]`` -> projected features ``[B, N * tokens_per_image, D_llm]``."""

@@ -11,7 +11,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain
+from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain, maybe_remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,7 @@ class VisionTower(nn.Module):
 
     config: VitConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # a layers.REMAT_POLICIES name
 
     @nn.compact
     def __call__(self, pixels_BxHxWxC):
@@ -173,8 +174,9 @@ class VisionTower(nn.Module):
             x_BxTxD = LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x_BxTxD)
         x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
         hidden_states = [x_BxTxD]
+        layer = maybe_remat(VitLayer, self.remat)
         for i in range(c.num_layers):
-            x_BxTxD = VitLayer(c, self.dtype, name=f"layers_{i}")(x_BxTxD)
+            x_BxTxD = layer(c, self.dtype, name=f"layers_{i}")(x_BxTxD)
             hidden_states.append(x_BxTxD)
         post_ln = LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")
         if c.pooling_head:  # SigLIP: post-LN on all tokens, then attention pooling

@@ -1,0 +1,189 @@
+"""LLaVA configs: ``configs/llava.py:tiny`` (CPU demo, built-in synthetic data, from scratch),
+``configs/llava.py:7b`` and ``:13b`` (LLaVA-1.5 recipe: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu).
+
+    python -m mllm_jax.main --config=configs/llava.py:tiny --workdir=/tmp/llava_tiny
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for configs/
+from configs import common  # noqa: E402
+
+VICUNA_SYSTEM_TEMPLATE = "vicuna_v1"
+
+
+def model(**overrides) -> ml_collections.ConfigDict:
+    m = dict(
+        family="llava",
+        # Initial weights: a whole HF Llava dir (`hf`), or a vision dir + an LLM dir (LLaVA stage 1),
+        # or one of our checkpoints. Empty = from scratch with the sizes below.
+        init=ml_collections.ConfigDict(dict(hf="", vision="", llm="", checkpoint="")),
+        tokenizer="builtin",  # "builtin" (synthetic vocabulary) or a HF dir; default: the init dir's
+        vision=ml_collections.ConfigDict(
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_layers=2,
+                num_heads=4,
+                image_size=32,
+                patch_size=8,
+                act="quick_gelu",
+                layer_norm_eps=1e-5,
+            )
+        ),
+        llm=ml_collections.ConfigDict(
+            dict(
+                hidden_size=128,
+                intermediate_size=256,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=2,
+                head_dim=32,
+                max_positions=256,
+                rope_theta=10000.0,
+                tie_embeddings=False,
+            )
+        ),
+        projector=ml_collections.ConfigDict(dict(depth=2, act="gelu")),
+        vision_feature_layers=(-1,),
+        vision_feature_select_strategy="default",
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        remat="none",
+    )
+    m.update(overrides)
+    return ml_collections.ConfigDict(m)
+
+
+def tiny() -> ml_collections.ConfigDict:
+    c = common.base()
+    c.model = model()
+    c.synthetic = ml_collections.ConfigDict(dict(image_size=32, min_shapes=1, max_shapes=3, seed=0))
+    everything = (r"vision/.*", r"adapter/.*", r"llm/.*")  # nothing is pretrained in tiny
+    c.stages.align = common.stage(
+        steps=600,
+        batch_size=32,
+        trainable=everything,
+        learning_rate=3e-3,
+        warmup_steps=50,
+        data=common.data(task="caption", max_length=40),
+    )
+    c.stages.instruct = common.stage(
+        steps=2400,
+        batch_size=32,
+        trainable=everything,
+        learning_rate=2e-3,
+        warmup_steps=50,
+        end_lr_ratio=0.05,
+        data=common.data(task="vqa", max_length=40),
+    )
+    c.log_every = 100
+    c.checkpoint_every = 500
+    c.eval.every = 0
+    c.eval.num_questions = 384
+    return c
+
+
+def _real(llm: dict) -> ml_collections.ConfigDict:
+    c = common.base()
+    c.dtype = "bfloat16"
+    c.mesh.fsdp = -1
+    c.mesh.data = 1
+    c.model = model(
+        vision=ml_collections.ConfigDict(
+            dict(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_layers=24,
+                num_heads=16,
+                image_size=336,
+                patch_size=14,
+                act="quick_gelu",
+                layer_norm_eps=1e-5,
+            )
+        ),
+        llm=ml_collections.ConfigDict(llm),
+        vision_feature_layers=(-2,),
+        image_mean=(0.48145466, 0.4578275, 0.40821073),
+        image_std=(0.26862954, 0.26130258, 0.27577711),
+        tokenizer="",
+        remat="full",
+    )
+    # Set to local HF directories (nothing is downloaded), e.g. of openai/clip-vit-large-patch14-336 and
+    # lmsys/vicuna-7b-v1.5: --config.model.init.vision=DIR --config.model.init.llm=DIR.
+    c.model.init.vision = ""
+    c.model.init.llm = ""
+    # LLaVA-1.5: stage 1 projector only on 558K pairs, lr 1e-3, batch 256; stage 2 projector + LLM on the
+    # 665K mix, lr 2e-5, batch 128; both one epoch with 3% warmup and cosine decay.
+    c.stages.align = common.stage(
+        steps=2180,
+        batch_size=256,
+        trainable=(r"adapter/.*",),
+        learning_rate=1e-3,
+        warmup_steps=65,
+        data=common.data(
+            source="llava_json",
+            path="blip_laion_cc_sbu_558k.json",
+            image_root="images",
+            template="plain",
+            max_length=2048,
+        ),
+    )
+    c.stages.instruct = common.stage(
+        steps=5200,
+        batch_size=128,
+        trainable=(r"adapter/.*", r"llm/.*"),
+        learning_rate=2e-5,
+        warmup_steps=156,
+        data=common.data(
+            source="llava_json",
+            path="llava_v1_5_mix665k.json",
+            image_root="images",
+            template=VICUNA_SYSTEM_TEMPLATE,
+            max_length=2048,
+        ),
+    )
+    c.log_every = 10
+    c.checkpoint_every = 500
+    return c
+
+
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    max_positions=4096,
+    rope_theta=10000.0,
+    tie_embeddings=False,
+)
+LLAMA_13B = dict(
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=40,
+    head_dim=128,
+    max_positions=4096,
+    rope_theta=10000.0,
+    tie_embeddings=False,
+)
+
+PRESETS = {
+    "tiny": tiny,
+    "7b": lambda: _real(LLAMA_7B),
+    "13b": lambda: _real(LLAMA_13B),
+}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/llava.py; presets: {sorted(PRESETS)}")
+    return PRESETS[preset]()

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and tasks run during training and by ``mllm_jax.evaluate``."""

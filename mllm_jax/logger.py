@@ -1,0 +1,84 @@
+"""Where training reports go: ``metrics.jsonl`` (one JSON object per row), TensorBoard events, and a
+progress line with ETA on stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import logging
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, enable_tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - lives with the run
+        self._tb = None
+        if enable_tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, row: dict):
+        row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, int | float) and key != "step" and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def close(self):
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def truncate_metrics(workdir: str, last_step: int):
+    """Drop rows after ``last_step`` (a resumed run recomputes them), so the file reads as one run."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
+
+
+class Progress:
+    """``[align] 120/500 24% | loss 2.310 | 14.2 steps/s | ETA 0:27`` on stderr (a log line when not a tty)."""
+
+    def __init__(self, stage: str, start: int, total: int):
+        self.stage, self.start, self.total = stage, start, total
+        self.t0 = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float):
+        done = step - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        line = (
+            f"[{self.stage}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}% | loss {loss:.3f} | "
+            f"{rate:.1f} steps/s | ETA {eta_s}"
+        )
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            logging.info(line)
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)

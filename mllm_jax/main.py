@@ -1,0 +1,76 @@
+"""Train: ``python -m mllm_jax.main --config=configs/llava.py:tiny --workdir=DIR [--config.KEY=VALUE]``.
+
+Runs every stage of ``config.stage_order``, resuming from the newest checkpoint in DIR. Config and
+command-line mistakes are reported in one line with exit code 2 before anything compiles.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/llava.py:tiny.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go.")
+
+
+def _config_keys(config, prefix="config.") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if hasattr(v, "items"):
+            keys += _config_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def parse_flags(argv):
+    """absl flag parsing with one-line errors (and a "did you mean" for config keys), exit code 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e).splitlines()[0]
+        unknown = re.search(r"flag '(--)?(config\.[\w.]+)'", message)
+        if unknown and FLAGS["config"].present and FLAGS.config is not None:
+            close = difflib.get_close_matches(unknown.group(2), _config_keys(FLAGS.config), n=1)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # the config file itself failed to load (bad preset, syntax error)
+        print(f"error: --config: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.config is None or not FLAGS.workdir:
+        print("error: --config and --workdir are required", file=sys.stderr)
+        sys.exit(2)
+    from mllm_jax import runconfig, train
+
+    try:
+        run = runconfig.from_config_dict(FLAGS.config)
+        trainer = train.Trainer(run, FLAGS.workdir)
+    except (runconfig.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        trainer.run()
+    except train.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(train.PREEMPTED_EXIT_CODE)
+    logging.info("done: %s", FLAGS.workdir)
+
+
+def run():
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

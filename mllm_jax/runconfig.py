@@ -1,0 +1,169 @@
+"""The ml_collections config of a run, checked and turned into frozen dataclasses before anything
+compiles. Every problem is a ``ConfigError`` with one line that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from mllm_jax.data.pipeline import DataConfig
+from mllm_jax.optim import SCHEDULES, OptimConfig
+
+DTYPES = ("float32", "bfloat16")
+TOP_LEVEL_KEYS = (
+    "seed",
+    "dtype",
+    "param_dtype",
+    "mesh",
+    "sharding_rules",
+    "stage_order",
+    "stages",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "async_checkpoints",
+    "tensorboard",
+    "eval",
+    "model",
+    "synthetic",
+)
+STAGE_KEYS = (
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "trainable",
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "end_lr_ratio",
+    "weight_decay",
+    "clip_norm",
+    "b1",
+    "b2",
+    "data",
+)
+
+
+class ConfigError(ValueError):
+    """A bad config: reported as one line, exit code 2, before any compilation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    trainable: tuple[str, ...]
+    optim: OptimConfig
+    data: DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    dtype: str
+    param_dtype: str
+    mesh: dict
+    sharding_rules: dict
+    stages: tuple[Stage, ...]
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    async_checkpoints: bool
+    tensorboard: bool
+    eval: dict
+    model: dict
+    synthetic: dict
+    raw: object = dataclasses.field(default=None, compare=False, repr=False)  # the ConfigDict, for saving
+
+
+def _unknown(keys, known, where: str):
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {where}{close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {where}{key!r}{hint}")
+
+
+def _positive(value, key: str, allow_zero: bool = False):
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise ConfigError(
+            f"config.{key} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}"
+        )
+
+
+def _stage(name: str, d: dict) -> Stage:
+    where = f"stages.{name}."
+    _unknown(d, STAGE_KEYS, where)
+    for key in ("steps", "batch_size", "grad_accum"):
+        _positive(d.get(key, 1), where + key)
+    if d["batch_size"] % d.get("grad_accum", 1):
+        raise ConfigError(
+            f"config.{where}batch_size {d['batch_size']} is not divisible by grad_accum {d['grad_accum']}"
+        )
+    if d.get("schedule", "cosine") not in SCHEDULES:
+        raise ConfigError(f"config.{where}schedule must be one of {SCHEDULES}, got {d['schedule']!r}")
+    if not d.get("learning_rate", 0) > 0:
+        raise ConfigError(f"config.{where}learning_rate must be > 0, got {d.get('learning_rate')!r}")
+    trainable = d.get("trainable", ())
+    trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+    if not trainable:
+        raise ConfigError(
+            f"config.{where}trainable is empty: name the param paths to train (e.g. 'adapter/.*')"
+        )
+    optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    optim = OptimConfig(**{k: v for k, v in d.items() if k in optim_fields})
+    data = dict(d.get("data", {}))
+    data_fields = [f.name for f in dataclasses.fields(DataConfig)]
+    _unknown(data, data_fields, where + "data.")
+    if "data" not in d:
+        raise ConfigError(f"config.{where}data is missing: each stage names its data")
+    return Stage(
+        name, d["steps"], d["batch_size"], d.get("grad_accum", 1), trainable, optim, DataConfig(**data)
+    )
+
+
+def from_config_dict(config) -> RunConfig:
+    """Check a ConfigDict (or plain dict) and freeze it."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    _unknown(d, TOP_LEVEL_KEYS, "")
+    if "model" not in d:
+        raise ConfigError("config.model is missing")
+    for key in ("dtype", "param_dtype"):
+        if d.get(key, "float32") not in DTYPES:
+            raise ConfigError(f"config.{key} must be one of {DTYPES}, got {d.get(key)!r}")
+    order = d.get("stage_order", ())
+    order = (order,) if isinstance(order, str) else tuple(order)
+    if not order:
+        raise ConfigError("config.stage_order is empty")
+    stages_d = d.get("stages", {})
+    for name in order:
+        if name not in stages_d:
+            raise ConfigError(
+                f"config.stage_order names stage {name!r}, but config.stages has {sorted(stages_d)}"
+            )
+    stages = tuple(_stage(name, stages_d[name]) for name in order)
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(d.get(key, 1), key)
+    mesh = dict(d.get("mesh", {}))
+    _unknown(mesh, ("data", "fsdp", "tensor"), "mesh.")
+    ev = dict(d.get("eval", {}))
+    _positive(ev.get("every", 0), "eval.every", allow_zero=True)
+    return RunConfig(
+        seed=int(d.get("seed", 0)),
+        dtype=d.get("dtype", "float32"),
+        param_dtype=d.get("param_dtype", "float32"),
+        mesh=mesh,
+        sharding_rules=dict(d.get("sharding_rules", {})),
+        stages=stages,
+        log_every=d.get("log_every", 50),
+        checkpoint_every=d.get("checkpoint_every", 500),
+        keep_checkpoints=d.get("keep_checkpoints", 2),
+        async_checkpoints=bool(d.get("async_checkpoints", True)),
+        tensorboard=bool(d.get("tensorboard", True)),
+        eval=ev,
+        model=dict(d["model"]),
+        synthetic=dict(d.get("synthetic", {})),
+        raw=config,
+    )

@@ -1,0 +1,304 @@
+"""What a run is made of, wired from its config: tokenizer, model, initial weights, HF assets, data
+iterators, evaluation and FLOP accounting. ``train.Trainer`` drives it.
+
+Where the model comes from (first that applies):
+1. the workdir already holds a run: its model config and tokenizer (resume);
+2. ``model.init.checkpoint``: one of our checkpoints;
+3. ``model.init.hf``: a whole HF ``LlavaForConditionalGeneration`` directory;
+4. ``model.init.vision`` + ``model.init.llm``: HF CLIP/SigLIP + LLaMA-family dirs, projector from scratch
+   (how LLaVA stage 1 starts);
+5. nothing: from scratch with the sizes in ``model.vision`` / ``model.llm`` and the built-in tokenizer.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mllm_jax import checkpoint, flops, hf, optim
+from mllm_jax.data import pipeline, synthetic, templates, transforms
+from mllm_jax.data.tokenizer import build_tokenizer
+from mllm_jax.models.layers import REMAT_POLICIES
+from mllm_jax.models.llm import LlmConfig
+from mllm_jax.models.mllm import Llava, LlavaConfig
+from mllm_jax.models.projector import ProjectorConfig
+from mllm_jax.models.vit import VitConfig
+from mllm_jax.runconfig import ConfigError, RunConfig, Stage
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IMAGE_TOKEN = "<image>"
+
+
+def _scratch_config(m: dict, tokenizer) -> LlavaConfig:
+    vision = VitConfig(**m["vision"])
+    llm = LlmConfig(vocab_size=len(tokenizer), **m["llm"])
+    layers = tuple(m["vision_feature_layers"])
+    projector = ProjectorConfig(vision.hidden_size * len(layers), llm.hidden_size, **m["projector"])
+    return LlavaConfig(
+        vision,
+        projector,
+        llm,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        layers,
+        m["vision_feature_select_strategy"],
+    )
+
+
+class RunSetup:
+    def __init__(self, run: RunConfig, workdir: str):
+        from transformers import AutoTokenizer
+
+        self.run, self.workdir = run, workdir
+        self.assets = checkpoint.assets_dir(workdir)
+        self.synthetic = (
+            synthetic.SyntheticConfig(**run.synthetic) if run.synthetic else synthetic.SyntheticConfig()
+        )
+        self.skipped: collections.Counter = collections.Counter()
+        self._pretrained = None  # numpy params to start from, if any
+        m, init = run.model, run.model.get("init", {})
+        if m.get("family", "llava") != "llava":
+            raise ConfigError(f"config.model.family {m.get('family')!r}: only 'llava' trains here so far")
+        if checkpoint.is_checkpoint(workdir):
+            family, self.config = checkpoint.read_model_config(workdir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.assets)
+            fresh = False
+        else:
+            self.config, self.tokenizer = self._initial_model(m, init)
+            fresh = True
+        try:
+            self.config.validate()
+        except ValueError as e:
+            raise ConfigError(f"config.model: {e}") from None
+        try:
+            self.model = Llava(self.config, DTYPES[run.dtype], maybe_remat_name(m.get("remat", "none")))
+        except ValueError as e:
+            raise ConfigError(f"config.model.remat: {e}") from None
+        if fresh:
+            checkpoint.write_model_config(workdir, "llava", self.config)
+            self._write_assets(m)
+        self.image_spec = transforms.ImageSpec.from_processor_config(_processor_config(self.assets))
+        self.model_spec = pipeline.ModelSpec(self.config.image_token_id, self.config.tokens_per_image)
+        self.peak = flops.peak_flops_per_device() * jax.device_count()
+
+    # -- model and weights
+
+    def _initial_model(self, m: dict, init: dict):
+        from transformers import AutoTokenizer
+
+        tok_dir = m.get("tokenizer") or ""
+        if init.get("checkpoint"):
+            self._pretrained = checkpoint.load_model(init["checkpoint"])
+            if self._pretrained.family != "llava":
+                raise ConfigError(
+                    f"config.model.init.checkpoint holds a {self._pretrained.family!r} model, not llava"
+                )
+            tok_dir = tok_dir if tok_dir not in ("", "builtin") else checkpoint.assets_dir(init["checkpoint"])
+            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir)
+        if init.get("hf"):
+            self._pretrained = _load_hf(init["hf"], "llava", "config.model.init.hf")
+            tok_dir = tok_dir if tok_dir not in ("", "builtin") else init["hf"]
+            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir)
+        if init.get("vision") or init.get("llm"):
+            if not (init.get("vision") and init.get("llm")):
+                raise ConfigError("config.model.init.vision and config.model.init.llm must be given together")
+            vision = _load_hf(init["vision"], "vit", "config.model.init.vision")
+            llm = _load_hf(init["llm"], "llm", "config.model.init.llm")
+            tokenizer = AutoTokenizer.from_pretrained(
+                tok_dir if tok_dir not in ("", "builtin") else init["llm"]
+            )
+            if IMAGE_TOKEN not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            llm_config = llm.config
+            if image_token_id >= llm_config.vocab_size:  # the new token needs a row: grow the vocab
+                raise ConfigError(
+                    f"the LLM's vocabulary ({llm_config.vocab_size}) has no room for {IMAGE_TOKEN}; "
+                    "use a tokenizer that has it"
+                )
+            layers = tuple(m["vision_feature_layers"])
+            projector = ProjectorConfig(
+                vision.config.hidden_size * len(layers), llm_config.hidden_size, **m["projector"]
+            )
+            config = LlavaConfig(
+                vision.config,
+                projector,
+                llm_config,
+                image_token_id,
+                layers,
+                m["vision_feature_select_strategy"],
+            )
+            self._pretrained = {"vision": vision.params, "llm": llm.params}
+            return config, tokenizer
+        if tok_dir in ("", "builtin"):
+            tokenizer = build_tokenizer(synthetic.vocabulary(self.synthetic))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        return _scratch_config(m, tokenizer), tokenizer
+
+    def init_fn(self, rng):
+        c = self.config
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        images = jnp.zeros((1, 1, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
+        return self.model.init(rng, tokens, images)["params"]
+
+    def initial_params(self, shardings):
+        dtype = DTYPES[self.run.param_dtype]
+        init = jax.jit(
+            lambda k: jax.tree.map(lambda x: x.astype(dtype), nn.meta.unbox(self.init_fn(k))),
+            out_shardings=shardings,
+        )
+        params = init(jax.random.key(self.run.seed))
+        loaded = self._pretrained
+        if loaded is None:
+            return params
+        loaded = loaded.params if hasattr(loaded, "params") else loaded
+        flat, flat_shardings = optim.flatten(params), optim.flatten(shardings)
+        for path, value in optim.flatten(loaded).items():
+            if path not in flat or tuple(flat[path].shape) != tuple(np.shape(value)):
+                raise ConfigError(f"pretrained weight {path} {np.shape(value)} does not fit the model")
+            flat[path] = jax.device_put(np.asarray(value).astype(dtype), flat_shardings[path])
+        self._pretrained = None  # free host memory
+        return optim.unflatten(flat)
+
+    def _write_assets(self, m: dict):
+        """Tokenizer, LlavaProcessor and the base HF config, so every checkpoint exports complete."""
+        os.makedirs(self.assets, exist_ok=True)
+        init = m.get("init", {})
+        source = init.get("hf") or (
+            checkpoint.assets_dir(init["checkpoint"]) if init.get("checkpoint") else ""
+        )
+        if source:
+            hf.copy_assets(source, self.assets)
+            base = (
+                hf.common.read_config(source) if os.path.exists(os.path.join(source, "config.json")) else {}
+            )
+        else:
+            from transformers import LlavaProcessor
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+            v = self.config.vision
+            size = v.image_size
+            image_processor = CLIPImageProcessorPil(
+                size={"shortest_edge": size},
+                crop_size={"height": size, "width": size},
+                image_mean=list(m.get("image_mean", (0.5, 0.5, 0.5))),
+                image_std=list(m.get("image_std", (0.5,) * 3)),
+            )
+            processor = LlavaProcessor(
+                image_processor=image_processor,
+                tokenizer=self.tokenizer,
+                patch_size=v.patch_size,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                image_token=IMAGE_TOKEN,
+                num_additional_image_tokens=int(v.class_token),
+            )
+            processor.save_pretrained(self.assets)
+            t = self.tokenizer
+            ids = {
+                "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_id,
+                "pad_token_id": t.pad_token_id,
+            }
+            base = {"text_config": dict(ids)}
+            with open(os.path.join(self.assets, "generation_config.json"), "w") as f:
+                json.dump(ids, f, indent=2)
+        with open(os.path.join(self.assets, "config.json"), "w") as f:
+            json.dump(hf.config_to_hf("llava", self.config, base), f, indent=2, sort_keys=True)
+
+    # -- data
+
+    def data_iterator(self, stage: Stage, seed: int):
+        return pipeline.make_iterator(
+            stage.data,
+            self.tokenizer,
+            self.image_spec,
+            self.model_spec,
+            stage.batch_size,
+            seed,
+            jax.process_index(),
+            jax.process_count(),
+            skipped=self.skipped,
+            synthetic_config=self.synthetic,
+        )
+
+    def data_counters(self) -> dict:
+        if not self.skipped:
+            return {}
+        return {
+            "data/skipped": sum(self.skipped.values()),
+            **{f"data/skipped/{k}": v for k, v in self.skipped.items()},
+        }
+
+    # -- evaluation
+
+    def evaluate(self, params, stage: Stage) -> dict:
+        from mllm_jax.eval import vqa
+
+        ev = self.run.eval
+        if not ev.get("num_questions"):
+            return {}
+        template = ev.get("template") or stage.data.template
+        if template not in templates.TEMPLATES and template != "chat":
+            return {}
+        return vqa.synthetic_vqa(
+            self.model,
+            params,
+            self.tokenizer,
+            self.image_spec,
+            self.config,
+            template,
+            self.synthetic,
+            num_questions=ev["num_questions"],
+            batch_size=ev.get("batch_size", 128),
+            max_new_tokens=ev.get("max_new_tokens", 3),
+            headline_types=tuple(ev.get("types", vqa.HEADLINE_TYPES)),
+        )
+
+    def mfu(self, steps_per_sec: float, stage: Stage) -> dict:
+        """Model FLOP utilisation of the padded batch against the devices' peak."""
+        if not self.peak:
+            return {}
+        d = stage.data
+        per_step = stage.batch_size * flops.llava_flops_per_sequence(self.config, d.max_length, d.max_images)
+        return {"mfu": steps_per_sec * per_step / self.peak}
+
+
+def maybe_remat_name(name: str) -> str:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+    return name
+
+
+def _load_hf(path: str, family: str, key: str):
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}={path!r}: no such directory")
+    try:
+        pretrained = hf.load_pretrained(path)
+    except hf.ConversionError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if pretrained.family != family:
+        raise ConfigError(f"{key}={path!r} holds a {pretrained.family!r} model; expected {family!r}")
+    logging.info("loaded %s weights from %s", family, path)
+    return pretrained
+
+
+def _processor_config(assets: str) -> dict:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = os.path.join(assets, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                d = json.load(f)
+            if "image_processor" in d:
+                return d["image_processor"]
+            if "image_mean" in d:
+                return d
+    raise ConfigError(
+        f"{assets}: no image processor config (processor_config.json / preprocessor_config.json)"
+    )

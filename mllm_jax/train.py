@@ -1,0 +1,308 @@
+"""The training loop: stages run in sequence through one jitted ``train_step``.
+
+State is ``{"trainable", "frozen", "opt_state", "step"}``: each stage splits the params by its
+``trainable`` path patterns, so frozen params get no gradients and no optimizer state. Checkpoints
+(orbax, in ``WORKDIR/checkpoints``) hold the full params, the optimizer state, the data iterator state
+and where in which stage we are; rerunning the same command resumes from the newest one. SIGTERM
+saves at the next step boundary and exits with code 143.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from mllm_jax import checkpoint, logger, optim, sharding
+from mllm_jax.runconfig import RunConfig, Stage
+
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(Exception):
+    """Raised after the state was saved in response to SIGTERM."""
+
+
+# ---------------------------------------------------------------- the step
+
+
+def loss_sums(model, params, batch):
+    """Summed next-token NLL over target tokens, the number of target tokens, and correct predictions."""
+    logits, _ = model.apply(
+        {"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"]
+    )
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    targets = batch["targets"]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return (nll * mask).sum(), (mask.sum(), (correct * mask).sum())
+
+
+def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: int):
+    """``train_step(state, batch, rng) -> (state, metrics)``; the batch is split into ``grad_accum``
+    micro-batches whose summed gradients are normalised by the total number of target tokens, so
+    accumulation gives the same update as one big batch."""
+
+    def grads_of(trainable, frozen, batch):
+        fn = lambda t: loss_sums(model, optim.merge_params(t, frozen), batch)  # noqa: E731
+        (loss_sum, (count, correct)), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
+        return grads, loss_sum, count, correct
+
+    def train_step(state, batch, rng):
+        del rng  # no dropout in these models; kept in the signature for ones that have it
+        trainable, frozen = state["trainable"], state["frozen"]
+        if grad_accum == 1:
+            grads, loss_sum, count, correct = grads_of(trainable, frozen, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
+            )
+
+            def body(carry, mb):
+                g, loss_sum, count, correct = grads_of(trainable, frozen, mb)
+                acc = (
+                    jax.tree.map(jnp.add, carry[0], g),
+                    carry[1] + loss_sum,
+                    carry[2] + count,
+                    carry[3] + correct,
+                )
+                return acc, None
+
+            zero = jnp.zeros((), jnp.float32)
+            init = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero)
+            (grads, loss_sum, count, correct), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        new_state = dict(
+            state,
+            trainable=optax.apply_updates(trainable, updates),
+            opt_state=opt_state,
+            step=state["step"] + 1,
+        )
+        metrics = {
+            "loss": loss_sum / denom,
+            "accuracy": correct / denom,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": lr_fn(state["step"]),
+            "target_tokens": count,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Resume:
+    stage_index: int = 0
+    stage_step: int = 0
+    global_step: int = 0
+    data_state: dict | None = None
+    has_opt_state: bool = False
+
+
+class Trainer:
+    """Owns the mesh, model, params and writers of one run; ``run()`` trains every remaining stage."""
+
+    def __init__(self, run: RunConfig, workdir: str):
+        from mllm_jax import setup  # model, tokenizer and data wiring
+
+        self.run_config, self.workdir = run, workdir
+        self.mesh = sharding.make_mesh(run.mesh)
+        self.rules = sharding.rules(run.sharding_rules)
+        self.setup = setup.RunSetup(run, workdir)
+        self.model = self.setup.model
+        self.stop_requested = False
+        self.writer = None
+        self.ckpt = checkpoint.TrainCheckpointer(workdir, run.keep_checkpoints, run.async_checkpoints)
+
+    # -- params
+
+    def _abstract_params(self):
+        boxed = jax.eval_shape(self.setup.init_fn, jax.random.key(0))
+        shardings = sharding.fit_to_shapes(
+            sharding.shardings_of(boxed, self.mesh, self.rules), jax.tree.map(lambda x: x, _unbox(boxed))
+        )
+        return _unbox(boxed), shardings
+
+    def _initial_params(self, resume: Resume | None):
+        abstract, shardings = self._abstract_params()
+        if resume is not None:
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+            )
+            return self.ckpt.restore(resume.global_step, "params", target), shardings
+        return self.setup.initial_params(shardings), shardings
+
+    # -- stages
+
+    def run(self):
+        resume = self._find_resume()
+        if resume is not None:  # rows past the checkpoint will be written again, identically
+            logger.truncate_metrics(self.workdir, resume.global_step)
+        self.writer = logger.MetricsWriter(self.workdir, self.run_config.tensorboard)
+        if resume is not None:
+            logging.info(
+                "resuming from step %d (stage %s, step %d)",
+                resume.global_step,
+                self.run_config.stages[resume.stage_index].name,
+                resume.stage_step,
+            )
+        params, shardings = self._initial_params(resume)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            offset = 0
+            for index, stage in enumerate(self.run_config.stages):
+                if resume is not None and index < resume.stage_index:
+                    offset += stage.steps
+                    continue
+                here = resume if resume is not None and index == resume.stage_index else None
+                if here is None or here.stage_step < stage.steps:
+                    params = self._run_stage(index, stage, params, shardings, offset, here)
+                offset += stage.steps
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.writer.close()
+            self.ckpt.close()
+        return params
+
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM: saving at the next step boundary")
+        self.stop_requested = True
+
+    def _find_resume(self) -> Resume | None:
+        step = self.ckpt.latest_step()
+        if step is None:
+            return None
+        meta = self.ckpt.restore(step, "meta")
+        names = [s.name for s in self.run_config.stages]
+        if meta["stage"] not in names:
+            raise ValueError(
+                f"{self.workdir}: checkpoint is in stage {meta['stage']!r}, not in stage_order {names}"
+            )
+        data_state = self.ckpt.restore(step, "data") if meta.get("has_data") else None
+        return Resume(
+            names.index(meta["stage"]), meta["stage_step"], step, data_state, meta.get("has_opt_state", False)
+        )
+
+    def _run_stage(self, index: int, stage: Stage, params, shardings, offset: int, resume: Resume | None):
+        run = self.run_config
+        trainable, frozen = optim.split_params(params, stage.trainable)
+        tx, lr_fn = optim.make_optimizer(stage.optim, stage.steps)
+        opt_state = jax.jit(tx.init)(trainable)
+        start = 0
+        iterator = self.setup.data_iterator(stage, seed=run.seed + 1000 * index)
+        if resume is not None and resume.stage_step > 0:
+            start = resume.stage_step
+            target = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state
+            )
+            opt_state = self.ckpt.restore(resume.global_step, "opt_state", target)
+            if resume.data_state is not None:
+                iterator.set_state(checkpoint.decode_state(resume.data_state))
+        state = {
+            "trainable": trainable,
+            "frozen": frozen,
+            "opt_state": opt_state,
+            "step": jnp.asarray(start, jnp.int32),
+        }
+        step_fn = jax.jit(make_train_step(self.model, tx, lr_fn, stage.grad_accum), donate_argnums=0)
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        progress = logger.Progress(stage.name, start, stage.steps)
+        key = jax.random.key(run.seed)
+        logging.info(
+            "stage %s: steps %d..%d, trainable %s", stage.name, start, stage.steps, list(stage.trainable)
+        )
+        eval_every = run.eval.get("every", 0)
+        window_t0, window_tokens, window_steps = time.time(), 0, 0
+        for s in range(start, stage.steps):
+            batch = next(iterator)
+            window_tokens += int(batch["attention_mask"].sum())
+            device_batch = {
+                k: jax.make_array_from_process_local_data(batch_sharding, v)
+                for k, v in batch.items()
+                if k in BATCH_KEYS
+            }
+            with jax.sharding.use_mesh(self.mesh), _rules_context(self.rules):
+                state, metrics = step_fn(state, device_batch, jax.random.fold_in(key, offset + s))
+            window_steps += 1
+            done = s + 1
+            if done % run.log_every == 0 or done == stage.steps:
+                metrics = jax.device_get(metrics)
+                elapsed = max(time.time() - window_t0, 1e-9)
+                row = {
+                    "stage": stage.name,
+                    "stage_step": done,
+                    **{k: float(v) for k, v in metrics.items()},
+                    "tokens_per_sec": window_tokens / elapsed,
+                    "steps_per_sec": window_steps / elapsed,
+                }
+                row.update(self.setup.mfu(row["steps_per_sec"], stage))
+                row.update(self.setup.data_counters())
+                self.writer.write(offset + done, row)
+                progress.update(done, row["loss"])
+                window_t0, window_tokens, window_steps = time.time(), 0, 0
+            if self.stop_requested:
+                self._save(offset + done, stage, done, state, iterator, wait=True)
+                progress.close()
+                raise Preempted(f"stopped by SIGTERM at step {offset + done}; state saved")
+            if eval_every and done % eval_every == 0 and done < stage.steps:
+                self._evaluate(offset + done, stage, optim.merge_params(state["trainable"], frozen))
+            if done % run.checkpoint_every == 0 and done < stage.steps:
+                self._save(offset + done, stage, done, state, iterator)
+        progress.close()
+        params = optim.merge_params(state["trainable"], state["frozen"])
+        self._evaluate(offset + stage.steps, stage, params)
+        self._save(offset + stage.steps, stage, stage.steps, state, iterator, wait=True, opt=False)
+        return params
+
+    def _save(self, global_step, stage, stage_step, state, iterator, wait=False, opt=True):
+        params = optim.merge_params(state["trainable"], state["frozen"])
+        meta = {"stage": stage.name, "stage_step": stage_step, "has_opt_state": opt, "has_data": opt}
+        self.ckpt.save(
+            global_step,
+            params,
+            meta,
+            opt_state=state["opt_state"] if opt else None,
+            data_state=checkpoint.encode_state(iterator.get_state()) if opt else None,
+            wait=wait,
+        )
+
+    def _evaluate(self, global_step, stage, params):
+        rows = self.setup.evaluate(params, stage)
+        if rows:
+            self.writer.write(global_step, {"stage": stage.name, **rows})
+            logging.info(
+                "eval at step %d: %s",
+                global_step,
+                ", ".join(f"{k}={v:.3f}" for k, v in rows.items() if isinstance(v, float)),
+            )
+
+
+BATCH_KEYS = ("images", "tokens", "targets", "loss_mask", "attention_mask")
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def _rules_context(rules):
+    import flax.linen as nn
+
+    return nn.logical_axis_rules(rules)
+
+
+def train(run: RunConfig, workdir: str):
+    trainer = Trainer(run, workdir)
+    return trainer.run()
