@@ -54,7 +54,8 @@ def model(**overrides) -> ml_collections.ConfigDict:
         vision_feature_select_strategy="default",
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
-        remat="none",
+        remat="none",  # none | full | minimal | save_dots (mllm_jax/models/layers.py REMAT_POLICIES)
+        scan_layers=False,  # nn.scan over layers: one compiled layer body (same numbers)
     )
     m.update(overrides)
     return ml_collections.ConfigDict(m)
@@ -113,6 +114,7 @@ def _real(llm: dict) -> ml_collections.ConfigDict:
         image_std=(0.26862954, 0.26130258, 0.27577711),
         tokenizer="",
         remat="full",
+        scan_layers=True,
     )
     # Set to local HF directories (nothing is downloaded), e.g. of openai/clip-vit-large-patch14-336 and
     # lmsys/vicuna-7b-v1.5: --config.model.init.vision=DIR --config.model.init.llm=DIR.

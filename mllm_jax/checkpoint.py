@@ -20,6 +20,7 @@ import os
 import orbax.checkpoint as ocp
 
 from mllm_jax import hf, models
+from mllm_jax.models import scan
 
 MODEL_CONFIG = "mllm_config.json"
 ASSETS = "hf"
@@ -104,7 +105,10 @@ def load_model(directory: str, step: int | None = None) -> hf.Pretrained:
     if os.path.exists(hf_config_path):
         with open(hf_config_path) as f:
             hf_config = json.load(f)
-    return hf.Pretrained(family, config, restored["params"], hf_config)
+    params = restored["params"]
+    if scan.is_stacked(params):  # trained with scan_layers: hand out the standard per-layer layout
+        params = scan.unstack_layers(params)
+    return hf.Pretrained(family, config, params, hf_config)
 
 
 def load_any(path: str) -> tuple[hf.Pretrained, str]:

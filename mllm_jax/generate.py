@@ -61,7 +61,9 @@ def _generate(model, sampling, max_new_tokens, params, tokens_BxT, lengths_B, im
     b, t = tokens_BxT.shape
     variables = {"params": params}
     embeds = model.apply(variables, tokens_BxT, images, method="embed")
-    cache = init_cache(llm_config(model), b, t + max_new_tokens, embeds.dtype)
+    cache = init_cache(
+        llm_config(model), b, t + max_new_tokens, embeds.dtype, getattr(model, "scan_layers", False)
+    )
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     logits, cache = model.apply(
         variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32), method="decode"

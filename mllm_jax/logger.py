@@ -58,7 +58,7 @@ def _plain(v):
 
 
 class Progress:
-    """``[align] 120/500 24% | loss 2.310 | 14.2 steps/s | ETA 0:27`` on stderr (a log line when not a tty)."""
+    """``[align] 120/500 24% | loss 2.310 | 14.2 steps/s | ETA 0:27`` on stderr (a log line off a tty)."""
 
     def __init__(self, stage: str, start: int, total: int):
         self.stage, self.start, self.total = stage, start, total

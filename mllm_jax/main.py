@@ -7,6 +7,7 @@ command-line mistakes are reported in one line with exit code 2 before anything 
 from __future__ import annotations
 
 import difflib
+import logging as pylogging
 import re
 import sys
 
@@ -45,7 +46,17 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+class _LibraryInfoFilter(pylogging.Filter):
+    """Keep our INFO lines; drop the per-save chatter orbax, jax and grain log at INFO."""
+
+    NOISY = ("/orbax/", "/jax/", "/jaxlib/", "/grain/")
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
+    pylogging.getLogger("absl").addFilter(_LibraryInfoFilter())
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)

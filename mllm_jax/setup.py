@@ -25,6 +25,7 @@ from absl import logging
 from mllm_jax import checkpoint, flops, hf, optim
 from mllm_jax.data import pipeline, synthetic, templates, transforms
 from mllm_jax.data.tokenizer import build_tokenizer
+from mllm_jax.models import scan
 from mllm_jax.models.layers import REMAT_POLICIES
 from mllm_jax.models.llm import LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
@@ -77,13 +78,20 @@ class RunSetup:
         except ValueError as e:
             raise ConfigError(f"config.model: {e}") from None
         try:
-            self.model = Llava(self.config, DTYPES[run.dtype], maybe_remat_name(m.get("remat", "none")))
+            self.model = Llava(
+                self.config,
+                DTYPES[run.dtype],
+                maybe_remat_name(m.get("remat", "none")),
+                bool(m.get("scan_layers", False)),
+            )
         except ValueError as e:
             raise ConfigError(f"config.model.remat: {e}") from None
-        if fresh:
-            checkpoint.write_model_config(workdir, "llava", self.config)
-            self._write_assets(m)
-        self.image_spec = transforms.ImageSpec.from_processor_config(_processor_config(self.assets))
+        self.fresh = fresh
+        self.image_spec = (
+            self._image_spec(m)
+            if fresh
+            else transforms.ImageSpec.from_processor_config(_processor_config(self.assets))
+        )
         self.model_spec = pipeline.ModelSpec(self.config.image_token_id, self.config.tokens_per_image)
         self.peak = flops.peak_flops_per_device() * jax.device_count()
 
@@ -159,6 +167,8 @@ class RunSetup:
         if loaded is None:
             return params
         loaded = loaded.params if hasattr(loaded, "params") else loaded
+        if self.model.scan_layers:
+            loaded = scan.stack_layers(loaded)
         flat, flat_shardings = optim.flatten(params), optim.flatten(shardings)
         for path, value in optim.flatten(loaded).items():
             if path not in flat or tuple(flat[path].shape) != tuple(np.shape(value)):
@@ -166,6 +176,25 @@ class RunSetup:
             flat[path] = jax.device_put(np.asarray(value).astype(dtype), flat_shardings[path])
         self._pretrained = None  # free host memory
         return optim.unflatten(flat)
+
+    def _image_spec(self, m: dict) -> transforms.ImageSpec:
+        init = m.get("init", {})
+        source = init.get("hf") or (
+            checkpoint.assets_dir(init["checkpoint"]) if init.get("checkpoint") else ""
+        )
+        if source:
+            return transforms.ImageSpec.from_processor_config(_processor_config(source))
+        if init.get("vision"):
+            return transforms.ImageSpec.from_processor_config(_processor_config(init["vision"]))
+        size = self.config.vision.image_size
+        return transforms.ImageSpec(size=size, mean=tuple(m["image_mean"]), std=tuple(m["image_std"]))
+
+    def write_run_files(self):
+        """Model config and HF assets into a new workdir (only once everything has been checked)."""
+        if self.fresh:
+            checkpoint.write_model_config(self.workdir, "llava", self.config)
+            self._write_assets(self.run.model)
+            self.fresh = False
 
     def _write_assets(self, m: dict):
         """Tokenizer, LlavaProcessor and the base HF config, so every checkpoint exports complete."""

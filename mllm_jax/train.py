@@ -123,7 +123,18 @@ class Trainer:
         self.model = self.setup.model
         self.stop_requested = False
         self.writer = None
-        self.ckpt = checkpoint.TrainCheckpointer(workdir, run.keep_checkpoints, run.async_checkpoints)
+        self._check_trainable()
+        self.ckpt = None
+
+    def _check_trainable(self):
+        paths = optim.flatten(_unbox(jax.eval_shape(self.setup.init_fn, jax.random.key(0))))
+        for stage in self.run_config.stages:
+            if not any(optim.matches(p, stage.trainable) for p in paths):
+                examples = ", ".join(sorted(paths)[:3])
+                raise ValueError(
+                    f"config.stages.{stage.name}.trainable {list(stage.trainable)} match no parameter "
+                    f"(paths look like {examples})"
+                )
 
     # -- params
 
@@ -146,6 +157,10 @@ class Trainer:
     # -- stages
 
     def run(self):
+        self.setup.write_run_files()
+        self.ckpt = checkpoint.TrainCheckpointer(
+            self.workdir, self.run_config.keep_checkpoints, self.run_config.async_checkpoints
+        )
         resume = self._find_resume()
         if resume is not None:  # rows past the checkpoint will be written again, identically
             logger.truncate_metrics(self.workdir, resume.global_step)
@@ -232,7 +247,7 @@ class Trainer:
                 for k, v in batch.items()
                 if k in BATCH_KEYS
             }
-            with jax.sharding.use_mesh(self.mesh), _rules_context(self.rules):
+            with self.mesh, _rules_context(self.rules):
                 state, metrics = step_fn(state, device_batch, jax.random.fold_in(key, offset + s))
             window_steps += 1
             done = s + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -69,15 +70,28 @@ class Encoder:
         self.skipped = skipped
         self._lock = threading.Lock()  # grain's in-process reader maps on several threads
         self._bad_streak = 0
+        self._encode_turns = self._make_cache()
+
+    def _make_cache(self):
+        # Tokenizing through transformers costs ~0.2 ms a conversation; synthetic and caption data
+        # repeat the same texts, so a bounded cache keyed by the turns pays off (results are read-only).
+        def encode_turns(turns: tuple) -> tuple[np.ndarray, np.ndarray]:
+            m = self.model
+            return encode_conversation(
+                self.data.template, self.tokenizer, list(turns), m.image_token_id, m.tokens_per_image
+            )
+
+        return functools.lru_cache(maxsize=8192)(encode_turns)
 
     def __getstate__(self) -> dict:
         # Worker processes get a copy without the counter: a Counter there would count unseen.
         state = dict(self.__dict__, skipped=None)
-        del state["_lock"]
+        del state["_lock"], state["_encode_turns"]
         return state
 
     def __setstate__(self, state: dict):
         self.__dict__.update(state, _lock=threading.Lock())
+        self._encode_turns = self._make_cache()
 
     # Skipping never ends when every example is bad (wrong image_root, wrong template): fail instead.
     MAX_BAD_STREAK = 10_000
@@ -108,9 +122,7 @@ class Encoder:
         if len(images) > self.data.max_images:
             raise BadExample("too_many_images")
         m, length = self.model, self.data.max_length
-        tokens, learn = encode_conversation(
-            self.data.template, self.tokenizer, turns, m.image_token_id, m.tokens_per_image
-        )
+        tokens, learn = self._encode_turns(tuple(tuple(turn) for turn in turns))
         if len(tokens) > length:
             # A partial image block would misalign features and placeholders: drop instead of cutting.
             if (tokens[length:] == m.image_token_id).any():
@@ -259,7 +271,7 @@ def make_iterator(
         # repeat() reseeds the shuffle every epoch; map returns None for bad examples, which
         # to_iter_dataset drops (the index stays a plain integer, so the state is still exact).
         mapped = records.repeat().map(encoder)
-        read = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(32, 2 * batch_size))
+        read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
         ds = mapped.to_iter_dataset(read)
     ds = ds.batch(batch_size, drop_remainder=True)
     if data.num_workers > 0:

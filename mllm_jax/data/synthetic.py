@@ -12,6 +12,7 @@ so a held-out image is never a training image.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 
@@ -172,6 +173,10 @@ def questions(objects: list[dict], rng: np.random.Generator, min_dx: float) -> l
     return out
 
 
+# A few thousand distinct scenes cover the whole space at the default settings: render each once.
+_render_cached = functools.lru_cache(maxsize=16384)(_render)
+
+
 def make_example(config: SyntheticConfig, split: str, index: int) -> dict:
     """The ``index``-th example of ``split``; a pure function of its arguments.
 
@@ -190,7 +195,8 @@ def make_example(config: SyntheticConfig, split: str, index: int) -> dict:
             break
     else:
         raise ValueError(f"no {split!r} scene found: the scene space of {config} is too small to split")
-    image, objects = _render(config, scene)
+    image, objects = _render_cached(config, scene)
+    image, objects = image.copy(), [dict(o) for o in objects]  # callers may edit; the cache must not change
     min_dx = 0.5 * config.image_size / config.grid  # shapes in the same column are neither left nor right
     return {
         "image": image,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax.models.layers import Dense, RMSNorm, activation, attention, causal_mask, constrain, maybe_remat
+from mllm_jax.models.scan import scanned
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -155,6 +156,7 @@ class Llm(nn.Module):
     config: LlmConfig
     dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # a layers.REMAT_POLICIES name
+    scan_layers: bool = False  # one nn.scan over the layers (params stacked under "layers")
 
     def setup(self):
         c = self.config
@@ -165,7 +167,12 @@ class Llm(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
         layer = maybe_remat(DecoderLayer, self.remat)
-        self.layers = [layer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
+        if self.scan_layers:
+            self.layers = scanned(layer, c.num_layers, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(
+                c, self.dtype, name="layers"
+            )
+        else:
+            self.layers = [layer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
@@ -198,17 +205,23 @@ class Llm(nn.Module):
             k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
             mask = causal_mask(q_idx, k_idx, None, c.sliding_window)
         x = embeds_BxTxD.astype(self.dtype)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions_BxT, mask, None if cache is None else cache[i], cache_index_B)
-            new_cache.append(layer_cache)
+        if self.scan_layers:  # the cache is stacked: ([L, B, S, K, H], [L, B, S, K, H])
+            x, new_cache = self.layers(x, positions_BxT, mask, cache, cache_index_B)
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, layer_cache = layer(
+                    x, positions_BxT, mask, None if cache is None else cache[i], cache_index_B
+                )
+                new_cache.append(layer_cache)
+            new_cache = None if cache is None else tuple(new_cache)
         x = self.norm(x)
         if c.tie_embeddings:
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
-        return logits, (None if cache is None else tuple(new_cache))
+        return logits, (None if cache is None else new_cache)
 
     def decode(
         self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
@@ -216,7 +229,10 @@ class Llm(nn.Module):
         return self(embeds_BxTxD, positions_BxT, attention_mask_BxT, cache, cache_index_B)
 
 
-def init_cache(c: LlmConfig, batch: int, length: int, dtype=jnp.float32):
-    """Preallocated KV cache: per layer a ``(k, v)`` pair of zeros ``[B, S, K, H]``."""
+def init_cache(c: LlmConfig, batch: int, length: int, dtype=jnp.float32, stacked: bool = False):
+    """Preallocated KV cache: per layer a ``(k, v)`` pair of zeros ``[B, S, K, H]``; with ``stacked``
+    (for ``scan_layers``) one pair of ``[L, B, S, K, H]``."""
     shape = (batch, length, c.num_kv_heads, c.head_dim)
+    if stacked:
+        return jnp.zeros((c.num_layers, *shape), dtype), jnp.zeros((c.num_layers, *shape), dtype)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))

@@ -69,12 +69,13 @@ class Llava(nn.Module):
     config: LlavaConfig
     dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # a layers.REMAT_POLICIES name, for the vision and LLM layers
+    scan_layers: bool = False  # nn.scan over the vision and LLM layers (params stacked)
 
     def setup(self):
         c = self.config
-        self.vision = VisionTower(c.vision, self.dtype, self.remat)
+        self.vision = VisionTower(c.vision, self.dtype, self.remat, self.scan_layers)
         self.adapter = Projector(c.projector, self.dtype)
-        self.llm = Llm(c.llm, self.dtype, self.remat)
+        self.llm = Llm(c.llm, self.dtype, self.remat, self.scan_layers)
 
     def image_features(self, images_BxNxHxWxC):
         """``[B, N, H, W, C]`` -> projected features ``[B, N * tokens_per_image, D_llm]``."""

@@ -35,13 +35,8 @@ class Projector(nn.Module):
         c = self.config
         h = x_BxPxF
         for i in range(1, c.depth + 1):
-            h = Dense(
-                c.out_features,
-                ("mlp" if i == 1 else "embed", "embed"),
-                c.bias,
-                self.dtype,
-                name=f"linear_{i}",
-            )(h)
+            # in-dim on the tensor axis, out-dim on fsdp: a logical name may not repeat within one kernel
+            h = Dense(c.out_features, ("mlp", "embed"), c.bias, self.dtype, name=f"linear_{i}")(h)
             if i < c.depth:
                 h = activation(c.act)(h)
         return constrain(h, ("act_batch", "act_seq", "act_embed"))

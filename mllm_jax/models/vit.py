@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain, maybe_remat
+from mllm_jax.models.scan import scanned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class VitMlp(nn.Module):
 class VitLayer(nn.Module):
     config: VitConfig
     dtype: jnp.dtype = jnp.float32
+    scan_output: bool = False  # under nn.scan: return the output as carry and as per-layer output
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -89,7 +91,8 @@ class VitLayer(nn.Module):
         ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
         x_BxTxD = x_BxTxD + VitAttention(c, self.dtype, name="self_attn")(ln("layer_norm1")(x_BxTxD))
         x_BxTxD = x_BxTxD + VitMlp(c, self.dtype, name="mlp")(ln("layer_norm2")(x_BxTxD))
-        return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+        x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+        return (x_BxTxD, x_BxTxD) if self.scan_output else x_BxTxD
 
 
 class PoolingHead(nn.Module):
@@ -132,6 +135,7 @@ class VisionTower(nn.Module):
     config: VitConfig
     dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # a layers.REMAT_POLICIES name
+    scan_layers: bool = False  # one nn.scan over the layers (params stacked under "layers")
 
     @nn.compact
     def __call__(self, pixels_BxHxWxC):
@@ -175,9 +179,14 @@ class VisionTower(nn.Module):
         x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
         hidden_states = [x_BxTxD]
         layer = maybe_remat(VitLayer, self.remat)
-        for i in range(c.num_layers):
-            x_BxTxD = layer(c, self.dtype, name=f"layers_{i}")(x_BxTxD)
-            hidden_states.append(x_BxTxD)
+        if self.scan_layers:
+            scan = scanned(layer, c.num_layers, ())(c, self.dtype, scan_output=True, name="layers")
+            x_BxTxD, stacked_LxBxTxD = scan(x_BxTxD)
+            hidden_states += [stacked_LxBxTxD[i] for i in range(c.num_layers)]
+        else:
+            for i in range(c.num_layers):
+                x_BxTxD = layer(c, self.dtype, name=f"layers_{i}")(x_BxTxD)
+                hidden_states.append(x_BxTxD)
         post_ln = LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")
         if c.pooling_head:  # SigLIP: post-LN on all tokens, then attention pooling
             pooled = PoolingHead(c, self.dtype, name="head")(post_ln(x_BxTxD))

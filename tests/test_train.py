@@ -1,0 +1,220 @@
+"""`python -m mllm_jax.main` end to end on tiny configs: LLaVA-JSON data, frozen params, resume after
+SIGTERM, export, and one-line config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mllm_jax import checkpoint, optim
+
+# A model small enough that each compilation takes a few seconds.
+SMALL = [
+    "--config.model.vision.num_layers=1",
+    "--config.model.vision.hidden_size=32",
+    "--config.model.vision.intermediate_size=64",
+    "--config.model.llm.num_layers=1",
+    "--config.model.llm.hidden_size=32",
+    "--config.model.llm.intermediate_size=64",
+    "--config.model.llm.head_dim=8",
+    "--config.stages.align.batch_size=4",
+    "--config.stages.instruct.batch_size=4",
+    "--config.log_every=1",
+    "--config.eval.num_questions=8",
+    "--config.eval.batch_size=8",
+    "--config.tensorboard=False",
+]
+
+
+def main_cmd(workdir, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "mllm_jax.main",
+        "--config=configs/llava.py:tiny",
+        f"--workdir={workdir}",
+        *SMALL,
+        *flags,
+    ]
+
+
+def run_main(workdir, *flags, check=True):
+    r = subprocess.run(main_cmd(workdir, *flags), capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def llava_json(tmp_path_factory):
+    """A LLaVA-format JSON file with real PNG files (words from the built-in vocabulary)."""
+    root = tmp_path_factory.mktemp("llava_json")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        name = f"coco/{i:04d}.png"
+        (images / "coco").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / name)
+        records.append(
+            {
+                "id": str(i),
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat color is the circle ?"},
+                    {"from": "gpt", "value": ["red", "blue", "green"][i % 3]},
+                    {"from": "human", "value": "how many shapes are there ?"},
+                    {"from": "gpt", "value": "two"},
+                ],
+            }
+        )
+    path = root / "instruct.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(images)
+
+
+def test_llava_json_trains_through_the_public_command_and_exports(llava_json, tmp_path):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mllm_jax import predict
+    from mllm_jax.data.pipeline import heldout_questions
+    from mllm_jax.data.synthetic import SyntheticConfig
+
+    path, image_root = llava_json
+    workdir = str(tmp_path / "run")
+    run_main(
+        workdir,
+        "--config.stages.align.steps=2",
+        "--config.stages.instruct.steps=3",
+        "--config.stages.instruct.data.source=llava_json",
+        f"--config.stages.instruct.data.path={path}",
+        f"--config.stages.instruct.data.image_root={image_root}",
+        "--config.stages.instruct.data.max_length=48",
+    )
+    rows = read_metrics(workdir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5]
+    assert [r["stage"] for r in train_rows] == ["align"] * 2 + ["instruct"] * 3
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "accuracy"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    evals = [r for r in rows if "eval/vqa_accuracy" in r]
+    assert [r["stage"] for r in evals] == ["align", "instruct"]
+    assert {"eval/vqa_accuracy_blank", "eval/vqa_accuracy/count", "eval/vqa_accuracy/color"} <= set(evals[-1])
+    assert checkpoint.latest_step(workdir) == 5
+    out = str(tmp_path / "hf")
+    r = subprocess.run(
+        [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # the exported model answers held-out questions exactly as `predict` does on our checkpoint
+    processor = AutoProcessor.from_pretrained(out)
+    for item in heldout_questions(SyntheticConfig(), 3):
+        image_path = str(tmp_path / "q.png")
+        Image.fromarray(item["image"]).save(image_path)
+        prompt = f"USER : <image> {item['question']} ASSISTANT :"
+        ours = predict.predict(workdir, prompt, [image_path], max_new_tokens=4)
+        inputs = processor(images=[Image.open(image_path).convert("RGB")], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, do_sample=False, max_new_tokens=4)[
+                0, inputs["input_ids"].shape[1] :
+            ]
+        assert ours["token_ids"] == ids.tolist()
+
+
+def test_stage_trains_only_its_trainable_params(tmp_path):
+    workdir = str(tmp_path / "frozen")
+    run_main(
+        workdir,
+        "--config.stage_order=('align',)",
+        "--config.stages.align.steps=3",
+        "--config.stages.align.trainable=('adapter/.*',)",
+        "--config.eval.num_questions=0",
+    )
+    trained = optim.flatten(checkpoint.load_model(workdir).params)
+    initial = optim.flatten(_initial_params(workdir))
+    assert trained.keys() == initial.keys()
+    for path in trained:
+        same = np.array_equal(np.asarray(trained[path]), np.asarray(initial[path]))
+        assert same == (not path.startswith("adapter/")), path
+
+
+def _initial_params(workdir):
+    """The run's params at step 0, rebuilt from its saved model config and seed."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from mllm_jax import models
+
+    family, config = checkpoint.read_model_config(workdir)
+    model = models.build(family, config)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    images = jnp.zeros((1, 1, config.vision.image_size, config.vision.image_size, 3))
+    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens, images)["params"])
+
+
+def test_sigterm_saves_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
+    flags = [
+        "--config.stages.align.steps=12",
+        "--config.stages.instruct.steps=12",
+        "--config.checkpoint_every=5",
+        "--config.async_checkpoints=False",
+    ]
+    straight = str(tmp_path / "straight")
+    run_main(straight, *flags)
+    interrupted = str(tmp_path / "interrupted")
+    proc = subprocess.Popen(
+        main_cmd(interrupted, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    metrics = os.path.join(interrupted, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # stop it mid-way through stage 1
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    stopped_at = checkpoint.latest_step(interrupted)
+    assert stopped_at is not None and stopped_at < 24
+    run_main(interrupted, *flags)
+    a, b = read_metrics(straight), read_metrics(interrupted)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            if key.startswith(("loss", "accuracy", "grad_norm", "learning_rate", "eval/")):
+                assert abs(value - rb[key]) <= 1e-6, (ra["step"], key, value, rb[key])
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--config.stages.align.stepz=3", "did you mean config.stages.align.steps?"),
+        ("--config.mesh.data=3", "mesh"),
+        ("--config.stages.align.trainable=('adaptor/.*',)", "match no parameter"),
+    ],
+)
+def test_config_mistakes_fail_with_one_line_and_exit_2(flag, message, tmp_path):
+    r = run_main(str(tmp_path / "bad"), flag, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
