@@ -66,7 +66,5 @@ def base() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.async_checkpoints = True
     c.tensorboard = True
-    c.eval = ml_collections.ConfigDict(
-        dict(every=0, num_questions=256, batch_size=128, max_new_tokens=3, synthetic_seed=0)
-    )
+    c.eval = ml_collections.ConfigDict(dict(every=0, num_questions=256, batch_size=128, max_new_tokens=3))
     return c

@@ -66,13 +66,15 @@ def tiny() -> ml_collections.ConfigDict:
     c.model = model()
     c.synthetic = ml_collections.ConfigDict(dict(image_size=32, min_shapes=1, max_shapes=3, seed=0))
     everything = (r"vision/.*", r"adapter/.*", r"llm/.*")  # nothing is pretrained in tiny
+    # Measured on 2 cores: captions are learned (loss ~0) within 300 steps; VQA accuracy keeps rising
+    # while the cosine schedule decays. 16 image tokens (8x8 patches of 32x32 images) per image.
     c.stages.align = common.stage(
-        steps=600,
+        steps=300,
         batch_size=32,
         trainable=everything,
         learning_rate=3e-3,
         warmup_steps=50,
-        data=common.data(task="caption", max_length=40),
+        data=common.data(task="caption", max_length=36),
     )
     c.stages.instruct = common.stage(
         steps=2400,
@@ -81,7 +83,7 @@ def tiny() -> ml_collections.ConfigDict:
         learning_rate=2e-3,
         warmup_steps=50,
         end_lr_ratio=0.05,
-        data=common.data(task="vqa", max_length=40),
+        data=common.data(task="vqa", max_length=36),
     )
     c.log_every = 100
     c.checkpoint_every = 500

@@ -33,7 +33,10 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        message = str(e).splitlines()[0]
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        message = lines[0]
+        if "Traceback" in str(e):  # the config file raised: its own last line says why
+            message = f"{message.split(': Error')[0]}: {lines[-1]}"
         unknown = re.search(r"flag '(--)?(config\.[\w.]+)'", message)
         if unknown and FLAGS["config"].present and FLAGS.config is not None:
             close = difflib.get_close_matches(unknown.group(2), _config_keys(FLAGS.config), n=1)
@@ -41,9 +44,24 @@ def parse_flags(argv):
                 message += f"; did you mean {close[0]}?"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # the config file itself failed to load (bad preset, syntax error)
-        print(f"error: --config: {type(e).__name__}: {e}", file=sys.stderr)
+    except Exception as e:  # an override naming a missing key, or the config file failed to load
+        print(f"error: {_override_error(argv, e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _override_error(argv, e: Exception) -> str:
+    """ml_collections reports a missing override key as ``AttributeError('key\nDid you mean "x"')``:
+    name the whole ``config.`` path and the suggestion instead."""
+    text = str(e).strip("'\"").replace("\\n", "\n")
+    key = re.match(r"\W*(\w+)", text)
+    close = re.search(r'Did you mean "(\w+)"', text)
+    for arg in argv[1:]:
+        m = re.match(r"--(config(?:\.\w+)+)(=|$)", arg)
+        if m and key and m.group(1).split(".")[-1] == key.group(1):
+            path = m.group(1)
+            hint = f"; did you mean {path.rsplit('.', 1)[0]}.{close.group(1)}?" if close else ""
+            return f"unknown config key {path}{hint}"
+    return f"--config: {type(e).__name__}: {text.splitlines()[0] if text else e}"
 
 
 class _LibraryInfoFilter(pylogging.Filter):

@@ -13,6 +13,7 @@ Where the model comes from (first that applies):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 
@@ -63,10 +64,13 @@ class RunSetup:
         )
         self.skipped: collections.Counter = collections.Counter()
         self._pretrained = None  # numpy params to start from, if any
+        self._hf_bases: dict = {}  # HF configs of pretrained vision / llm parts (export bases)
         m, init = run.model, run.model.get("init", {})
         if m.get("family", "llava") != "llava":
             raise ConfigError(f"config.model.family {m.get('family')!r}: only 'llava' trains here so far")
-        if checkpoint.is_checkpoint(workdir):
+        # Resume only from a run that saved something; a run that died before its first checkpoint
+        # starts again from its configured initial weights.
+        if checkpoint.is_checkpoint(workdir) and checkpoint.latest_step(workdir) is not None:
             family, self.config = checkpoint.read_model_config(workdir)
             self.tokenizer = AutoTokenizer.from_pretrained(self.assets)
             fresh = False
@@ -124,12 +128,11 @@ class RunSetup:
             if IMAGE_TOKEN not in tokenizer.get_vocab():
                 tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
             image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            llm_config = llm.config
-            if image_token_id >= llm_config.vocab_size:  # the new token needs a row: grow the vocab
-                raise ConfigError(
-                    f"the LLM's vocabulary ({llm_config.vocab_size}) has no room for {IMAGE_TOKEN}; "
-                    "use a tokenizer that has it"
-                )
+            llm_config, llm_params = llm.config, llm.params
+            if len(tokenizer) > llm_config.vocab_size:  # e.g. Vicuna's 32000 + <image>: grow the tables
+                vocab = -(-len(tokenizer) // 64) * 64  # as LLaVA's HF conversion: a multiple of 64
+                llm_params = grow_vocab(llm_params, vocab)
+                llm_config = dataclasses.replace(llm_config, vocab_size=vocab)
             layers = tuple(m["vision_feature_layers"])
             projector = ProjectorConfig(
                 vision.config.hidden_size * len(layers), llm_config.hidden_size, **m["projector"]
@@ -142,7 +145,8 @@ class RunSetup:
                 layers,
                 m["vision_feature_select_strategy"],
             )
-            self._pretrained = {"vision": vision.params, "llm": llm.params}
+            self._pretrained = {"vision": vision.params, "llm": llm_params}
+            self._hf_bases = {"vision": vision.hf_config, "llm": llm.hf_config}
             return config, tokenizer
         if tok_dir in ("", "builtin"):
             tokenizer = build_tokenizer(synthetic.vocabulary(self.synthetic))
@@ -214,12 +218,17 @@ class RunSetup:
 
             v = self.config.vision
             size = v.image_size
-            image_processor = CLIPImageProcessorPil(
-                size={"shortest_edge": size},
-                crop_size={"height": size, "width": size},
-                image_mean=list(m.get("image_mean", (0.5, 0.5, 0.5))),
-                image_std=list(m.get("image_std", (0.5,) * 3)),
-            )
+            if init.get("vision"):  # the pretrained tower's own preprocessing
+                from transformers import AutoImageProcessor
+
+                image_processor = AutoImageProcessor.from_pretrained(init["vision"])
+            else:
+                image_processor = CLIPImageProcessorPil(
+                    size={"shortest_edge": size},
+                    crop_size={"height": size, "width": size},
+                    image_mean=list(m.get("image_mean", (0.5, 0.5, 0.5))),
+                    image_std=list(m.get("image_std", (0.5,) * 3)),
+                )
             processor = LlavaProcessor(
                 image_processor=image_processor,
                 tokenizer=self.tokenizer,
@@ -235,7 +244,11 @@ class RunSetup:
                 "eos_token_id": t.eos_token_id,
                 "pad_token_id": t.pad_token_id,
             }
-            base = {"text_config": dict(ids)}
+            # the pretrained parts' own HF configs keep the fields we do not model (names, token ids)
+            base = {
+                "vision_config": dict(self._hf_bases.get("vision", {})),
+                "text_config": {**self._hf_bases.get("llm", {}), **ids},
+            }
             with open(os.path.join(self.assets, "generation_config.json"), "w") as f:
                 json.dump(ids, f, indent=2)
         with open(os.path.join(self.assets, "config.json"), "w") as f:
@@ -297,6 +310,20 @@ class RunSetup:
         d = stage.data
         per_step = stage.batch_size * flops.llava_flops_per_sequence(self.config, d.max_length, d.max_images)
         return {"mfu": steps_per_sec * per_step / self.peak}
+
+
+def grow_vocab(llm_params: dict, vocab: int) -> dict:
+    """New token rows (and lm_head columns) start at the mean of the existing ones, as LLaVA does."""
+    params = dict(llm_params)
+    table = np.asarray(params["embed_tokens"]["embedding"])
+    extra = vocab - table.shape[0]
+    rows = np.repeat(table.mean(0, keepdims=True), extra, axis=0).astype(table.dtype)
+    params["embed_tokens"] = {"embedding": np.concatenate([table, rows])}
+    if "lm_head" in params:
+        head = np.asarray(params["lm_head"]["kernel"])
+        cols = np.repeat(head.mean(1, keepdims=True), extra, axis=1).astype(head.dtype)
+        params["lm_head"] = {"kernel": np.concatenate([head, cols], axis=1)}
+    return params
 
 
 def maybe_remat_name(name: str) -> str:

@@ -162,8 +162,8 @@ class Trainer:
             self.workdir, self.run_config.keep_checkpoints, self.run_config.async_checkpoints
         )
         resume = self._find_resume()
-        if resume is not None:  # rows past the checkpoint will be written again, identically
-            logger.truncate_metrics(self.workdir, resume.global_step)
+        # rows past the checkpoint (all rows, without one) will be written again, identically
+        logger.truncate_metrics(self.workdir, resume.global_step if resume is not None else 0)
         self.writer = logger.MetricsWriter(self.workdir, self.run_config.tensorboard)
         if resume is not None:
             logging.info(

@@ -19,7 +19,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 IMAGE_TOKEN = "<image>"
 
 
-def make_tokenizer():
+def make_tokenizer(image_token: bool = True):
     """A word-level fast tokenizer (BOS prepended) with an ``<image>`` special token at the end."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -34,7 +34,8 @@ def make_tokenizer():
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if image_token:
+        fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast
 
 
@@ -170,14 +171,15 @@ def build_vision(path: str, vision="clip", seed=0, **overrides):
     v = dict(VISION[vision], **overrides)
     model = randomize_(AutoModel.from_config(AutoConfig.for_model(v.pop("model_type"), **v)).eval(), seed)
     model.save_pretrained(path)
+    make_image_processor(vision).save_pretrained(path)
     return path
 
 
-def build_causal_lm(path: str, seed=0, **overrides):
+def build_causal_lm(path: str, seed=0, image_token=True, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     seed_all(seed)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(image_token)
     t = text_config(tokenizer, **overrides)
     model = randomize_(
         AutoModelForCausalLM.from_config(AutoConfig.for_model(t.pop("model_type"), **t)).eval(), seed

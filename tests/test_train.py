@@ -218,3 +218,64 @@ def test_config_mistakes_fail_with_one_line_and_exit_2(flag, message, tmp_path):
     r = run_main(str(tmp_path / "bad"), flag, check=False)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
+    """LLaVA-1.5's stage 1: pretrained CLIP + LLaMA, projector trained alone, <image> added to a
+    vocabulary that lacks it (grown to a multiple of 64, as LLaVA's conversion does)."""
+    from hf_fixtures import build_causal_lm, build_vision
+    from transformers import LlavaForConditionalGeneration
+
+    from mllm_jax import hf
+
+    vision_dir = build_vision(str(tmp_path / "clip"), "clip", seed=1)
+    llm_dir = build_causal_lm(str(tmp_path / "llama"), seed=2, image_token=False)
+    path, image_root = llava_json
+    workdir = str(tmp_path / "stage1")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mllm_jax.main",
+            "--config=configs/llava.py:tiny",
+            f"--workdir={workdir}",
+            f"--config.model.init.vision={vision_dir}",
+            f"--config.model.init.llm={llm_dir}",
+            "--config.model.vision_feature_layers=(-2,)",
+            "--config.stage_order=('align',)",
+            "--config.stages.align.steps=2",
+            "--config.stages.align.batch_size=2",
+            "--config.stages.align.trainable=('adapter/.*',)",
+            "--config.stages.align.data.source=llava_json",
+            f"--config.stages.align.data.path={path}",
+            f"--config.stages.align.data.image_root={image_root}",
+            "--config.stages.align.data.template=plain",
+            "--config.stages.align.data.max_length=48",
+            "--config.eval.num_questions=0",
+            "--config.tensorboard=False",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = checkpoint.load_model(workdir)
+    assert trained.config.llm.vocab_size == 64  # 52 words + <image>, rounded up to 64
+    vision, llm = hf.load_pretrained(vision_dir), hf.load_pretrained(llm_dir)
+    for name, source in (("vision", vision.params), ("llm", llm.params)):
+        flat, ours = optim.flatten(source), optim.flatten(trained.params[name])
+        for path_, value in flat.items():
+            if path_ in ("embed_tokens/embedding", "lm_head/kernel"):  # grown: the old part is intact
+                value = np.asarray(value)
+                got = np.asarray(ours[path_])
+                assert np.array_equal(
+                    got[: value.shape[0]] if path_.startswith("embed") else got[:, : value.shape[1]], value
+                )
+            else:
+                assert np.array_equal(np.asarray(ours[path_]), np.asarray(value)), (name, path_)
+    out = str(tmp_path / "hf")
+    hf.save_pretrained(
+        out, "llava", trained.config, trained.params, trained.hf_config, checkpoint.assets_dir(workdir)
+    )
+    _, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -15,11 +15,22 @@ from mllm_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from mllm_jax.models.vit import VitConfig
 
 CONFIG = LlavaConfig(
-    vision=VitConfig(hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2, image_size=8, patch_size=4),
+    vision=VitConfig(
+        hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2, image_size=8, patch_size=4
+    ),
     projector=ProjectorConfig(32, 24),
-    llm=LlmConfig(vocab_size=40, hidden_size=24, intermediate_size=32, num_layers=3, num_heads=2, num_kv_heads=1,
-                  head_dim=12, max_positions=64),
-    image_token_id=39, vision_feature_layers=(-3, -1),
+    llm=LlmConfig(
+        vocab_size=40,
+        hidden_size=24,
+        intermediate_size=32,
+        num_layers=3,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=12,
+        max_positions=64,
+    ),
+    image_token_id=39,
+    vision_feature_layers=(-3, -1),
 )
 TOKENS = jnp.array([[1, 39, 39, 39, 39, 5, 6, 7, 8, 9]])
 IMAGES = jax.random.normal(jax.random.key(0), (1, 1, 8, 8, 3))
@@ -35,7 +46,9 @@ def test_stack_and_unstack_are_inverse(params):
     assert is_stacked(stacked) and not is_stacked(params)
     assert stacked["llm"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (3, 24, 32)
     chex.assert_trees_all_equal(unstack_layers(stacked), params)
-    abstract = jax.eval_shape(Llava(CONFIG, scan_layers=True).init, jax.random.key(1), TOKENS, IMAGES)["params"]
+    abstract = jax.eval_shape(Llava(CONFIG, scan_layers=True).init, jax.random.key(1), TOKENS, IMAGES)[
+        "params"
+    ]
     assert jax.tree.structure(nn.meta.unbox(abstract)) == jax.tree.structure(stacked)
 
 
@@ -56,6 +69,8 @@ def test_scanned_model_decodes_like_the_unscanned_one(params):
     kw = dict(max_new_tokens=5, eos_ids=[], pad_id=0)
     prompts = [TOKENS[0].tolist()]
     plain = generate(Llava(CONFIG), params, prompts, np.asarray(IMAGES), **kw)
-    scanned = generate(Llava(CONFIG, scan_layers=True), stack_layers(params), prompts, np.asarray(IMAGES), **kw)
+    scanned = generate(
+        Llava(CONFIG, scan_layers=True), stack_layers(params), prompts, np.asarray(IMAGES), **kw
+    )
     assert plain[0][0] == scanned[0][0]
     np.testing.assert_allclose(plain[0][1], scanned[0][1], atol=1e-5)
