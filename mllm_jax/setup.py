@@ -54,7 +54,7 @@ def _scratch_config(m: dict, tokenizer) -> LlavaConfig:
 
 
 class RunSetup:
-    def __init__(self, run: RunConfig, workdir: str):
+    def __init__(self, run: RunConfig, workdir: str, n_devices: int | None = None):
         from transformers import AutoTokenizer
 
         self.run, self.workdir = run, workdir
@@ -97,7 +97,7 @@ class RunSetup:
             else transforms.ImageSpec.from_processor_config(_processor_config(self.assets))
         )
         self.model_spec = pipeline.ModelSpec(self.config.image_token_id, self.config.tokens_per_image)
-        self.peak = flops.peak_flops_per_device() * jax.device_count()
+        self.peak = flops.peak_flops_per_device() * (n_devices or jax.device_count())
 
     # -- model and weights
 

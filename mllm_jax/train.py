@@ -113,13 +113,14 @@ class Resume:
 class Trainer:
     """Owns the mesh, model, params and writers of one run; ``run()`` trains every remaining stage."""
 
-    def __init__(self, run: RunConfig, workdir: str):
+    def __init__(self, run: RunConfig, workdir: str, devices=None):
         from mllm_jax import setup  # model, tokenizer and data wiring
 
         self.run_config, self.workdir = run, workdir
-        self.mesh = sharding.make_mesh(run.mesh)
+        self.mesh = sharding.make_mesh(run.mesh, devices)
+        self._step_fns: dict = {}
         self.rules = sharding.rules(run.sharding_rules)
-        self.setup = setup.RunSetup(run, workdir)
+        self.setup = setup.RunSetup(run, workdir, self.mesh.devices.size)
         self.model = self.setup.model
         self.stop_requested = False
         self.writer = None
@@ -230,8 +231,6 @@ class Trainer:
             "opt_state": opt_state,
             "step": jnp.asarray(start, jnp.int32),
         }
-        step_fn = jax.jit(make_train_step(self.model, tx, lr_fn, stage.grad_accum), donate_argnums=0)
-        batch_sharding = sharding.batch_sharding(self.mesh)
         progress = logger.Progress(stage.name, start, stage.steps)
         key = jax.random.key(run.seed)
         logging.info(
@@ -242,13 +241,7 @@ class Trainer:
         for s in range(start, stage.steps):
             batch = next(iterator)
             window_tokens += int(batch["attention_mask"].sum())
-            device_batch = {
-                k: jax.make_array_from_process_local_data(batch_sharding, v)
-                for k, v in batch.items()
-                if k in BATCH_KEYS
-            }
-            with self.mesh, _rules_context(self.rules):
-                state, metrics = step_fn(state, device_batch, jax.random.fold_in(key, offset + s))
+            state, metrics = self.step(stage, tx, lr_fn, state, batch, jax.random.fold_in(key, offset + s))
             window_steps += 1
             done = s + 1
             if done % run.log_every == 0 or done == stage.steps:
@@ -279,6 +272,21 @@ class Trainer:
         self._evaluate(offset + stage.steps, stage, params)
         self._save(offset + stage.steps, stage, stage.steps, state, iterator, wait=True, opt=False)
         return params
+
+    def step(self, stage: Stage, tx, lr_fn, state, batch: dict, rng):
+        """One jitted step on a host batch (numpy), sharded over data x fsdp; compiled once per stage."""
+        key = (stage.name, id(tx))
+        if self._step_fns.get("key") != key:
+            fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum)
+            self._step_fns = {"key": key, "fn": jax.jit(fn, donate_argnums=0)}
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        device_batch = {
+            k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in batch.items()
+            if k in BATCH_KEYS
+        }
+        with self.mesh, _rules_context(self.rules):
+            return self._step_fns["fn"](state, device_batch, rng)
 
     def _save(self, global_step, stage, stage_step, state, iterator, wait=False, opt=True):
         params = optim.merge_params(state["trainable"], state["frozen"])
