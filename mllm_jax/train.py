@@ -212,25 +212,16 @@ class Trainer:
 
     def _run_stage(self, index: int, stage: Stage, params, shardings, offset: int, resume: Resume | None):
         run = self.run_config
-        trainable, frozen = optim.split_params(params, stage.trainable)
-        tx, lr_fn = optim.make_optimizer(stage.optim, stage.steps)
-        opt_state = jax.jit(tx.init)(trainable)
-        start = 0
+        start = resume.stage_step if resume is not None else 0
+        state, tx, lr_fn = self.stage_state(stage, params, start)
         iterator = self.setup.data_iterator(stage, seed=run.seed + 1000 * index)
-        if resume is not None and resume.stage_step > 0:
-            start = resume.stage_step
+        if start > 0:
             target = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["opt_state"]
             )
-            opt_state = self.ckpt.restore(resume.global_step, "opt_state", target)
+            state["opt_state"] = self.ckpt.restore(resume.global_step, "opt_state", target)
             if resume.data_state is not None:
                 iterator.set_state(checkpoint.decode_state(resume.data_state))
-        state = {
-            "trainable": trainable,
-            "frozen": frozen,
-            "opt_state": opt_state,
-            "step": jnp.asarray(start, jnp.int32),
-        }
         progress = logger.Progress(stage.name, start, stage.steps)
         key = jax.random.key(run.seed)
         logging.info(
@@ -264,7 +255,7 @@ class Trainer:
                 progress.close()
                 raise Preempted(f"stopped by SIGTERM at step {offset + done}; state saved")
             if eval_every and done % eval_every == 0 and done < stage.steps:
-                self._evaluate(offset + done, stage, optim.merge_params(state["trainable"], frozen))
+                self._evaluate(offset + done, stage, optim.merge_params(state["trainable"], state["frozen"]))
             if done % run.checkpoint_every == 0 and done < stage.steps:
                 self._save(offset + done, stage, done, state, iterator)
         progress.close()
@@ -273,12 +264,36 @@ class Trainer:
         self._save(offset + stage.steps, stage, stage.steps, state, iterator, wait=True, opt=False)
         return params
 
+    def stage_state(self, stage: Stage, params, start: int = 0):
+        """``(state, tx, lr_fn)`` for ``stage``, every leaf placed on the mesh: Adam moments take their
+        param's sharding (jit would otherwise leave the zeros it makes on one device), scalars are
+        replicated. Stable shardings are also what keeps the step from recompiling after step one."""
+        trainable, frozen = optim.split_params(params, stage.trainable)
+        tx, lr_fn = optim.make_optimizer(stage.optim, stage.steps)
+        replicated = sharding.replicated(self.mesh)
+        opt_shardings = optax.tree_utils.tree_map_params(
+            tx,
+            lambda _, s: s,
+            jax.eval_shape(tx.init, trainable),
+            jax.tree.map(lambda x: x.sharding, trainable),
+            transform_non_params=lambda _: replicated,
+        )
+        state = {
+            "trainable": trainable,
+            "frozen": frozen,
+            "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trainable),
+            "step": jax.device_put(jnp.asarray(start, jnp.int32), replicated),
+        }
+        return state, tx, lr_fn
+
     def step(self, stage: Stage, tx, lr_fn, state, batch: dict, rng):
         """One jitted step on a host batch (numpy), sharded over data x fsdp; compiled once per stage."""
         key = (stage.name, id(tx))
         if self._step_fns.get("key") != key:
             fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum)
-            self._step_fns = {"key": key, "fn": jax.jit(fn, donate_argnums=0)}
+            # the state keeps its layout; the scalar metrics are replicated
+            out = (jax.tree.map(lambda x: x.sharding, state), sharding.replicated(self.mesh))
+            self._step_fns = {"key": key, "fn": jax.jit(fn, out_shardings=out, donate_argnums=0)}
         batch_sharding = sharding.batch_sharding(self.mesh)
         device_batch = {
             k: jax.make_array_from_process_local_data(batch_sharding, v)

@@ -4,8 +4,9 @@ a subprocess, since the device count is fixed when JAX starts). Prints one JSON 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # only as a script: importing this module must not change the importer's JAX
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mllm_jax
 
@@ -50,17 +51,11 @@ def one_step(name, mesh):
     trainer = train.Trainer(run, tempfile.mkdtemp(), devices=devices)
     params, _ = trainer._initial_params(None)
     stage = run.stages[1]
-    trainable, frozen = optim.split_params(params, stage.trainable)
-    tx, lr = optim.make_optimizer(stage.optim, stage.steps)
-    state = {
-        "trainable": trainable,
-        "frozen": frozen,
-        "opt_state": jax.jit(tx.init)(trainable),
-        "step": jax.numpy.asarray(0, jax.numpy.int32),
-    }
+    state, tx, lr = trainer.stage_state(stage, params)
     batch = next(trainer.setup.data_iterator(stage, seed=0))
     state, metrics = trainer.step(stage, tx, lr, state, batch, 0)
     kernel = state["trainable"]["llm"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    moment = state["opt_state"][1][0].mu["llm"]["layers_0"]["mlp"]["up_proj"]["kernel"]  # clip, then adamw
     shard_shapes = sorted({tuple(s.data.shape) for s in kernel.addressable_shards})
     flat = optim.flatten(jax.device_get(state["trainable"]))
     return {
@@ -71,6 +66,7 @@ def one_step(name, mesh):
         "up_proj_shape": list(kernel.shape),
         "up_proj_shards": [list(s) for s in shard_shapes],
         "devices": len(kernel.sharding.device_set),
+        "moment_shards": [list(x) for x in sorted({tuple(s.data.shape) for s in moment.addressable_shards})],
     }
 
 

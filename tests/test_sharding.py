@@ -46,6 +46,8 @@ def test_params_are_really_split(steps):
     # up_proj kernel is ("embed", "mlp"): embed over fsdp, mlp over tensor
     assert steps["d2f2t2"]["devices"] == 8 and steps["d2f2t2"]["up_proj_shards"] == [[16, 32]]
     assert steps["fsdp8"]["devices"] == 8 and steps["fsdp8"]["up_proj_shards"] == [[4, 64]]
+    for mesh in ("d2f2t2", "fsdp8"):  # Adam moments are split like their params
+        assert steps[mesh]["moment_shards"] == steps[mesh]["up_proj_shards"]
 
 
 def test_mesh_shapes_resolve_and_reject():

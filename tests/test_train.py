@@ -279,3 +279,47 @@ def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
     )
     _, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_train_steps_compile_once(tmp_path):
+    """After the first step nothing recompiles: shapes, dtypes and shardings are stable."""
+    import sharded_step
+
+    from mllm_jax import runconfig, train
+
+    c = sharded_step.load_config()
+    run = runconfig.from_config_dict(c)
+    trainer = train.Trainer(run, str(tmp_path / "compile"))
+    params, _ = trainer._initial_params(None)
+    stage = run.stages[1]
+    state, tx, lr = trainer.stage_state(stage, params)
+    import jax
+
+    iterator = trainer.setup.data_iterator(stage, seed=0)
+    for i in range(3):
+        state, _ = trainer.step(stage, tx, lr, state, next(iterator), jax.random.key(i))
+    assert trainer._step_fns["fn"]._cache_size() == 1
+
+
+def test_bench_prints_the_figures():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mllm_jax.bench",
+            "--size=tiny",
+            "--batch=2",
+            "--seq=48",
+            "--steps=1",
+            "--decode_tokens=2",
+            "--decode_batch=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    assert result["model_flops_per_step"] > 0 and result["peak_flops"] > 0
+    assert result["jax"]["step_time_s"] > 0 and 0 < result["jax"]["mfu"] < 1
+    assert result["jax"]["decode_tokens_per_sec"] > 0
