@@ -36,7 +36,7 @@ class Sampling:
 
 def llm_config(model) -> LlmConfig:
     c = model.config
-    return c if isinstance(c, LlmConfig) else c.llm
+    return getattr(c, "llm", c)  # composite configs keep the decoder under .llm
 
 
 def choose(logits_BxV, rng, sampling: Sampling):

@@ -13,7 +13,10 @@ from absl import logging
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, enable_tensorboard: bool = True):
+    def __init__(self, workdir: str, enable_tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled  # on multi-host runs only process 0 writes
+        if not enabled:
+            return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - lives with the run
         self._tb = None
@@ -23,6 +26,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, row: dict):
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
@@ -33,6 +38,8 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self):
+        if not self.enabled:
+            return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -17,6 +17,20 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/llava.py:tiny.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go.")
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize() before anything else: 'auto' does it on multi-host TPU pods "
+    "(TPU_WORKER_HOSTNAMES lists several hosts) or when JAX_COORDINATOR_ADDRESS is set.",
+)
+
+
+def multi_host() -> bool:
+    import os
+
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return len(hosts) > 1 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
 def _config_keys(config, prefix="config.") -> list[str]:
@@ -81,6 +95,10 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         sys.exit(2)
+    if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and multi_host()):
+        import jax
+
+        jax.distributed.initialize()  # every host runs this same command; JAX finds its peers
     from mllm_jax import runconfig, train
 
     try:

@@ -195,7 +195,7 @@ class RunSetup:
 
     def write_run_files(self):
         """Model config and HF assets into a new workdir (only once everything has been checked)."""
-        if self.fresh:
+        if self.fresh and jax.process_index() == 0:  # one writer on multi-host runs (shared storage)
             checkpoint.write_model_config(self.workdir, "llava", self.config)
             self._write_assets(self.run.model)
             self.fresh = False

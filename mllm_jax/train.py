@@ -164,8 +164,10 @@ class Trainer:
         )
         resume = self._find_resume()
         # rows past the checkpoint (all rows, without one) will be written again, identically
-        logger.truncate_metrics(self.workdir, resume.global_step if resume is not None else 0)
-        self.writer = logger.MetricsWriter(self.workdir, self.run_config.tensorboard)
+        primary = jax.process_index() == 0
+        if primary:
+            logger.truncate_metrics(self.workdir, resume.global_step if resume is not None else 0)
+        self.writer = logger.MetricsWriter(self.workdir, self.run_config.tensorboard, enabled=primary)
         if resume is not None:
             logging.info(
                 "resuming from step %d (stage %s, step %d)",

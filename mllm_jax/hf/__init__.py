@@ -15,7 +15,7 @@ from types import ModuleType
 
 import numpy as np
 
-from mllm_jax.hf import clip, common, llama, llava
+from mllm_jax.hf import blip2, clip, common, idefics, instructblip, llama, llava, opt
 from mllm_jax.hf.common import ConversionError
 
 # HF model_type -> (our family, conversion module).
@@ -25,7 +25,20 @@ ARCHITECTURES: dict[str, tuple[str, ModuleType]] = {
     "llama": ("llm", llama),
     "mistral": ("llm", llama),
     "qwen2": ("llm", llama),
+    "opt": ("opt", opt),
     "llava": ("llava", llava),
+    "blip-2": ("blip2", blip2),
+    "instructblip": ("blip2", instructblip),
+    "idefics": ("idefics", idefics),
+}
+
+# family -> HF keys of an lm_head tied to the embeddings: some checkpoints store a copy; we drop it.
+TIED_KEYS = {
+    "llm": ("lm_head.weight",),
+    "opt": ("lm_head.weight",),
+    "llava": ("language_model.lm_head.weight",),
+    "blip2": ("language_model.lm_head.weight",),
+    "idefics": idefics.TIED_KEYS,
 }
 
 # Files that are weights or the model config: everything else in a HF dir (tokenizer, processor,
@@ -58,10 +71,9 @@ def load_pretrained(model_dir: str) -> Pretrained:
     family, module = architecture(hf_config)
     config = module.config_from_hf(hf_config)
     tensors = common.normalize_keys(common.read_safetensors(model_dir), module.ALIASES)
-    if family == "llava" and config.llm.tie_embeddings:
-        tensors.pop("language_model.lm_head.weight", None)  # some tied checkpoints store a copy
-    if family == "llm" and config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
+    if getattr(getattr(config, "llm", config), "tie_embeddings", False):
+        for key in TIED_KEYS.get(family, ()):
+            tensors.pop(key, None)
     params = common.hf_to_params(tensors, module.rules(config), f"{model_dir} ({hf_config['model_type']})")
     return Pretrained(family, config, params, hf_config)
 
@@ -74,6 +86,12 @@ def config_to_hf(family: str, config, base: dict | None = None) -> dict:
     elif family == "llm":
         ours = llama.config_to_hf(config, base.get("model_type", "llama"))
         ours["architectures"] = [llama.DECODERS[ours["model_type"]][0]]
+    elif family == "opt":
+        ours = opt.config_to_hf(config, base)
+        ours["architectures"] = [opt.ARCHITECTURE]
+    elif family == "blip2":  # InstructBLIP is BLIP-2 whose Q-Former also reads the instruction
+        module = instructblip if config.qformer.text_input else blip2
+        ours = module.config_to_hf(config, base)
     else:
         ours = ARCHITECTURES[family][1].config_to_hf(config, base)
     if base.get("model_type", ours["model_type"]) != ours["model_type"]:
@@ -87,7 +105,7 @@ def save_pretrained(
     """Write a directory that ``transformers`` loads with ``from_pretrained``: safetensors in PyTorch
     layout, config.json, and the tokenizer/processor assets copied from ``assets_dir``."""
     d = config_to_hf(family, config, hf_config)
-    module = ARCHITECTURES[d["model_type"]][1]
+    module = ARCHITECTURES[d["model_type"]][1]  # export goes by the model_type it writes
     np_params = _to_numpy(params)
     tensors = common.params_to_hf(np_params, module.rules(config), f"export to {d['model_type']}")
     os.makedirs(out_dir, exist_ok=True)

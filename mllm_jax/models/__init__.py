@@ -5,14 +5,20 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from mllm_jax.models.blip2 import Blip2, Blip2Config
+from mllm_jax.models.idefics import Idefics, IdeficsConfig
 from mllm_jax.models.llm import Llm, LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
+from mllm_jax.models.opt import Opt, OptConfig
 from mllm_jax.models.vit import VisionTower, VitConfig
 
 # family name -> (config class, module class). A checkpoint records its family by this name.
 FAMILIES = {
     "llava": (LlavaConfig, Llava),
+    "blip2": (Blip2Config, Blip2),  # BLIP-2 and InstructBLIP
+    "idefics": (IdeficsConfig, Idefics),  # Flamingo-style
     "llm": (LlmConfig, Llm),
+    "opt": (OptConfig, Opt),
     "vit": (VitConfig, VisionTower),
 }
 

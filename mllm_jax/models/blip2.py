@@ -1,0 +1,139 @@
+"""BLIP-2 and InstructBLIP: EVA ViT -> Q-Former adapter (learned queries + linear projection) -> LLM.
+
+Each image becomes ``num_query_tokens`` LLM input vectors. As in transformers 5 (``Blip2Processor``
+puts ``num_query_tokens`` ``<image>`` tokens before BOS and the model ``masked_scatter``s the projected
+queries into them), the query outputs replace the ``<image>`` token embeddings in order, so the same
+splice as LLaVA's serves both. InstructBLIP differs only in the Q-Former also reading the instruction
+(``qformer_tokens``). Params: ``vision``, ``adapter`` (``query_tokens``, ``qformer``,
+``language_projection``), ``llm`` (an OPT or LLaMA-family decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.models.eva import EvaConfig, EvaTower
+from mllm_jax.models.llm import Llm, LlmConfig
+from mllm_jax.models.mllm import splice_images
+from mllm_jax.models.opt import Opt, OptConfig
+from mllm_jax.models.qformer import QFormerAdapter, QFormerConfig
+
+# llm_type -> (config class, module class): the decoders a BLIP-2 model can drive.
+LLMS = {"opt": (OptConfig, Opt), "llm": (LlmConfig, Llm)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+    vision: EvaConfig = EvaConfig()
+    qformer: QFormerConfig = QFormerConfig()
+    llm: LlmConfig | OptConfig = OptConfig()
+    num_query_tokens: int = 32
+    image_token_id: int = 255
+    # Which decoder ``llm`` is ("opt" | "llm"); inferred from ``llm`` when empty. Stored so that a
+    # config serialised with dataclasses.asdict can rebuild ``llm`` from its dict.
+    llm_type: str = ""
+
+    def __post_init__(self):
+        llm = self.llm
+        if isinstance(llm, dict):  # from config_from_dict: the union-typed field arrives as a dict
+            if self.llm_type not in LLMS:
+                raise ValueError(
+                    f"llm_type must be one of {sorted(LLMS)} to rebuild llm, got {self.llm_type!r}"
+                )
+            llm = LLMS[self.llm_type][0](**llm)
+            object.__setattr__(self, "llm", llm)
+        inferred = next((name for name, (cls, _) in LLMS.items() if isinstance(llm, cls)), None)
+        if inferred is None:
+            raise ValueError(f"llm must be an OptConfig or LlmConfig, got {type(llm).__name__}")
+        if self.llm_type and self.llm_type != inferred:
+            raise ValueError(f"llm_type {self.llm_type!r} does not match llm {type(llm).__name__}")
+        object.__setattr__(self, "llm_type", inferred)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.num_query_tokens
+
+    @property
+    def instruct(self) -> bool:
+        """InstructBLIP: the Q-Former reads the instruction tokens too."""
+        return self.qformer.text_input
+
+    def validate(self):
+        self.vision.validate()
+        self.qformer.validate()
+        self.llm.validate()
+        if self.qformer.encoder_hidden_size != self.vision.hidden_size:
+            raise ValueError(
+                f"Q-Former encoder_hidden_size {self.qformer.encoder_hidden_size} != vision hidden_size "
+                f"{self.vision.hidden_size}"
+            )
+        if isinstance(self.llm, OptConfig) and self.llm.projects:
+            # HF projects the queries to hidden_size but splices them into word_embed_proj_dim
+            # embeddings; such a model cannot run there, so we refuse it here as well.
+            raise ValueError(
+                f"BLIP-2 needs an OPT whose word_embed_proj_dim ({self.llm.embed_dim}) equals hidden_size "
+                f"({self.llm.hidden_size})"
+            )
+        if self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+
+
+class Blip2(nn.Module):
+    config: Blip2Config
+    dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # a layers.REMAT_POLICIES name, for the vision, Q-Former and LLM layers
+    scan_layers: bool = False  # nn.scan over the vision and LLM layers (params stacked)
+
+    def setup(self):
+        c = self.config
+        self.vision = EvaTower(c.vision, self.dtype, self.remat, self.scan_layers)
+        self.adapter = QFormerAdapter(
+            c.qformer, c.num_query_tokens, c.llm.hidden_size, self.dtype, self.remat
+        )
+        self.llm = LLMS[c.llm_type][1](c.llm, self.dtype, self.remat, self.scan_layers)
+
+    def image_features(self, images_BxNxHxWxC, qformer_tokens_BxT=None, qformer_mask_BxT=None):
+        """``[B, N, H, W, C]`` -> projected query outputs ``[B, N * num_query_tokens, D_llm]``.
+
+        ``qformer_tokens_BxT`` (InstructBLIP): the instruction in the Q-Former's vocabulary, shared by
+        all N images of a sample; ``qformer_mask_BxT`` marks its valid tokens.
+        """
+        b, n = images_BxNxHxWxC.shape[:2]
+        _, image_BxTxE = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
+        if qformer_tokens_BxT is not None and n > 1:
+            qformer_tokens_BxT = jnp.repeat(qformer_tokens_BxT, n, axis=0)
+            if qformer_mask_BxT is not None:
+                qformer_mask_BxT = jnp.repeat(qformer_mask_BxT, n, axis=0)
+        queries = self.adapter(image_BxTxE, qformer_tokens_BxT, qformer_mask_BxT)
+        return queries.reshape(b, n * queries.shape[1], queries.shape[2])
+
+    def embed(self, tokens_BxL, images_BxNxHxWxC=None, qformer_tokens_BxT=None, qformer_mask_BxT=None):
+        """LLM input embeddings with each image's query outputs at its ``<image>`` tokens."""
+        embeds = self.llm.embed(tokens_BxL)
+        if images_BxNxHxWxC is None or images_BxNxHxWxC.shape[1] == 0:
+            return embeds
+        features = self.image_features(images_BxNxHxWxC, qformer_tokens_BxT, qformer_mask_BxT)
+        return splice_images(embeds, tokens_BxL, self.config.image_token_id, features)
+
+    def decode(
+        self, embeds_BxLxD, positions_BxL=None, attention_mask_BxL=None, cache=None, cache_index_B=None
+    ):
+        return self.llm(embeds_BxLxD, positions_BxL, attention_mask_BxL, cache, cache_index_B)
+
+    def __call__(
+        self,
+        tokens_BxL,
+        images_BxNxHxWxC=None,
+        positions_BxL=None,
+        attention_mask_BxL=None,
+        cache=None,
+        cache_index_B=None,
+        qformer_tokens_BxT=None,
+        qformer_mask_BxT=None,
+    ):
+        """Returns ``(logits_BxLxV, cache)``."""
+        embeds = self.embed(tokens_BxL, images_BxNxHxWxC, qformer_tokens_BxT, qformer_mask_BxT)
+        return self.decode(embeds, positions_BxL, attention_mask_BxL, cache, cache_index_B)

@@ -1,0 +1,133 @@
+"""Perceiver resampler (Flamingo / IDEFICS): a fixed set of learned latents reads a variable number of
+image (or video frame) features and returns ``num_latents`` vectors per image.
+
+Each block is cross-attention of the latents over ``concat(features, latents)`` (Flamingo concatenates the
+latents to the keys so they can also exchange information among themselves) followed by an MLP, both
+residual. The parameter tree mirrors HF's ``IdeficsPerceiverResampler`` (``blocks.i.0`` is ``attn``,
+``blocks.i.1`` is ``mlp``), see ``mllm_jax.hf.idefics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class PerceiverConfig:
+    embed_dim: int = 64  # width of the input features and of the latents (IDEFICS: the vision width)
+    num_latents: int = 8  # IDEFICS-9B: 64
+    depth: int = 2  # IDEFICS-9B: 6
+    num_heads: int = 4  # IDEFICS-9B: 16
+    head_dim: int = 16  # IDEFICS-9B: 96 (num_heads * head_dim need not equal embed_dim)
+    mlp_dim: int = 256  # IDEFICS: 4 * vision width
+    act: str = "relu"  # IDEFICS: ReLU; OpenFlamingo: GELU
+    qk_layer_norms: bool = False  # IDEFICS `qk_layer_norms_perceiver`: LayerNorm over each head of q, k
+    layer_norm_eps: float = 1e-5
+    # > 0: a learned embedding per frame index is added before the frames of one clip are flattened into a
+    # single context (OpenFlamingo's `frame_embs`), so T frames are resampled into one set of latents.
+    # 0 (IDEFICS): no time embeddings; frame inputs are still accepted and simply concatenated.
+    max_frames: int = 0
+
+    def validate(self):
+        for name in ("embed_dim", "num_latents", "depth", "num_heads", "head_dim", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"perceiver {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_frames < 0:
+            raise ValueError(f"perceiver max_frames must be >= 0, got {self.max_frames}")
+        activation(self.act)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to ``concat(context, latents)``; no biases (as in the Perceiver/Flamingo papers)."""
+
+    config: PerceiverConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context_BxSxD, latents_BxLxD):
+        c = self.config
+        ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        context_BxSxD = ln("context_layer_norm")(context_BxSxD)
+        latents_BxLxD = ln("latents_layer_norm")(latents_BxLxD)
+        kv_in_BxKxD = jnp.concatenate([context_BxSxD, latents_BxLxD], axis=1)
+        width = c.num_heads * c.head_dim
+        proj = lambda name: Dense(width, ("embed", "heads"), False, self.dtype, name=name)  # noqa: E731
+        b = latents_BxLxD.shape[0]
+        split = lambda y: y.reshape(b, y.shape[1], c.num_heads, c.head_dim)  # noqa: E731
+        q_BxLxNxH = split(proj("q_proj")(latents_BxLxD))
+        k_BxKxNxH = split(proj("k_proj")(kv_in_BxKxD))
+        v_BxKxNxH = split(proj("v_proj")(kv_in_BxKxD))
+        if c.qk_layer_norms:
+            q_BxLxNxH = ln("q_layer_norm")(q_BxLxNxH)
+            k_BxKxNxH = ln("k_layer_norm")(k_BxKxNxH)
+        out = attention(q_BxLxNxH, k_BxKxNxH, v_BxKxNxH, dtype=self.dtype).reshape(b, -1, width)
+        return Dense(c.embed_dim, ("heads", "embed"), False, self.dtype, name="output_proj")(out)
+
+
+class PerceiverMlp(nn.Module):
+    config: PerceiverConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        c = self.config
+        h = LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="ln")(x_BxLxD)
+        h = Dense(c.mlp_dim, ("embed", "mlp"), False, self.dtype, name="fc")(h)
+        h = constrain(activation(c.act)(h), ("act_batch", "act_seq", "act_mlp"))
+        return Dense(c.embed_dim, ("mlp", "embed"), False, self.dtype, name="c_proj")(h)
+
+
+class PerceiverBlock(nn.Module):
+    config: PerceiverConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context_BxSxD, latents_BxLxD):
+        latents_BxLxD = latents_BxLxD + PerceiverAttention(self.config, self.dtype, name="attn")(
+            context_BxSxD, latents_BxLxD
+        )
+        latents_BxLxD = latents_BxLxD + PerceiverMlp(self.config, self.dtype, name="mlp")(latents_BxLxD)
+        return constrain(latents_BxLxD, ("act_batch", "act_seq", "act_embed"))
+
+
+class Perceiver(nn.Module):
+    """Features ``[B, S, D]`` (one image each) or ``[B, F, S, D]`` (F frames of one clip) ->
+    latents ``[B, num_latents, D]``."""
+
+    config: PerceiverConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        if x.ndim == 4:
+            b, f, s, d = x.shape
+            if c.max_frames:
+                if f > c.max_frames:
+                    raise ValueError(f"{f} frames given, the perceiver embeds at most {c.max_frames}")
+                frame_emb = self.param(
+                    "frame_embedding",
+                    nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                    (c.max_frames, d),
+                )
+                x = x + frame_emb[:f, None].astype(x.dtype)[None]
+            x = x.reshape(b, f * s, d)
+        if x.ndim != 3 or x.shape[-1] != c.embed_dim:
+            raise ValueError(
+                f"perceiver expects [B, S, {c.embed_dim}] or [B, F, S, {c.embed_dim}], got {x.shape}"
+            )
+        context_BxSxD = constrain(x.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
+        latents = self.param(
+            "latents",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            (c.num_latents, c.embed_dim),
+        )
+        latents_BxLxD = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0], *latents.shape))
+        for i in range(c.depth):
+            latents_BxLxD = PerceiverBlock(c, self.dtype, name=f"blocks_{i}")(context_BxSxD, latents_BxLxD)
+        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(latents_BxLxD)

@@ -1,0 +1,117 @@
+"""Tiny BLIP-2 / InstructBLIP / OPT checkpoints with random weights, built locally and saved with
+save_pretrained (never downloaded). Widths differ on purpose (vision 40, Q-Former 24, text 32) so a
+transposed or misrouted tensor cannot pass for a right one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hf_fixtures import make_tokenizer, randomize_, seed_all, text_config
+
+IMAGE_TOKEN = "<image>"
+NUM_QUERY_TOKENS = 4
+IMAGE_SIZE = 16
+QFORMER_VOCAB = 40
+
+VISION = dict(
+    hidden_size=40,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=4,
+)
+QFORMER = dict(
+    hidden_size=24,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=QFORMER_VOCAB,
+    max_position_embeddings=16,
+)
+
+
+def opt_config(tokenizer, **overrides) -> dict:
+    base = dict(
+        model_type="opt",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    base.update(overrides)
+    return base
+
+
+def build_blip2(
+    path: str,
+    *,
+    text: str = "opt",
+    instruct: bool = False,
+    cross_attention_frequency: int = 2,
+    qformer_text_input: bool = False,
+    text_overrides: dict | None = None,
+    seed: int = 0,
+) -> str:
+    """A tiny Blip2ForConditionalGeneration (or InstructBlipForConditionalGeneration) saved at ``path``."""
+    from transformers import (
+        AutoConfig,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+    )
+
+    seed_all(seed)
+    tokenizer = make_tokenizer()
+    t = (opt_config if text == "opt" else text_config)(tokenizer, **(text_overrides or {}))
+    text_cfg = AutoConfig.for_model(t.pop("model_type"), **t)
+    qformer = dict(QFORMER, cross_attention_frequency=cross_attention_frequency)
+    kwargs = dict(
+        vision_config=dict(VISION),
+        text_config=text_cfg,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    if instruct:
+        config, cls = (
+            InstructBlipConfig(qformer_config=qformer, **kwargs),
+            InstructBlipForConditionalGeneration,
+        )
+    else:
+        qformer["use_qformer_text_input"] = qformer_text_input
+        config, cls = Blip2Config(qformer_config=qformer, **kwargs), Blip2ForConditionalGeneration
+    model = randomize_(cls(config).eval(), seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_opt(path: str, seed: int = 0, **overrides) -> str:
+    """A tiny OPTForCausalLM saved at ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seed_all(seed)
+    tokenizer = make_tokenizer(image_token=False)
+    t = opt_config(tokenizer, **overrides)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(t.pop("model_type"), **t))
+    randomize_(model.eval(), seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_params(module, *init_args, seed: int = 0, scale: float = 0.2):
+    """Random params for ``module`` from ``eval_shape`` + numpy: no XLA compile of the initialisers
+    (jitting a Flax init costs seconds on CPU; these tests only need non-trivial values)."""
+    import flax.linen as nn
+    import jax
+
+    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *init_args)["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
