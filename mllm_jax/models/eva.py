@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain, maybe_remat
 from mllm_jax.models.scan import scanned
+from mllm_jax.models.vit import VitLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,31 +70,10 @@ class EvaAttention(nn.Module):
         return Dense(d, ("heads", "embed"), dtype=self.dtype, name="projection")(out)
 
 
-class EvaMlp(nn.Module):
-    config: EvaConfig
-    dtype: jnp.dtype = jnp.float32
+class EvaLayer(VitLayer):
+    """A pre-LN ViT layer (same MLP, norms and param names as CLIP's) with EVA's fused-qkv attention."""
 
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        h = Dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
-        h = constrain(activation(c.act)(h), ("act_batch", "act_seq", "act_mlp"))
-        return Dense(c.hidden_size, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
-
-
-class EvaLayer(nn.Module):
-    config: EvaConfig
-    dtype: jnp.dtype = jnp.float32
-    scan_output: bool = False  # under nn.scan: return the output as carry and as per-layer output
-
-    @nn.compact
-    def __call__(self, x_BxTxD):
-        c = self.config
-        ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        x_BxTxD = x_BxTxD + EvaAttention(c, self.dtype, name="self_attn")(ln("layer_norm1")(x_BxTxD))
-        x_BxTxD = x_BxTxD + EvaMlp(c, self.dtype, name="mlp")(ln("layer_norm2")(x_BxTxD))
-        x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
-        return (x_BxTxD, x_BxTxD) if self.scan_output else x_BxTxD
+    ATTENTION = EvaAttention
 
 
 class EvaTower(nn.Module):

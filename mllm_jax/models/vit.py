@@ -84,12 +84,13 @@ class VitLayer(nn.Module):
     config: VitConfig
     dtype: jnp.dtype = jnp.float32
     scan_output: bool = False  # under nn.scan: return the output as carry and as per-layer output
+    ATTENTION = VitAttention  # class attribute, not a field: EVA's layer swaps in its fused-qkv attention
 
     @nn.compact
     def __call__(self, x_BxTxD):
         c = self.config
         ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        x_BxTxD = x_BxTxD + VitAttention(c, self.dtype, name="self_attn")(ln("layer_norm1")(x_BxTxD))
+        x_BxTxD = x_BxTxD + self.ATTENTION(c, self.dtype, name="self_attn")(ln("layer_norm1")(x_BxTxD))
         x_BxTxD = x_BxTxD + VitMlp(c, self.dtype, name="mlp")(ln("layer_norm2")(x_BxTxD))
         x_BxTxD = constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
         return (x_BxTxD, x_BxTxD) if self.scan_output else x_BxTxD
