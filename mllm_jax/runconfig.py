@@ -75,7 +75,6 @@ class RunConfig:
     eval: dict
     model: dict
     synthetic: dict
-    raw: object = dataclasses.field(default=None, compare=False, repr=False)  # the ConfigDict, for saving
 
 
 def _unknown(keys, known, where: str):
@@ -165,5 +164,4 @@ def from_config_dict(config) -> RunConfig:
         eval=ev,
         model=dict(d["model"]),
         synthetic=dict(d.get("synthetic", {})),
-        raw=config,
     )

@@ -27,7 +27,7 @@ from mllm_jax import checkpoint, flops, hf, optim
 from mllm_jax.data import pipeline, synthetic, templates, transforms
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.models import scan
-from mllm_jax.models.layers import REMAT_POLICIES
+from mllm_jax.models.layers import check_remat
 from mllm_jax.models.llm import LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
 from mllm_jax.models.projector import ProjectorConfig
@@ -85,7 +85,7 @@ class RunSetup:
             self.model = Llava(
                 self.config,
                 DTYPES[run.dtype],
-                maybe_remat_name(m.get("remat", "none")),
+                check_remat(m.get("remat", "none")),
                 bool(m.get("scan_layers", False)),
             )
         except ValueError as e:
@@ -183,9 +183,7 @@ class RunSetup:
 
     def _image_spec(self, m: dict) -> transforms.ImageSpec:
         init = m.get("init", {})
-        source = init.get("hf") or (
-            checkpoint.assets_dir(init["checkpoint"]) if init.get("checkpoint") else ""
-        )
+        source = _assets_source(init)
         if source:
             return transforms.ImageSpec.from_processor_config(_processor_config(source))
         if init.get("vision"):
@@ -204,9 +202,7 @@ class RunSetup:
         """Tokenizer, LlavaProcessor and the base HF config, so every checkpoint exports complete."""
         os.makedirs(self.assets, exist_ok=True)
         init = m.get("init", {})
-        source = init.get("hf") or (
-            checkpoint.assets_dir(init["checkpoint"]) if init.get("checkpoint") else ""
-        )
+        source = _assets_source(init)
         if source:
             hf.copy_assets(source, self.assets)
             base = (
@@ -326,10 +322,11 @@ def grow_vocab(llm_params: dict, vocab: int) -> dict:
     return params
 
 
-def maybe_remat_name(name: str) -> str:
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}")
-    return name
+def _assets_source(init: dict) -> str:
+    """The HF-assets directory of a whole-model init (HF dir or our checkpoint), or ""."""
+    if init.get("hf"):
+        return init["hf"]
+    return checkpoint.assets_dir(init["checkpoint"]) if init.get("checkpoint") else ""
 
 
 def _load_hf(path: str, family: str, key: str):

@@ -141,10 +141,8 @@ class Trainer:
 
     def _abstract_params(self):
         boxed = jax.eval_shape(self.setup.init_fn, jax.random.key(0))
-        shardings = sharding.fit_to_shapes(
-            sharding.shardings_of(boxed, self.mesh, self.rules), jax.tree.map(lambda x: x, _unbox(boxed))
-        )
-        return _unbox(boxed), shardings
+        abstract = _unbox(boxed)
+        return abstract, sharding.fit_to_shapes(sharding.shardings_of(boxed, self.mesh, self.rules), abstract)
 
     def _initial_params(self, resume: Resume | None):
         abstract, shardings = self._abstract_params()

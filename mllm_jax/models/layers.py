@@ -47,11 +47,15 @@ REMAT_POLICIES = {
 }
 
 
-def maybe_remat(module_cls, policy: str):
-    """``module_cls`` wrapped in ``nn.remat`` with the named policy (param names are unchanged)."""
+def check_remat(policy: str) -> str:
     if policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
-    if policy == "none":
+    return policy
+
+
+def maybe_remat(module_cls, policy: str):
+    """``module_cls`` wrapped in ``nn.remat`` with the named policy (param names are unchanged)."""
+    if check_remat(policy) == "none":
         return module_cls
     return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=True)
 
