@@ -20,19 +20,25 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("size", "small", ["tiny", "small", "medium"], "Model size (see SIZES).")
+flags.DEFINE_enum("size", "small", ["tiny", "small", "medium", "large"], "Model size (see SIZES).")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence (image tokens included).")
 flags.DEFINE_integer("steps", 8, "Timed train steps (after 2 warm-up steps).")
 flags.DEFINE_integer("decode_tokens", 32, "Tokens generated per sequence in the decode benchmark.")
 flags.DEFINE_integer("decode_batch", 4, "Sequences decoded at once.")
 flags.DEFINE_enum("compare", "none", ["none", "torch"], "Also run transformers' PyTorch model.")
+flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay f32; torch: autocast)."
+)
+flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "jax.nn.dot_product_attention implementation.")
 
 # (vision hidden, layers, heads, image, patch) / (llm hidden, layers, heads, kv heads, mlp, vocab)
 SIZES = {
     "tiny": ((64, 2, 4, 32, 8), (128, 2, 4, 2, 256, 512)),
     "small": ((256, 4, 4, 64, 8), (512, 4, 8, 8, 1408, 8192)),
     "medium": ((512, 6, 8, 112, 14), (1024, 8, 16, 8, 2816, 32000)),
+    # ~1.1B LLM + a CLIP-L-sized tower: the accelerator size
+    "large": ((1024, 24, 16, 224, 14), (2048, 16, 16, 8, 5632, 32000)),
 }
 
 
@@ -99,7 +105,7 @@ def _median_time(fn, steps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_jax(config, batch: dict, steps: int, decode_tokens: int, decode_batch: int) -> dict:
+def bench_jax(config, batch: dict, steps: int, decode_tokens: int, decode_batch: int, dtype: str) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -108,7 +114,7 @@ def bench_jax(config, batch: dict, steps: int, decode_tokens: int, decode_batch:
     from mllm_jax import generate, train
     from mllm_jax.models.mllm import Llava
 
-    model = Llava(config)
+    model = Llava(config, jnp.dtype(dtype))
     params = nn.meta.unbox(
         jax.jit(model.init)(
             jax.random.key(0), jnp.asarray(batch["tokens"][:1]), jnp.asarray(batch["images"][:1])
@@ -141,27 +147,39 @@ def bench_jax(config, batch: dict, steps: int, decode_tokens: int, decode_batch:
     return {"step_time_s": step_time, "decode_tokens_per_sec": decode_batch * decode_tokens / decode_time}
 
 
-def bench_torch(config, batch: dict, steps: int, decode_tokens: int, decode_batch: int) -> dict:
+def bench_torch(config, batch: dict, steps: int, decode_tokens: int, decode_batch: int, dtype: str) -> dict:
+    import contextlib
+
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from mllm_jax import hf
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     d = hf.config_to_hf("llava", config)
     hf_config = LlavaConfig(**{k: v for k, v in d.items() if k != "architectures"})
-    model = LlavaForConditionalGeneration(hf_config).train()
+    model = LlavaForConditionalGeneration(hf_config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.tensor(batch["tokens"], dtype=torch.long)
-    pixels = torch.tensor(batch["images"][:, 0].transpose(0, 3, 1, 2))
+    tokens = torch.tensor(batch["tokens"], dtype=torch.long, device=device)
+    pixels = torch.tensor(batch["images"][:, 0].transpose(0, 3, 1, 2), device=device)
     # HF shifts labels itself: label[t] is learned where our loss_mask[t - 1] (target = token t) is set
-    learned = torch.roll(torch.tensor(batch["loss_mask"]), 1, dims=1) > 0
+    learned = torch.roll(torch.tensor(batch["loss_mask"], device=device), 1, dims=1) > 0
     labels = torch.where(learned, tokens, torch.full_like(tokens, -100))
+    # mixed precision as usual in PyTorch: f32 master weights, bf16 autocast compute
+    autocast = (
+        (lambda: torch.autocast(device, dtype=torch.bfloat16))
+        if dtype == "bfloat16"
+        else contextlib.nullcontext
+    )
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def one_step():
-        loss = model(input_ids=tokens, pixel_values=pixels, labels=labels).loss
+        with autocast():
+            loss = model(input_ids=tokens, pixel_values=pixels, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
 
     step_time = _median_time(one_step, steps)
     model.eval()
@@ -169,7 +187,7 @@ def bench_torch(config, batch: dict, steps: int, decode_tokens: int, decode_batc
     prompt = tokens[:decode_batch, :n]
 
     def decode():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model.generate(
                 input_ids=prompt,
                 pixel_values=pixels[:decode_batch],
@@ -178,12 +196,15 @@ def bench_torch(config, batch: dict, steps: int, decode_tokens: int, decode_batc
                 max_new_tokens=decode_tokens,
                 min_new_tokens=decode_tokens,
             )
+        sync()
 
     decode_time = _median_time(decode, 3, warmup=1)
     return {
         "step_time_s": step_time,
         "decode_tokens_per_sec": decode_batch * decode_tokens / decode_time,
         "torch_threads": torch.get_num_threads(),
+        "torch_device": device,
+        "torch_version": torch.__version__,
     }
 
 
@@ -192,13 +213,15 @@ def main(argv):
     import jax
 
     from mllm_jax import flops
+    from mllm_jax.models import layers
 
+    layers.ATTENTION_IMPLEMENTATION["name"] = None if FLAGS.attention == "xla" else FLAGS.attention
     config = bench_config(FLAGS.size)
     batch = make_batch(config, FLAGS.batch, FLAGS.seq)
     flops_per_step = FLAGS.batch * flops.llava_flops_per_sequence(config, FLAGS.seq)
     peak = flops.peak_flops_per_device() * jax.device_count()
     logging.info("benchmarking %s LLaVA (%d x %d tokens)", FLAGS.size, FLAGS.batch, FLAGS.seq)
-    ours = bench_jax(config, batch, FLAGS.steps, FLAGS.decode_tokens, FLAGS.decode_batch)
+    ours = bench_jax(config, batch, FLAGS.steps, FLAGS.decode_tokens, FLAGS.decode_batch, FLAGS.dtype)
     tokens = FLAGS.batch * FLAGS.seq
     result = {
         "size": FLAGS.size,
@@ -206,6 +229,9 @@ def main(argv):
         "seq": FLAGS.seq,
         "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
+        "dtype": FLAGS.dtype,
+        "attention": FLAGS.attention,
+        "jax_version": jax.__version__,
         "peak_flops": peak,
         "model_flops_per_step": flops_per_step,
         "config": {"vision": dataclasses.asdict(config.vision), "llm": dataclasses.asdict(config.llm)},
@@ -216,7 +242,7 @@ def main(argv):
         },
     }
     if FLAGS.compare == "torch":
-        theirs = bench_torch(config, batch, FLAGS.steps, FLAGS.decode_tokens, FLAGS.decode_batch)
+        theirs = bench_torch(config, batch, FLAGS.steps, FLAGS.decode_tokens, FLAGS.decode_batch, FLAGS.dtype)
         result["torch"] = {
             **theirs,
             "tokens_per_sec": tokens / theirs["step_time_s"],

@@ -144,14 +144,26 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+# jax.nn.dot_product_attention's `implementation`: None lets XLA choose; "cudnn" asks for cuDNN's fused
+# flash attention on NVIDIA GPUs (bf16/f16 inputs only). Set by the benchmark's --attention flag.
+ATTENTION_IMPLEMENTATION: dict = {"name": None}
+
+
 def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS=None, dtype=jnp.float32):
     """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
 
     Grouped-query attention is native (N query heads, K kv heads, N % K == 0). ``mask`` is boolean,
     True where a query may attend; broadcastable to ``[B, N, T, S]``. Softmax runs in f32.
     """
+    impl = ATTENTION_IMPLEMENTATION["name"]
+    if impl is not None and dtype == jnp.float32:
+        impl = None  # the fused kernels take half precision only
     out = jax.nn.dot_product_attention(
-        q_BxTxNxH.astype(dtype), k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype), mask=mask_BxNxTxS
+        q_BxTxNxH.astype(dtype),
+        k_BxSxKxH.astype(dtype),
+        v_BxSxKxH.astype(dtype),
+        mask=mask_BxNxTxS,
+        implementation=impl,
     )
     return out
 
