@@ -2,96 +2,110 @@
 
 Batches are ``{"images": f32[B, N, H, W, 3], "tokens": i32[B, L], "targets": i32[B, L],
 "loss_mask": f32[B, L], "attention_mask": i32[B, L]}``: right padded to ``max_length``, ``targets`` the
-tokens shifted left by one, ``loss_mask`` 1 where the target is a learned (answer) token.
+tokens shifted left by one, ``loss_mask`` 1 where the target is a learned (answer or document text)
+token. With ``data.text_length > 0`` they also hold ``text_tokens`` / ``text_mask`` ``i32[B, text_length]``:
+the example's text (caption, question + answer, document text) for BLIP-2's Q-Former, BOS first, right
+padded. Images are laid out in the tokens as ``ModelSpec.layout`` says (``layouts.py``).
 
 The iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` resume it exactly, so
 the state goes into the training checkpoint. Each host reads only its ``1/process_count`` of the records.
-Bad examples (unreadable images, malformed records, too long) are skipped and counted by reason in the
-``skipped`` Counter; with ``num_workers > 0`` the map step runs in other processes and those counts are
-not seen here (run with ``num_workers=0`` to audit a dataset).
+Bad examples (unreadable images, malformed records, too long, unsafe paths) are skipped and counted by
+reason in the ``skipped`` Counter, and the run fails if too many are (``DataConfig.max_skipped_fraction``);
+with ``num_workers > 0`` the map step runs in other processes and those counts are not seen here (run
+with ``num_workers=0`` to audit a dataset).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import grain
 import numpy as np
 from absl import flags, logging
 
-from mllm_jax.data.sources import (
-    QUESTION_TYPES,
-    LlavaJsonSource,
-    SyntheticSource,
-    WebDatasetSource,
-    pick_question,
-)
-from mllm_jax.data.synthetic import SyntheticConfig, make_example
-from mllm_jax.data.templates import IMAGE, encode_conversation
+from mllm_jax.data.config import SOURCES, DataConfig
+from mllm_jax.data.fewshot import heldout_questions, support_questions
+from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, truncate
+from mllm_jax.data.sources import LlavaJsonSource, Mmc4Source, ShardStream, SyntheticSource, WebDatasetSource
+from mllm_jax.data.synthetic import SyntheticConfig
+from mllm_jax.data.templates import encode_conversation, encode_document
 from mllm_jax.data.transforms import BadExample, ImageSpec, load_image
 
-SOURCES = ("synthetic", "llava_json", "webdataset")
+__all__ = [
+    "SOURCES",
+    "DataConfig",
+    "Encoder",
+    "ModelSpec",
+    "heldout_questions",
+    "make_iterator",
+    "pad_example",
+    "support_questions",
+]
+
 SHUFFLE_WINDOW = 1_000  # webdataset: records shuffled within this window on top of the shard order
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    source: str = "synthetic"  # "synthetic" | "llava_json" | "webdataset"
-    task: str = "vqa"  # synthetic only: "caption" | "vqa"
-    path: str = ""  # llava_json file or webdataset shard dir/glob
-    image_root: str = ""  # llava_json: image folder
-    template: str = "tiny"  # a templates.TEMPLATES key or "chat"
-    max_length: int = 64  # tokens per sample incl. image tokens; padded to it, truncated beyond
-    max_images: int = 1  # images per sample (padded with zero images)
-    num_workers: int = 0  # grain worker processes (0 = in-process)
-    shuffle: bool = True
-    split: str = "train"  # synthetic: "train" | "heldout"
-    size: int = 100_000  # synthetic: records per epoch
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    image_token_id: int
-    tokens_per_image: int
+MIX_SEED_STRIDE = 1_000_003  # mix component i shuffles with seed + i * stride: independent orders
+MIN_RECORDS_FOR_FRACTION = 200  # max_skipped_fraction is judged only on this many records or more
 
 
 class Encoder:
-    """Raw record -> one padded example, or None (counted in ``skipped``) for a bad example."""
+    """Raw record -> one padded example, or None (counted in ``skipped``) for a bad example.
 
-    def __init__(self, data: DataConfig, tokenizer, image: ImageSpec, model: ModelSpec, skipped=None):
-        self.data, self.tokenizer, self.image, self.model = data, tokenizer, image, model
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+    Besides the per-reason ``skipped`` counts it fails the run, with a message naming the reasons and
+    a few records, when every example is bad (``MAX_BAD_STREAK`` in a row) or when more than
+    ``data.max_skipped_fraction`` of the records read so far were skipped (judged from
+    ``MIN_RECORDS_FOR_FRACTION`` records on). Images dropped from a document that is kept are counted
+    in ``skipped`` by reason too, but are not skipped records.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        tokenizer,
+        image: ImageSpec,
+        model: ModelSpec,
+        skipped=None,
+        text_tokenizer=None,
+    ):
+        self.data, self.tokenizer, self.image, self.model = data, tokenizer, image, as_spec(model)
+        self.text_tokenizer = text_tokenizer if text_tokenizer is not None else tokenizer
+        self.pad_id = _pad_id(tokenizer)
+        self.text_pad_id = _pad_id(self.text_tokenizer)
         self.skipped = skipped
         self._lock = threading.Lock()  # grain's in-process reader maps on several threads
         self._bad_streak = 0
-        self._encode_turns = self._make_cache()
+        self._read = 0
+        self._bad: collections.Counter = collections.Counter()
+        self._examples: list[str] = []  # where the first few skipped records are
+        self._make_caches()
 
-    def _make_cache(self):
+    def _make_caches(self):
         # Tokenizing through transformers costs ~0.2 ms a conversation; synthetic and caption data
-        # repeat the same texts, so a bounded cache keyed by the turns pays off (results are read-only).
+        # repeat the same texts, so bounded caches keyed by the text pay off (results are read-only).
         def encode_turns(turns: tuple) -> tuple[np.ndarray, np.ndarray]:
-            m = self.model
-            return encode_conversation(
-                self.data.template, self.tokenizer, list(turns), m.image_token_id, m.tokens_per_image
-            )
+            return encode_conversation(self.data.template, self.tokenizer, list(turns), self.model)
 
-        return functools.lru_cache(maxsize=8192)(encode_turns)
+        def text_ids(text: str) -> np.ndarray:
+            tok = self.text_tokenizer
+            ids = list(tok.encode(text, add_special_tokens=True))
+            if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+                ids.insert(0, tok.bos_token_id)
+            return np.asarray(ids, np.int32)
+
+        self._encode_turns = functools.lru_cache(maxsize=8192)(encode_turns)
+        self._text_ids = functools.lru_cache(maxsize=8192)(text_ids)
 
     def __getstate__(self) -> dict:
         # Worker processes get a copy without the counter: a Counter there would count unseen.
         state = dict(self.__dict__, skipped=None)
-        del state["_lock"], state["_encode_turns"]
+        del state["_lock"], state["_encode_turns"], state["_text_ids"]
         return state
 
     def __setstate__(self, state: dict):
         self.__dict__.update(state, _lock=threading.Lock())
-        self._encode_turns = self._make_cache()
+        self._make_caches()
 
     # Skipping never ends when every example is bad (wrong image_root, wrong template): fail instead.
     MAX_BAD_STREAK = 10_000
@@ -100,19 +114,45 @@ class Encoder:
         try:
             example = self.encode(record)
         except BadExample as e:
-            with self._lock:
-                if self.skipped is not None:
-                    self.skipped[e.reason] += 1
-                self._bad_streak += 1
-                if self._bad_streak >= self.MAX_BAD_STREAK:
-                    raise ValueError(f"{self._bad_streak} bad examples in a row, the last: {e}") from e
+            self._skip(e, record)
             return None
-        self._bad_streak = 0
+        with self._lock:
+            self._read += 1
+            self._bad_streak = 0
         return example
+
+    def _skip(self, e: BadExample, record: Any) -> None:
+        with self._lock:
+            self._read += 1
+            self._bad[e.reason] += 1
+            if self.skipped is not None:
+                self.skipped[e.reason] += 1
+            where = (record.get("where") or record.get("key")) if isinstance(record, dict) else None
+            if where and len(self._examples) < 3:
+                self._examples.append(f"{where} ({e.reason})")
+            self._bad_streak += 1
+            if self._bad_streak >= self.MAX_BAD_STREAK:
+                raise ValueError(f"{self._bad_streak} bad examples in a row, the last: {e}") from e
+            bad, read, limit = sum(self._bad.values()), self._read, self.data.max_skipped_fraction
+            if read >= MIN_RECORDS_FOR_FRACTION and bad > limit * read:
+                reasons = ", ".join(f"{r} {n}" for r, n in self._bad.most_common(3))
+                examples = "; e.g. " + ", ".join(self._examples) if self._examples else ""
+                raise ValueError(
+                    f"{bad} of {read} records skipped ({bad / read:.1%} > data.max_skipped_fraction="
+                    f"{limit}): {reasons}{examples}. Check data.path / image_root / template, or raise "
+                    "max_skipped_fraction"
+                ) from e
+
+    def _count_image(self, reason: str) -> None:
+        if self.skipped is not None:
+            with self._lock:
+                self.skipped[reason] += 1
 
     def encode(self, record: dict) -> dict:
         if "error" in record:
-            raise BadExample(record["error"])
+            raise BadExample(record["error"], record.get("detail", ""))
+        if "document" in record:
+            return self._document(record["document"])
         images, turns = record.get("images", []), record.get("turns")
         if not turns:
             raise BadExample("no_turns")
@@ -124,18 +164,72 @@ class Encoder:
         m, length = self.model, self.data.max_length
         tokens, learn = self._encode_turns(tuple(tuple(turn) for turn in turns))
         if len(tokens) > length:
-            # A partial image block would misalign features and placeholders: drop instead of cutting.
+            # A partial image block would misalign features and placeholders, and dropping an image
+            # would leave its question unanswerable: drop the example instead of cutting it.
             if (tokens[length:] == m.image_token_id).any():
                 raise BadExample("too_long")
             tokens, learn = tokens[:length], learn[:length]
         if not learn[1:].any():  # position 0 is never a target
             raise BadExample("no_targets")
         # Decode last: the cheap checks above reject examples before paying for their images.
+        pixels = [self.image(load_image(im)) for im in images]
+        text = " ".join(" ".join(text for _, text in turns).replace(IMAGE, " ").split())
+        return self._example(tokens, learn, pixels, text)
+
+    def _document(self, items: Any) -> dict:
+        """Images that fail are dropped (counted); the document is cut before its image number
+        ``max_images + 1`` (the text after it is about an image the model would not see), and at
+        ``max_length`` tokens without leaving a partial image block (images past the cut are dropped)."""
+        if not isinstance(items, list | tuple):
+            raise BadExample("bad_document", "document must be a list of (kind, value) items")
+        kept, pixels = [], []
+        for item in items:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise BadExample("bad_document", f"bad document item {item!r:.80}")
+            if item[0] == "image":
+                if len(pixels) == self.data.max_images:
+                    break
+                try:
+                    pixels.append(self.image(load_image(_image(item[1]))))
+                except BadExample as e:
+                    self._count_image(e.reason)
+                    continue
+                item = ("image", None)
+            kept.append(tuple(item))
+        if not pixels:
+            raise BadExample("no_images")
+        tokens, learn = encode_document(self.tokenizer, kept, self.model)
+        tokens, learn, n_images = truncate(tokens, learn, self.data.max_length, self.model)
+        if not learn[1:].any():
+            raise BadExample("no_targets")
+        text = " ".join(value for kind, value in kept if kind == "text")
+        return self._example(tokens, learn, pixels[:n_images], text)
+
+    def _example(self, tokens, learn, pixels: list[np.ndarray], text: str) -> dict:
         size = self.image.size
-        pixels = np.zeros((self.data.max_images, size, size, 3), np.float32)
-        for k, im in enumerate(images):
-            pixels[k] = self.image(load_image(im))
-        return pad_example(tokens, learn, length, self.pad_id) | {"images": pixels}
+        images = np.zeros((self.data.max_images, size, size, 3), np.float32)
+        for k, x in enumerate(pixels):
+            images[k] = x
+        out = pad_example(tokens, learn, self.data.max_length, self.pad_id) | {"images": images}
+        n = self.data.text_length
+        if n > 0:
+            ids = self._text_ids(text)[:n]
+            out["text_tokens"] = np.full(n, self.text_pad_id, np.int32)
+            out["text_tokens"][: len(ids)] = ids
+            out["text_mask"] = (np.arange(n) < len(ids)).astype(np.int32)
+        return out
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+
+def _image(value: Any) -> Any:
+    # Sources mark images they already know are unusable as {"error": reason} (see interleaved.py).
+    if isinstance(value, dict):
+        raise BadExample(value.get("error", "bad_image"), value.get("detail", ""))
+    return value
 
 
 def pad_example(tokens: np.ndarray, learn: np.ndarray, length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -152,76 +246,48 @@ def pad_example(tokens: np.ndarray, learn: np.ndarray, length: int, pad_id: int)
     return {"tokens": out_tokens, "targets": targets, "loss_mask": loss_mask, "attention_mask": attention}
 
 
-class _ShardStream(grain.IterDataset):
-    """Records of webdataset shards, forever: shard order reshuffled every epoch, checkpointable by
-    (epoch, shard position, records read in the shard). Splits across hosts/workers by shard when there
-    are enough shards (each reads only its tars), else by record (each reads every tar)."""
-
-    def __init__(self, shards: list[str], seed: int, shuffle: bool):
-        super().__init__()
-        self.shards, self.seed, self.shuffle = list(shards), seed, shuffle
-        self.start, self.step = 0, 1
-
-    def split(self, index: int, count: int) -> None:
-        if count <= 1:
-            return
-        if self.step == 1 and len(self.shards) >= count:
-            self.shards = self.shards[index::count]
-        else:  # compose record slices: keep record r of the epoch when r % step == start
-            self.start, self.step = self.start + self.step * index, self.step * count
-
-    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-        # Called by grain on the worker's copy of the dataset under mp_prefetch.
-        del sequential_slice
-        self.split(sl.start or 0, sl.step or 1)
-
-    def __iter__(self) -> _ShardStreamIterator:
-        return _ShardStreamIterator(self)
-
-
-class _ShardStreamIterator(grain.DatasetIterator):
-    def __init__(self, ds: _ShardStream):
-        super().__init__()
-        self._ds = ds
-        self._state = {"epoch": 0, "pos": 0, "offset": 0, "count": 0, "kept": 0}
-        self._records: Iterator[dict] | None = None
-
-    def _shard(self) -> str:
-        order = np.arange(len(self._ds.shards))
-        if self._ds.shuffle:
-            order = np.random.default_rng([self._ds.seed, self._state["epoch"]]).permutation(order)
-        return self._ds.shards[order[self._state["pos"]]]
-
-    def __next__(self) -> dict:
-        s, ds = self._state, self._ds
-        while True:
-            if s["pos"] == len(ds.shards):
-                if s["kept"] == 0:
-                    raise ValueError(f"webdataset shards yield no records for this slice: {ds.shards[:3]}...")
-                s.update(epoch=s["epoch"] + 1, pos=0, offset=0, count=0, kept=0)
-            if self._records is None:
-                self._records = WebDatasetSource.iter_shard(self._shard(), skip=s["offset"])
-            record = next(self._records, None)
-            if record is None:
-                self._records = None
-                s.update(pos=s["pos"] + 1, offset=0)
-                continue
-            s["offset"] += 1
-            s["count"] += 1
-            if (s["count"] - 1) % ds.step == ds.start:
-                s["kept"] += 1
-                return record
-
-    def get_state(self) -> dict:
-        return dict(self._state)
-
-    def set_state(self, state: dict) -> None:
-        self._state = dict(state)
-        self._records = None
-
-
 def _not_none(x: Any) -> bool:
     return x is not None
+
+
+# source -> (data, synthetic_config) -> a map-style source of records
+MAP_SOURCES = {
+    "synthetic": lambda d, synthetic: SyntheticSource(
+        synthetic or SyntheticConfig(), d.split, d.task, d.size, d.max_images
+    ),
+    "llava_json": lambda d, _: LlavaJsonSource(d.path, d.image_root),
+    "mmc4": lambda d, _: Mmc4Source(d.path, d.image_root),
+}
+
+
+def _examples(
+    data: DataConfig,
+    encoder: Encoder,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    synthetic_config: SyntheticConfig | None,
+) -> grain.IterDataset:
+    """One source's stream of encoded examples for this host, forever."""
+    if data.source == "webdataset":
+        stream = ShardStream(WebDatasetSource(data.path).shards, seed, data.shuffle)
+        stream.split(process_index, process_count)
+        ds: grain.IterDataset = stream
+        if data.shuffle:
+            ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=SHUFFLE_WINDOW, seed=seed)
+        return ds.map(encoder).filter(_not_none)
+    records = grain.MapDataset.source(MAP_SOURCES[data.source](data, synthetic_config))
+    records = records[process_index::process_count]
+    if len(records) == 0:
+        raise ValueError(f"no records for process {process_index} of {process_count} in {data.path!r}")
+    if data.shuffle:
+        records = records.shuffle(seed=seed)
+    # repeat() reseeds the shuffle every epoch; map returns None for bad examples, which
+    # to_iter_dataset drops (the index stays a plain integer, so the state is still exact).
+    mapped = records.repeat().map(encoder)
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
+    return mapped.to_iter_dataset(read)
 
 
 def make_iterator(
@@ -235,44 +301,33 @@ def make_iterator(
     process_count: int = 1,
     skipped: collections.Counter | None = None,
     synthetic_config: SyntheticConfig | None = None,
+    text_tokenizer=None,
 ) -> grain.DatasetIterator:
     """Infinite iterator over batches for this host (see the module docstring for the batch layout).
 
-    ``batch_size`` is per host. Epochs repeat with a new shuffle order. ``skipped`` (if given) counts
-    dropped examples by reason, in this process only (``num_workers == 0``), including prefetched ones.
-    ``synthetic_config`` is the scene generator of ``source="synthetic"`` (default ``SyntheticConfig()``).
-    With ``num_workers > 0``, call ``close()`` on the iterator when done to stop the worker processes.
+    ``batch_size`` is per host. Epochs repeat with a new shuffle order. With ``data.mix``, examples come
+    from the components in proportion to their weights (a fixed interleaving, so the state is exact).
+    ``skipped`` (if given) counts dropped examples by reason, in this process only
+    (``num_workers == 0``), including prefetched ones. ``synthetic_config`` is the scene generator of
+    ``source="synthetic"`` (default ``SyntheticConfig()``). ``text_tokenizer`` tokenizes the
+    ``text_tokens`` of ``data.text_length > 0`` (default: ``tokenizer``). With ``num_workers > 0``, call
+    ``close()`` on the iterator when done to stop the worker processes.
     """
-    if data.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index/process_count: {process_index}/{process_count}")
     if skipped is not None and data.num_workers > 0:
         logging.warning("num_workers > 0: bad examples are dropped in the workers but not counted here")
-    encoder = Encoder(data, tokenizer, image, model, skipped)
-    if data.source == "webdataset":
-        stream = _ShardStream(WebDatasetSource(data.path).shards, seed, data.shuffle)
-        stream.split(process_index, process_count)
-        ds: grain.IterDataset = stream
-        if data.shuffle:
-            ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=SHUFFLE_WINDOW, seed=seed)
-        ds = ds.map(encoder).filter(_not_none)
-    else:
-        if data.source == "synthetic":
-            config = synthetic_config or SyntheticConfig()
-            source: Any = SyntheticSource(config, data.split, data.task, data.size)
-        else:
-            source = LlavaJsonSource(data.path, data.image_root)
-        records = grain.MapDataset.source(source)[process_index::process_count]
-        if len(records) == 0:
-            raise ValueError(f"no records for process {process_index} of {process_count}")
-        if data.shuffle:
-            records = records.shuffle(seed=seed)
-        # repeat() reseeds the shuffle every epoch; map returns None for bad examples, which
-        # to_iter_dataset drops (the index stays a plain integer, so the state is still exact).
-        mapped = records.repeat().map(encoder)
-        read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
-        ds = mapped.to_iter_dataset(read)
+    datasets, weights = [], []
+    for i, (weight, component) in enumerate(data.components()):
+        encoder = Encoder(component, tokenizer, image, model, skipped, text_tokenizer)
+        component_seed = seed + i * MIX_SEED_STRIDE
+        datasets.append(
+            _examples(
+                component, encoder, batch_size, component_seed, process_index, process_count, synthetic_config
+            )
+        )
+        weights.append(weight)
+    ds = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
     ds = ds.batch(batch_size, drop_remainder=True)
     if data.num_workers > 0:
         # grain's workers read absl flags; outside an absl app (tests, notebooks) they are unparsed,
@@ -281,24 +336,3 @@ def make_iterator(
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
     return iter(ds)
-
-
-def heldout_questions(config: SyntheticConfig, n: int) -> list[dict]:
-    """``n`` deterministic held-out VQA items ``{"image", "question", "answer", "type"}``, the question
-    types interleaved in ``QUESTION_TYPES`` order so any prefix is balanced too."""
-    per_type: dict[str, list[dict]] = {t: [] for t in QUESTION_TYPES}
-    want = {t: n // len(QUESTION_TYPES) + (i < n % len(QUESTION_TYPES)) for i, t in enumerate(QUESTION_TYPES)}
-    index = 0
-    while any(len(per_type[t]) < want[t] for t in QUESTION_TYPES):
-        if index > 100 * n + 1000:
-            raise ValueError(f"could not find {want} held-out questions for {config}")
-        ex = make_example(config, "heldout", index)
-        # One question per image so items are independent; rotate the preferred type like training.
-        q = pick_question(ex["questions"], QUESTION_TYPES[index % len(QUESTION_TYPES)], index)
-        if len(per_type[q["type"]]) < want[q["type"]]:
-            per_type[q["type"]].append({"image": ex["image"], **q})
-        index += 1
-    out = []
-    for k in range(max(want.values(), default=0)):
-        out += [per_type[t][k] for t in QUESTION_TYPES if k < len(per_type[t])]
-    return out

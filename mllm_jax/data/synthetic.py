@@ -206,6 +206,14 @@ def make_example(config: SyntheticConfig, split: str, index: int) -> dict:
     }
 
 
+def pick_question(questions: list[dict], qtype: str, index: int) -> dict:
+    """The question of type ``qtype``, else a deterministic other one (not every image has every type)."""
+    for q in questions:
+        if q["type"] == qtype:
+            return q
+    return questions[index % len(questions)]
+
+
 def vocabulary(config: SyntheticConfig) -> list[str]:
     """Every word of any caption, question or answer, plus the chat-template words; sorted."""
     templates = (COUNT_QUESTION, COLOR_QUESTION, SHAPE_QUESTION, POSITION_QUESTION, "a and , .")

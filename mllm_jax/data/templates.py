@@ -6,8 +6,10 @@ one and concatenated, so the mask is exact by construction, and a generation pro
 prefix of the training sequence (``encode_prompt``), whatever the tokenizer's merge rules would do
 across a segment boundary.
 
-``<image>`` in user text is never tokenized as text: it becomes ``tokens_per_image`` copies of the
-model's image token id, the positions ``models.mllm.splice_images`` fills with image features.
+``<image>`` in user text is never tokenized as text: the model's layout (``layouts.py``) turns it into
+image tokens (LLaVA: ``tokens_per_image`` copies in place, the positions ``models.mllm.splice_images``
+fills; IDEFICS: one wrapped in fake tokens; BLIP-2: the query tokens in front of the sequence).
+Interleaved documents (``encode_document``) use the same layouts, with every text token learned.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import dataclasses
 
 import numpy as np
 
+from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, lay_out, split_images
 from mllm_jax.data.transforms import BadExample
 
-IMAGE = "<image>"
 ROLES = ("user", "assistant")
 CHAT = "chat"  # template name: the tokenizer's own chat template (tokenizer.apply_chat_template)
 
@@ -160,57 +162,100 @@ def _adds_prefix_space(tokenizer) -> bool:
     return bool(ids) and tokenizer.convert_ids_to_tokens(ids[0]).startswith("▁")
 
 
-def _encode(template_name, tokenizer, turns, image_token_id, tokens_per_image):
+def _tokenize(tokenizer, front: np.ndarray, items, add_bos: bool) -> tuple[np.ndarray, np.ndarray]:
     strip = _adds_prefix_space(tokenizer)
-    ids: list[np.ndarray] = []
-    learn: list[np.ndarray] = []
+    ids: list[np.ndarray] = [front]
+    learn: list[np.ndarray] = [np.zeros(len(front), bool)]
     bos = tokenizer.bos_token_id
-    # Chat templates render their own BOS (as text) when the model wants one.
-    if template_name != CHAT and bos is not None:
+    if add_bos and bos is not None:
         ids.append(np.array([bos], np.int32))
         learn.append(np.zeros(1, bool))
-    images = np.full(tokens_per_image, image_token_id, np.int32)
-    for text, learned in segments(template_name, tokenizer, turns):
-        for k, piece in enumerate(text.split(IMAGE)):
-            if k:
-                ids.append(images)
-                learn.append(np.zeros(tokens_per_image, bool))
-            if strip and piece.startswith(" "):
-                piece = piece[1:]
-            if piece:
-                piece_ids = np.asarray(tokenizer.encode(piece, add_special_tokens=False), np.int32)
-                ids.append(piece_ids)
-                learn.append(np.full(len(piece_ids), learned))
-    if not ids:
-        return np.zeros(0, np.int32), np.zeros(0, bool)
-    return np.concatenate(ids), np.concatenate(learn)
+    for item, learned in items:
+        if isinstance(item, str):
+            if strip and item.startswith(" "):
+                item = item[1:]
+            if not item:
+                continue
+            item = np.asarray(tokenizer.encode(item, add_special_tokens=False), np.int32)
+        ids.append(item)
+        learn.append(np.full(len(item), learned))
+    return np.concatenate(ids).astype(np.int32), np.concatenate(learn)
+
+
+def _encode(template_name, tokenizer, turns, spec: ModelSpec):
+    front, items = lay_out(split_images(segments(template_name, tokenizer, turns)), spec)
+    # Chat templates render their own BOS (as text) when the model wants one.
+    return _tokenize(tokenizer, front, items, add_bos=template_name != CHAT)
 
 
 def encode_conversation(
     template_name: str,
     tokenizer,
     turns: list[tuple[str, str]],
-    image_token_id: int,
-    tokens_per_image: int,
+    model: ModelSpec | int,
+    tokens_per_image: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Alternating ``[("user", q), ("assistant", a), ...]`` -> ``(tokens i32[T], learn bool[T])``.
 
     ``learn`` is True exactly on answer tokens and the end marker closing each answer (the eos for
     ``vicuna_v1``/``tiny``, the separator for ``plain``, the end-of-turn text for ``chat``). BOS comes
-    first when the tokenizer has one. Raises ``BadExample`` for malformed turns.
+    first when the tokenizer has one (after the images in the ``blip2`` layout). Images are laid out as
+    ``model`` says (a ``ModelSpec``; an image token id with ``tokens_per_image`` means LLaVA's layout).
+    Raises ``BadExample`` for malformed turns.
     """
     _check_turns(turns, "assistant")
-    return _encode(template_name, tokenizer, turns, image_token_id, tokens_per_image)
+    return _encode(template_name, tokenizer, turns, as_spec(model, tokens_per_image))
 
 
 def encode_prompt(
     template_name: str,
     tokenizer,
     turns: list[tuple[str, str]],
-    image_token_id: int,
-    tokens_per_image: int,
+    model: ModelSpec | int,
+    tokens_per_image: int | None = None,
 ) -> np.ndarray:
     """Generation prompt ``i32[T]`` for a conversation ending with a user turn: exactly the tokens that
-    ``encode_conversation`` puts before the answer to that turn."""
+    ``encode_conversation`` puts before the answer to that turn (given the same images)."""
     _check_turns(turns, "user")
-    return _encode(template_name, tokenizer, turns, image_token_id, tokens_per_image)[0]
+    return _encode(template_name, tokenizer, turns, as_spec(model, tokens_per_image))[0]
+
+
+def encode_text(tokenizer, text: str, model: ModelSpec) -> np.ndarray:
+    """A raw prompt (no template) ``i32[T]``: BOS, then the text with each ``<image>`` laid out as
+    ``model`` says; what the family's HF processor makes of the same prompt (``predict``)."""
+    front, items = lay_out(split_images([(text, False)]), model)
+    return _tokenize(tokenizer, front, items, add_bos=True)[0]
+
+
+DOCUMENT_KINDS = ("text", "image")
+
+
+def encode_document(
+    tokenizer, items: list[tuple[str, object]], model: ModelSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """An interleaved document ``[("text", str) | ("image", anything), ...]`` -> ``(tokens, learn)``.
+
+    BOS, then the items in order (texts separated by a space, images laid out as ``model`` says), then
+    the eos token. Every text token and the eos are learned; image, fake and BOS tokens never are.
+    Raises ``BadExample("bad_document")`` for a malformed item.
+    """
+    parts: list = []
+    texts = 0
+    for i, item in enumerate(items):
+        if not isinstance(item, tuple | list) or len(item) != 2 or item[0] not in DOCUMENT_KINDS:
+            raise BadExample(
+                "bad_document", f"item {i} is not a (kind, value) pair with kind in {DOCUMENT_KINDS}"
+            )
+        kind, value = item
+        if kind == "image":
+            parts.append(None)
+            continue
+        if not isinstance(value, str) or IMAGE in value:
+            raise BadExample("bad_document", f"item {i} text must be a string without {IMAGE}")
+        parts.append((" " + value if texts else value, True))
+        texts += 1
+    if tokenizer.eos_token_id is None:
+        raise ValueError("documents need a tokenizer with an eos token")
+    front, laid = lay_out(parts, model)
+    laid.append((np.array([tokenizer.eos_token_id], np.int32), True))
+    return _tokenize(tokenizer, front, laid, add_bos=True)

@@ -189,13 +189,19 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> 
 
 
 def safe_join(root: str | os.PathLike, relative: str) -> str:
-    """``root/relative``, refusing paths that leave ``root`` (``..``, absolute paths): dataset files are
-    data, not trusted paths. The check is lexical on purpose, so an image folder that is (or contains)
-    a symlink to another disk still works."""
-    if not isinstance(relative, str) or not relative or os.path.isabs(relative) or relative[0] in "/\\":
-        raise BadExample("bad_path", f"image path must be relative: {relative!r}")
+    """``root/relative``, refusing (``BadExample("unsafe_path")``) paths that leave ``root``: absolute
+    paths, ``..`` climbing out, and symlinks inside ``root`` that resolve outside it. Dataset files are
+    data, not trusted paths. ``root`` itself may be a symlink (an image folder on another disk); a link
+    inside it must stay inside its target. A path that is empty or not a string is ``bad_path``."""
+    if not isinstance(relative, str) or not relative:
+        raise BadExample("bad_path", f"image path must be a non-empty string: {relative!r}")
+    if os.path.isabs(relative) or relative[0] in "/\\":
+        raise BadExample("unsafe_path", f"image path must be relative: {relative!r}")
     base = os.path.abspath(root)
     path = os.path.normpath(os.path.join(base, relative))
     if os.path.commonpath([base, path]) != base:
-        raise BadExample("bad_path", f"image path escapes the image root: {relative!r}")
+        raise BadExample("unsafe_path", f"image path escapes the image root: {relative!r}")
+    real_base = os.path.realpath(base)
+    if os.path.commonpath([real_base, os.path.realpath(path)]) != real_base:
+        raise BadExample("unsafe_path", f"image path resolves outside the image root: {relative!r}")
     return path

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -173,8 +174,8 @@ def test_llava_json_with_bad_images(tmp_path, tok):
     data = DataConfig(source="llava_json", path=str(path), image_root=str(root), max_length=24, shuffle=False)
     it = make_iterator(data, tok, SPEC, _model(tok), batch_size=4, seed=0, skipped=skipped)
     batches = _take(it, 2)  # the 4 good records, twice (two epochs)
-    assert skipped["bad_image"] >= 1 and skipped["missing_image"] >= 1 and skipped["bad_path"] >= 1
-    assert set(skipped) == {"bad_image", "missing_image", "bad_path", "image_count_mismatch"}
+    assert skipped["bad_image"] >= 1 and skipped["missing_image"] >= 1 and skipped["unsafe_path"] >= 1
+    assert set(skipped) == {"bad_image", "missing_image", "unsafe_path", "image_count_mismatch"}
     first = batches[0]
     assert _answers([first], tok) == ["red", "red", "red", "two"]
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -273,3 +274,84 @@ def test_heldout_questions():
     train_images = {make_example(config, "train", i)["image"].tobytes() for i in range(200)}
     for q in items:
         assert q["image"].dtype == np.uint8 and q["image"].tobytes() not in train_images
+
+
+MIXED = DataConfig(
+    max_length=64,
+    max_images=2,
+    size=40,
+    mix=({"weight": 3.0, "task": "caption"}, {"weight": 1.0, "task": "interleaved", "size": 20}),
+)
+
+
+def test_mix_follows_the_weights_and_resumes_exactly(tok):
+    it = make_iterator(MIXED, tok, SPEC, _model(tok), batch_size=8, seed=2)
+    first = _take(it, 2)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    images = np.concatenate([(b["tokens"] == image_id).sum(1) // TPI for b in first])
+    assert set(images) == {1, 2} and (images == 1).sum() == 12  # 3 : 1, caption : two-image documents
+    state = it.get_state()
+    expected = _take(it, 4)
+    fresh = make_iterator(MIXED, tok, SPEC, _model(tok), batch_size=8, seed=2)
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 4), expected)
+
+
+def test_text_tokens_for_a_qformer(tok):
+    # A second vocabulary (reversed word order) stands in for the Q-Former's BERT tokenizer.
+    text_tok = build_tokenizer(list(reversed(vocabulary(SyntheticConfig()))))
+    words = lambda ids: text_tok.convert_ids_to_tokens([int(i) for i in ids])  # noqa: E731
+    for task, n_text in (("caption", 24), ("vqa", 24), ("vqa", 3)):
+        data = DataConfig(task=task, max_length=40, size=8, shuffle=False, text_length=n_text)
+        batch = next(make_iterator(data, tok, SPEC, _model(tok), 2, seed=0, text_tokenizer=text_tok))
+        assert batch["text_tokens"].shape == batch["text_mask"].shape == (2, n_text)
+        assert batch["text_tokens"].dtype == batch["text_mask"].dtype == np.int32
+        for b in range(2):
+            ex = make_example(SyntheticConfig(), "train", b)
+            if task == "caption":
+                text = ex["caption"]
+            else:  # the question asked in the LM sequence, then its answer
+                lm = tok.convert_ids_to_tokens(batch["tokens"][b][batch["attention_mask"][b] == 1].tolist())
+                question = " ".join(lm[lm.index("<image>") + TPI : lm.index("ASSISTANT")])
+                answer = tok.convert_ids_to_tokens(batch["targets"][b][batch["loss_mask"][b] == 1].tolist())[
+                    0
+                ]
+                text = f"{question} {answer}"
+            expected = (["<s>"] + text.split())[:n_text]
+            n = batch["text_mask"][b].sum()
+            assert words(batch["text_tokens"][b][:n]) == expected and n == len(expected)
+            assert (batch["text_mask"][b][:n] == 1).all() and (
+                batch["text_tokens"][b][n:] == text_tok.pad_token_id
+            ).all()
+    data = DataConfig(
+        task="interleaved_caption", max_length=64, max_images=2, size=8, shuffle=False, text_length=32
+    )
+    batch = next(make_iterator(data, tok, SPEC, _model(tok), 1, seed=0))  # default: the LM's tokenizer
+    lm = tok.convert_ids_to_tokens(batch["targets"][0][batch["loss_mask"][0] == 1].tolist())[:-1]  # the text
+    assert (
+        tok.convert_ids_to_tokens(batch["text_tokens"][0][batch["text_mask"][0] == 1].tolist())
+        == ["<s>"] + lm
+    )
+
+
+def test_too_many_skipped_records_fail_with_a_summary(tmp_path, tok):
+    records = [
+        {"id": str(i), "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "w1"}]}
+        | ({"image": f"gone/{i}.png"} if i % 10 == 3 else {})
+        for i in range(300)
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    base = DataConfig(
+        source="llava_json", path=str(path), image_root=str(tmp_path), max_length=16, shuffle=False
+    )
+    it = make_iterator(base, tok, SPEC, _model(tok), batch_size=10, seed=0)  # 10% skipped > 5%
+    with pytest.raises(ValueError) as e:
+        _take(it, 60)
+    message = str(e.value)
+    assert "data.max_skipped_fraction=0.05" in message and "missing_image" in message
+    # Bad records named as file:line (records 3, 13, ... are lines 4, 14, ...; threads pick the order).
+    lines = [int(n) for n in re.findall(re.escape(str(path)) + r":(\d+) \(missing_image\)", message)]
+    assert 1 <= len(lines) <= 3 and all(n % 10 == 4 for n in lines)
+    tolerant = dataclasses.replace(base, max_skipped_fraction=0.2)
+    assert len(_take(make_iterator(tolerant, tok, SPEC, _model(tok), batch_size=10, seed=0), 60)) == 60

@@ -85,13 +85,19 @@ def test_llava_json(tmp_path, fmt):
         ("user", "What feature can be seen on the back of the bus?"),
         ("assistant", "The back of the bus features an advertisement."),
     ]
-    assert src[1] == {"images": [], "turns": [("user", "Hi"), ("assistant", "Hello")], "id": "text"}
+    where = f"{path}[1]" if fmt == "json" else f"{path}:2"  # file[index] for a list, file:line for JSONL
+    assert src[1] == {
+        "images": [],
+        "turns": [("user", "Hi"), ("assistant", "Hello")],
+        "id": "text",
+        "where": where,
+    }
     assert src[2]["turns"] == [("user", "<image>\nDescribe.")]  # placeholder added as LLaVA does
     assert src[3]["turns"] == [("user", "<image>\nDescribe.")]  # moved to the front, as LLaVA does
-    assert src[4] == {"error": "bad_path"}
+    assert src[4]["error"] == "unsafe_path"
     assert src[5]["turns"] == [("user", "y")]  # a leading assistant turn is dropped
-    assert src[6] == {"error": "bad_turns"}
-    assert src[7] == {"error": "no_conversations"}
+    assert src[6]["error"] == "bad_turns"
+    assert src[7]["error"] == "no_conversations"
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes):

@@ -101,7 +101,31 @@ def test_safe_join(tmp_path):
     root = str(tmp_path)
     assert safe_join(root, "coco/train2017/1.jpg") == str(tmp_path / "coco" / "train2017" / "1.jpg")
     assert safe_join(root, "a/../b.jpg") == str(tmp_path / "b.jpg")
-    for bad in ("../secret.jpg", "a/../../secret.jpg", "/etc/passwd", "", "coco/../../x"):
+    for bad in ("../secret.jpg", "a/../../secret.jpg", "/etc/passwd", "coco/../../x"):
+        with pytest.raises(BadExample) as e:
+            safe_join(root, bad)
+        assert e.value.reason == "unsafe_path"
+    for bad in ("", None):
         with pytest.raises(BadExample) as e:
             safe_join(root, bad)
         assert e.value.reason == "bad_path"
+
+
+def test_safe_join_refuses_symlinks_out_of_the_root(tmp_path):
+    outside, root = tmp_path / "outside", tmp_path / "root"
+    outside.mkdir()
+    (root / "coco").mkdir(parents=True)
+    Image.new("RGB", (2, 2)).save(outside / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "dir").symlink_to(outside)
+    (root / "coco" / "ok.png").symlink_to(root / "coco" / "real.png")  # a link that stays inside
+    for bad in ("link.png", "dir/secret.png"):
+        with pytest.raises(BadExample) as e:
+            safe_join(str(root), bad)
+        assert e.value.reason == "unsafe_path"
+    assert safe_join(str(root), "coco/ok.png") == str(root / "coco" / "ok.png")
+    # The root itself may be a link (an image folder on another disk).
+    (tmp_path / "root_link").symlink_to(root)
+    assert safe_join(str(tmp_path / "root_link"), "coco/ok.png") == str(
+        tmp_path / "root_link" / "coco" / "ok.png"
+    )
