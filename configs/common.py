@@ -23,9 +23,16 @@ def data(**overrides) -> ml_collections.ConfigDict:
         shuffle=True,
         split="train",
         size=100_000,
+        mix=(),  # weighted components: ({"weight": 0.5, "task": "caption"}, {"weight": 0.5, ...})
+        text_length=0,  # > 0: also text_tokens/text_mask for a Q-Former (BLIP-2)
+        max_skipped_fraction=0.05,  # fail when more of the records read are skipped (1.0: never)
     )
     d.update(overrides)
     return ml_collections.ConfigDict(d)
+
+
+# params without weight decay by default: biases, norm scales, embedding tables
+NO_DECAY = (r".*bias", r".*scale", r".*embedding", r".*class_embedding", r".*probe")
 
 
 def stage(**overrides) -> ml_collections.ConfigDict:
@@ -43,6 +50,9 @@ def stage(**overrides) -> ml_collections.ConfigDict:
         clip_norm=1.0,
         b1=0.9,
         b2=0.999,
+        # params without weight decay (regexes on param paths); Flamingo adds its tanh gates
+        no_decay=NO_DECAY,
+        loss="lm",  # "lm" | "qformer" (BLIP-2 stage 1: ITC + ITM + ITG)
         data=data(),
     )
     d = overrides.pop("data", None)
@@ -66,5 +76,15 @@ def base() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.async_checkpoints = True
     c.tensorboard = True
-    c.eval = ml_collections.ConfigDict(dict(every=0, num_questions=256, batch_size=128, max_new_tokens=3))
+    c.max_bad_steps = 20  # stop after this many non-finite (skipped) steps in a row
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            every=0,
+            num_questions=256,  # held-out built-in VQA questions (0: off)
+            batch_size=128,
+            max_new_tokens=3,
+            shots=(),  # few-shot VQA: e.g. (0, 4, 8) -> eval/vqa_accuracy_{k}shot
+            num_retrieval=0,  # held-out images for image-text retrieval after a Q-Former stage (0: off)
+        )
+    )
     return c

@@ -8,8 +8,14 @@ DIR/
 ```
 
 A training workdir has the same layout, so ``predict``, ``convert`` and ``config.model.init`` accept
-either. Orbax writes each step to a temporary directory and renames it when complete, so a step that
-was interrupted while being written is never listed as the newest.
+either.
+
+Integrity: orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>``
+only once every item is on disk (on GCS, where renames are not atomic, it writes ``commit_success.txt``
+last instead), and lists only finished steps; so a step that was interrupted while being written is
+never taken as the newest. The training checkpointer also removes such leftovers (in the background,
+done before its first save). Restoring into a target (the model the config builds) first compares the
+stored tree and shapes with it and reports the first difference in one line (``CheckpointMismatch``).
 """
 
 from __future__ import annotations
@@ -17,14 +23,21 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mllm_jax import hf, models
 from mllm_jax.models import scan
+from mllm_jax.runconfig import ConfigError
 
 MODEL_CONFIG = "mllm_config.json"
 ASSETS = "hf"
 CHECKPOINTS = "checkpoints"
+
+
+class CheckpointMismatch(ConfigError):
+    """A stored step whose tree or shapes differ from what the config builds (one line, exit code 2)."""
 
 
 def is_checkpoint(path: str) -> bool:
@@ -53,19 +66,40 @@ def read_model_config(directory: str):
 
 
 def manager(
-    directory: str, max_to_keep: int | None = None, async_save: bool = False
+    directory: str, max_to_keep: int | None = None, async_save: bool = False, write: bool = True
 ) -> ocp.CheckpointManager:
+    """Readers (``write=False``) create nothing on disk; writers also clear unfinished steps left by a
+    killed run (orbax would only clear a step's temporary dir when that same step is saved again)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=write,
+        cleanup_tmp_directories=write,
     )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, CHECKPOINTS)), options=options)
 
 
 def latest_step(directory: str) -> int | None:
+    """Newest complete step under ``directory/checkpoints`` (unfinished writes are not steps), or None."""
     if not os.path.isdir(os.path.join(directory, CHECKPOINTS)):
         return None
-    with manager(directory) as m:
+    with manager(directory, write=False) as m:
         return m.latest_step()
+
+
+def finished_stages(directory: str, stages: list[tuple[str, int]]) -> tuple[str, ...] | None:
+    """Names of the leading ``(name, steps)`` stages the newest training checkpoint in ``directory``
+    has finished, or None when there is nothing to resume from (read-only)."""
+    step = latest_step(directory) if is_checkpoint(directory) else None
+    if step is None:
+        return None
+    with manager(directory, write=False) as m:
+        meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    names = [name for name, _ in stages]
+    if meta.get("stage") not in names:
+        return ()  # the trainer reports this checkpoint's stage itself
+    index = names.index(meta["stage"])
+    return tuple(names[: index + int(meta.get("stage_step", 0) >= stages[index][1])])
 
 
 def save_model(
@@ -95,7 +129,7 @@ def save_model(
 def load_model(directory: str, step: int | None = None) -> hf.Pretrained:
     """Params of the newest (or given) step, our config and the HF config the model came from."""
     family, config = read_model_config(directory)
-    with manager(directory) as m:
+    with manager(directory, write=False) as m:
         step = m.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no complete checkpoint under {CHECKPOINTS}/")
@@ -146,8 +180,18 @@ class TrainCheckpointer:
             self._manager.wait_until_finished()
 
     def restore(self, step: int, name: str, target=None):
-        arg = ocp.args.JsonRestore() if name in ("meta", "data") else ocp.args.StandardRestore(target)
+        """Item ``name`` of ``step``; a ``target`` tree (arrays or ShapeDtypeStructs) fixes the layout
+        and must match the stored tree and shapes (else ``CheckpointMismatch``)."""
+        if name in ("meta", "data"):
+            arg = ocp.args.JsonRestore()
+        else:
+            if target is not None:
+                check_matches(self.item_path(step, name), target, step, name)
+            arg = ocp.args.StandardRestore(target)
         return self._manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+
+    def item_path(self, step: int, name: str) -> str:
+        return os.path.join(str(self._manager.directory), str(step), name)
 
     def wait(self):
         self._manager.wait_until_finished()
@@ -155,6 +199,49 @@ class TrainCheckpointer:
     def close(self):
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def shapes_by_path(tree) -> dict[str, tuple]:
+    """``{"llm/layers_0/mlp/gate/kernel": shape}`` for every array leaf. Orbax stores namedtuples (optax
+    states) as dicts, so keys are compared by name whatever their node type."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def stored_shapes(item_dir: str) -> dict[str, tuple]:
+    """Paths and shapes of a saved pytree item, from its metadata (no array is read)."""
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+    return shapes_by_path(getattr(metadata, "tree", metadata))
+
+
+def first_mismatch(stored: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    """The first difference between two ``shapes_by_path`` tables, in words, or None."""
+    for path, shape in wanted.items():
+        if path not in stored:
+            return f"{path} is in the config but not in the checkpoint"
+        if stored[path] != shape:
+            return f"{path} has shape {stored[path]} in the checkpoint, {shape} in the config"
+    extra = next((p for p in stored if p not in wanted), None)
+    return None if extra is None else f"{extra} is in the checkpoint but not in the config"
+
+
+def check_matches(item_dir: str, target, step: int, name: str = "params"):
+    if not os.path.isdir(item_dir):
+        raise CheckpointMismatch(f"checkpoint step {step} has no {name!r} (in {os.path.dirname(item_dir)})")
+    problem = first_mismatch(stored_shapes(item_dir), shapes_by_path(target))
+    if problem is not None:
+        where = "" if name == "params" else f"{name} "
+        raise CheckpointMismatch(f"checkpoint step {step} does not match the model: {where}{problem}")
 
 
 def encode_state(state):

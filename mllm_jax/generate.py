@@ -2,7 +2,10 @@
 ``while_loop`` over a preallocated KV cache, stopping when every sample has produced an EOS.
 
 Works for any model with ``embed(tokens, images)`` and ``decode(embeds, positions, mask, cache, index)``
-methods (``Llava``, ``Llm``). Prompts are padded to a bucket so repeated calls reuse the compilation.
+methods (``Llava``, ``Blip2``, ``Llm``), and for the Flamingo family (``Idefics``), whose images reach
+the decoder as ``media`` through cross-attention: the media are computed once, the prompt tokens see
+the images ``image_mask [B, T, N]`` allows, and each new token sees what the last prompt token sees
+(HF's rule). Prompts are padded to a bucket so repeated calls reuse the compilation.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_jax.models.llm import LlmConfig, init_cache
+from mllm_jax.models.xattn import latest_image_mask
 
 PROMPT_BUCKET = 32
 
@@ -57,16 +61,41 @@ def choose(logits_BxV, rng, sampling: Sampling):
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-def _generate(model, sampling, max_new_tokens, params, tokens_BxT, lengths_B, images, eos_ids, rng):
+def uses_media(model) -> bool:
+    """Flamingo-style models read images through cross-attention rather than as tokens."""
+    return hasattr(type(model), "media")
+
+
+def _generate(
+    model,
+    sampling,
+    max_new_tokens,
+    params,
+    tokens_BxT,
+    lengths_B,
+    images,
+    image_mask,
+    embed_kwargs,
+    eos_ids,
+    rng,
+):
     b, t = tokens_BxT.shape
     variables = {"params": params}
-    embeds = model.apply(variables, tokens_BxT, images, method="embed")
+    prefill_media, step_media = (), ()
+    if uses_media(model) and images is not None:
+        media = model.apply(variables, images, method="media")
+        if image_mask is None:
+            c = model.config
+            image_mask = latest_image_mask(tokens_BxT, c.image_token_id, images.shape[1], c.eod_token_id)
+        last_BxN = jnp.take_along_axis(image_mask, (lengths_B - 1)[:, None, None], axis=1)
+        prefill_media, step_media = (media, image_mask), (media, last_BxN)
+    embeds = model.apply(variables, tokens_BxT, images, **embed_kwargs, method="embed")
     cache = init_cache(
         llm_config(model), b, t + max_new_tokens, embeds.dtype, getattr(model, "scan_layers", False)
     )
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     logits, cache = model.apply(
-        variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32), method="decode"
+        variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32), *prefill_media, method="decode"
     )
     last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
@@ -87,7 +116,7 @@ def _generate(model, sampling, max_new_tokens, params, tokens_BxT, lengths_B, im
         index_B = lengths_B + i
         step_embeds = model.apply(variables, token_B[:, None], None, method="embed")
         logits, cache = model.apply(
-            variables, step_embeds, index_B[:, None], None, cache, index_B, method="decode"
+            variables, step_embeds, index_B[:, None], None, cache, index_B, *step_media, method="decode"
         )
         return i + 1, logits[:, 0], cache, done, out_tokens, out_logprobs, rng
 
@@ -132,12 +161,18 @@ def generate(
     pad_id: int = 0,
     sampling: Sampling = Sampling(),
     seed: int = 0,
+    image_mask=None,
+    embed_kwargs=None,
 ):
     """Decode ``max_new_tokens`` (or until EOS) for each prompt.
 
-    ``images``: float ``[B, N, H, W, C]`` preprocessed pixels or None. Returns per prompt a
-    ``(token_ids, logprobs)`` pair of lists: the generated ids after the prompt, EOS included when
-    produced, and each one's log-probability under the raw (untempered) logits.
+    ``images``: float ``[B, N, H, W, C]`` preprocessed pixels or None. ``image_mask``: Flamingo family
+    only, bool ``[B, T_prompt, N]`` (IdeficsProcessor's ``image_attention_mask``); derived from the
+    tokens and ``config.image_token_id`` / ``eod_token_id`` when omitted. ``embed_kwargs``: extra arrays
+    for the prompt's ``embed`` (InstructBLIP: ``qformer_tokens_BxT``, ``qformer_mask_BxT``).
+
+    Returns per prompt a ``(token_ids, logprobs)`` pair of lists: the generated ids after the prompt,
+    EOS included when produced, and each one's log-probability under the raw (untempered) logits.
     """
     sampling.validate()
     if max_new_tokens < 1:
@@ -150,12 +185,18 @@ def generate(
             f"{c.max_positions} positions"
         )
     eos = jnp.asarray(sorted(set(np.atleast_1d(eos_ids).tolist())) or [-1], jnp.int32)
+    if image_mask is not None:  # pad its rows like the tokens (padding rows are never read)
+        image_mask = np.asarray(image_mask, bool)
+        pad = tokens.shape[1] - image_mask.shape[1]
+        image_mask = jnp.asarray(np.pad(image_mask, ((0, 0), (0, pad), (0, 0))))
     fn = _compiled(model, sampling, max_new_tokens)
     out_tokens, out_logprobs = fn(
         params,
         jnp.asarray(tokens),
         jnp.asarray(lengths),
         None if images is None else jnp.asarray(images),
+        image_mask,
+        {k: jnp.asarray(v) for k, v in (embed_kwargs or {}).items()},
         eos,
         jax.random.key(seed),
     )

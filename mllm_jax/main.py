@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging as pylogging
+import os
 import re
 import sys
 
@@ -27,8 +28,6 @@ flags.DEFINE_enum(
 
 
 def multi_host() -> bool:
-    import os
-
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     return len(hosts) > 1 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
@@ -56,11 +55,31 @@ def parse_flags(argv):
             close = difflib.get_close_matches(unknown.group(2), _config_keys(FLAGS.config), n=1)
             if close:
                 message += f"; did you mean {close[0]}?"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_type_error(message)}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # an override naming a missing key, or the config file failed to load
         print(f"error: {_override_error(argv, e)}", file=sys.stderr)
         sys.exit(2)
+
+
+TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple"}
+
+
+def _type_error(message: str) -> str:
+    """``flag --config.a.b=V: invalid literal for int() ...`` -> ``config.a.b must be an integer, got 'V'``
+    (the override's type is the type of the key's value in the config file)."""
+    m = re.match(r"flag --(config(?:\.\w+)+)=(.*?): (.*)", message)
+    if not m or not FLAGS["config"].present or FLAGS.config is None:
+        return message
+    node = FLAGS.config
+    for key in m.group(1).split(".")[1:]:
+        if not hasattr(node, "items") or key not in node:
+            return message
+        node = node[key]
+    if hasattr(node, "items"):
+        return f"{m.group(1)} is a group of keys ({', '.join(list(node)[:4])}, ...): set those instead"
+    expected = TYPE_NAMES.get(type(node), type(node).__name__)
+    return f"{m.group(1)} must be {expected}, got {m.group(2)!r}"
 
 
 def _override_error(argv, e: Exception) -> str:
@@ -87,8 +106,17 @@ class _LibraryInfoFilter(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
+def _fail(e: Exception):
+    """``error: <first line>``, exit code 2: no traceback for a mistake the user can fix."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     pylogging.getLogger("absl").addFilter(_LibraryInfoFilter())
+    # All loading is local: a mistyped model directory must fail, not turn into a hub download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
@@ -100,18 +128,24 @@ def main(argv):
 
         jax.distributed.initialize()  # every host runs this same command; JAX finds its peers
     from mllm_jax import runconfig, train
+    from mllm_jax.data.pipeline import DataError
 
-    try:
+    try:  # nothing below writes to the workdir or compiles a step
         run = runconfig.from_config_dict(FLAGS.config)
+        runconfig.check_inputs(run, FLAGS.workdir)
         trainer = train.Trainer(run, FLAGS.workdir)
-    except (runconfig.ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as e:  # also what transformers raises for a directory it cannot load
+        _fail(e)
     try:
         trainer.run()
+    except runconfig.ConfigError as e:  # a checkpoint that does not fit the model (nothing restored)
+        _fail(e)
     except train.Preempted as e:
         logging.warning("%s", e)
         sys.exit(train.PREEMPTED_EXIT_CODE)
+    except (train.Diverged, DataError) as e:  # the run cannot go on; its checkpoints are intact
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     logging.info("done: %s", FLAGS.workdir)
 
 

@@ -5,16 +5,20 @@ r"""Run a model on images and a prompt.
         [--top_p=1] [--top_k=0] [--seed=0] [--format=text|json]
 
 PATH is a HF directory (safetensors) or one of our checkpoints (``convert`` output or a training workdir).
-Prompt conventions are the model's HF processor's: for LLaVA, one ``<image>`` per ``--image``, in order.
+Prompt conventions are the model's HF processor's: for LLaVA and IDEFICS (Flamingo), one ``<image>`` per
+``--image``, in order (IDEFICS: as IdeficsProcessor's interleaved list ``[text, image, text, ...]``);
+BLIP-2 / InstructBLIP take one image whose query tokens go in front of the prompt.
 Logs go to stderr, the result to stdout; ``--format=json`` prints ``{"text", "token_ids", "logprobs"}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
+import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
@@ -31,6 +35,15 @@ flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
 
 class UsageError(ValueError):
     """Bad input from the command line: reported in one line, exit code 2."""
+
+
+@dataclasses.dataclass
+class Inputs:
+    tokenizer: object
+    tokens: list[int]
+    pixels: np.ndarray | None = None  # [1, N, H, W, C]
+    embed_kwargs: dict = dataclasses.field(default_factory=dict)  # e.g. InstructBLIP's Q-Former text
+    config: object = None  # the model config completed with what the tokenizer knows (None: as loaded)
 
 
 def load_images(paths):
@@ -62,40 +75,107 @@ def eos_token_ids(assets: str, hf_config: dict, tokenizer) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
-def prepare_inputs(family: str, config, assets: str, prompt: str, images):
-    """Tokens and pixels through the model's own HF processor (prompt conventions included)."""
-    import numpy as np
-    from transformers import AutoProcessor, AutoTokenizer
-
-    if family == "llm":
-        if images:
-            raise UsageError("this is a text-only model: --image is not accepted")
-        tokenizer = AutoTokenizer.from_pretrained(assets)
-        return tokenizer, tokenizer(prompt, return_tensors="np")["input_ids"][0].tolist(), None
-    if family != "llava":
-        raise UsageError(f"predict does not support {family!r} models")
-    processor = AutoProcessor.from_pretrained(assets)
-    tokenizer = processor.tokenizer
-    placeholder = processor.image_token
-    n_placeholders = prompt.count(placeholder)
-    if n_placeholders != len(images):
+def _check_placeholders(prompt: str, placeholder: str, images) -> None:
+    n = prompt.count(placeholder)
+    if n != len(images):
         raise UsageError(
-            f"the prompt has {n_placeholders} {placeholder} placeholder(s) but {len(images)} --image "
+            f"the prompt has {n} {placeholder} placeholder(s) but {len(images)} --image "
             f"file(s) were given; put one {placeholder} where each image goes"
         )
+
+
+def _to_nhwc(pixel_values) -> np.ndarray:
+    return np.asarray(pixel_values, np.float32).transpose(0, 2, 3, 1)[None]  # [1, N, H, W, C]
+
+
+def _text_only(config, assets, prompt, images) -> Inputs:
+    from transformers import AutoTokenizer
+
+    if images:
+        raise UsageError("this is a text-only model: --image is not accepted")
+    tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
+    return Inputs(tokenizer, tokenizer(prompt, return_tensors="np")["input_ids"][0].tolist())
+
+
+def _llava(config, assets, prompt, images) -> Inputs:
+    """LlavaProcessor: each ``<image>`` becomes the image's feature tokens, in place."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(assets, trust_remote_code=False)
+    _check_placeholders(prompt, processor.image_token, images)
     inputs = processor(images=images or None, text=prompt, return_tensors="np")
     tokens = inputs["input_ids"][0].tolist()
-    pixels = None
-    if images:
-        pixels = np.asarray(inputs["pixel_values"], np.float32).transpose(0, 2, 3, 1)[None]  # [1, N, H, W, C]
-        expected = config.tokens_per_image * len(images)
-        got = sum(t == config.image_token_id for t in tokens)
-        if got != expected:
-            raise UsageError(
-                f"the processor produced {got} image tokens, the model expects {expected} "
-                f"({config.tokens_per_image} per image); check the processor config"
-            )
-    return tokenizer, tokens, pixels
+    if not images:
+        return Inputs(processor.tokenizer, tokens)
+    expected = config.tokens_per_image * len(images)
+    got = sum(t == config.image_token_id for t in tokens)
+    if got != expected:
+        raise UsageError(
+            f"the processor produced {got} image tokens, the model expects {expected} "
+            f"({config.tokens_per_image} per image); check the processor config"
+        )
+    return Inputs(processor.tokenizer, tokens, _to_nhwc(inputs["pixel_values"]))
+
+
+def _blip2(config, assets, prompt, images) -> Inputs:
+    """Blip2Processor / InstructBlipProcessor: one image; its query tokens go in front of the prompt
+    (the prompt needs no placeholder); InstructBLIP's Q-Former also reads the prompt."""
+    from transformers import AutoProcessor
+
+    if len(images) != 1:
+        raise UsageError(f"BLIP-2 takes exactly one --image, got {len(images)}")
+    processor = AutoProcessor.from_pretrained(assets, trust_remote_code=False)
+    prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in prompt else prompt
+    inputs = processor(images=images, text=prompt, return_tensors="np")
+    extra = {}
+    if "qformer_input_ids" in inputs:
+        extra = {
+            "qformer_tokens_BxT": np.asarray(inputs["qformer_input_ids"], np.int32),
+            "qformer_mask_BxT": np.asarray(inputs["qformer_attention_mask"], np.int32),
+        }
+    return Inputs(
+        processor.tokenizer, inputs["input_ids"][0].tolist(), _to_nhwc(inputs["pixel_values"]), extra
+    )
+
+
+def _idefics(config, assets, prompt, images) -> Inputs:
+    """IdeficsProcessor's interleaved layout: the prompt split at each ``<image>`` is the list
+    ``[text, image, text, ...]`` the processor takes; the images are resized as its image processor
+    does. (IdeficsProcessor itself needs torch tensors, which are no runtime dependency here.)"""
+    from transformers import AutoTokenizer
+
+    from mllm_jax import setup
+    from mllm_jax.data import layouts, templates
+
+    _check_placeholders(prompt, IMAGE_PLACEHOLDER, images)
+    tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PLACEHOLDER, "<fake_token_around_image>")}
+    if tokenizer.unk_token_id in ids.values():
+        raise UsageError(f"{assets}: the tokenizer lacks IDEFICS's tokens {sorted(ids)}")
+    # which image each token sees follows from the image tokens and the end of document (IdeficsProcessor)
+    config = dataclasses.replace(
+        config, image_token_id=ids[IMAGE_PLACEHOLDER], eod_token_id=tokenizer.eos_token_id
+    )
+    spec = layouts.ModelSpec(
+        config.image_token_id, 1, layout="idefics", around_token_id=ids["<fake_token_around_image>"]
+    )
+    tokens = templates.encode_text(tokenizer, prompt, spec).tolist()
+    if not images:
+        return Inputs(tokenizer, tokens, config=config)
+    image_spec = setup.image_spec_of_assets(assets)
+    return Inputs(tokenizer, tokens, np.stack([image_spec(im) for im in images])[None], config=config)
+
+
+IMAGE_PLACEHOLDER = "<image>"
+# family -> (config, assets dir, prompt, PIL images) -> Inputs
+PREPARERS = {"llm": _text_only, "opt": _text_only, "llava": _llava, "blip2": _blip2, "idefics": _idefics}
+
+
+def prepare_inputs(family: str, config, assets: str, prompt: str, images) -> Inputs:
+    """Tokens and pixels as the model's own HF processor prepares them (prompt conventions included)."""
+    if family not in PREPARERS:
+        raise UsageError(f"predict does not support {family!r} models")
+    return PREPARERS[family](config, assets, prompt, images)
 
 
 def predict(
@@ -120,14 +200,16 @@ def predict(
     images = load_images(image_paths)
     pretrained, assets = checkpoint.load_any(model_path)
     logging.info("loaded %s model from %s", pretrained.family, model_path)
-    tokenizer, tokens, pixels = prepare_inputs(pretrained.family, pretrained.config, assets, prompt, images)
-    model = models.build(pretrained.family, pretrained.config)
+    inputs = prepare_inputs(pretrained.family, pretrained.config, assets, prompt, images)
+    tokenizer = inputs.tokenizer
+    model = models.build(pretrained.family, inputs.config or pretrained.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     [(ids, logprobs)] = generate.generate(
         model,
         pretrained.params,
-        [tokens],
-        pixels,
+        [inputs.tokens],
+        inputs.pixels,
+        embed_kwargs=inputs.embed_kwargs,
         max_new_tokens=max_new_tokens,
         eos_ids=eos_token_ids(assets, pretrained.hf_config, tokenizer),
         pad_id=pad_id,

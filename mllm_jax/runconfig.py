@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 
 from mllm_jax.data.pipeline import DataConfig
 from mllm_jax.optim import SCHEDULES, OptimConfig
@@ -26,6 +28,7 @@ TOP_LEVEL_KEYS = (
     "eval",
     "model",
     "synthetic",
+    "max_bad_steps",
 )
 STAGE_KEYS = (
     "steps",
@@ -41,7 +44,11 @@ STAGE_KEYS = (
     "b1",
     "b2",
     "data",
+    "loss",
+    "no_decay",
 )
+# what a stage minimises: the LM loss on target tokens, or BLIP-2's stage-1 Q-Former losses
+LOSSES = ("lm", "qformer")
 
 
 class ConfigError(ValueError):
@@ -57,6 +64,7 @@ class Stage:
     trainable: tuple[str, ...]
     optim: OptimConfig
     data: DataConfig
+    loss: str = "lm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,7 @@ class RunConfig:
     eval: dict
     model: dict
     synthetic: dict
+    max_bad_steps: int = 20
 
 
 def _unknown(keys, known, where: str):
@@ -106,20 +115,43 @@ def _stage(name: str, d: dict) -> Stage:
     if not d.get("learning_rate", 0) > 0:
         raise ConfigError(f"config.{where}learning_rate must be > 0, got {d.get('learning_rate')!r}")
     trainable = d.get("trainable", ())
-    trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+    trainable = (trainable,) if isinstance(trainable, str) else trainable
+    if not isinstance(trainable, tuple | list) or not all(isinstance(p, str) for p in trainable):
+        raise ConfigError(f"config.{where}trainable must be a tuple of regexes, got {trainable!r}")
+    trainable = tuple(trainable)
     if not trainable:
         raise ConfigError(
             f"config.{where}trainable is empty: name the param paths to train (e.g. 'adapter/.*')"
         )
+    for pattern in trainable:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.{where}trainable: {pattern!r} is not a regex ({e})") from None
+    if d.get("loss", "lm") not in LOSSES:
+        raise ConfigError(f"config.{where}loss must be one of {LOSSES}, got {d['loss']!r}")
     optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
-    optim = OptimConfig(**{k: v for k, v in d.items() if k in optim_fields})
+    optim = OptimConfig(
+        **{k: (tuple(v) if k == "no_decay" else v) for k, v in d.items() if k in optim_fields}
+    )
     data = dict(d.get("data", {}))
     data_fields = [f.name for f in dataclasses.fields(DataConfig)]
     _unknown(data, data_fields, where + "data.")
     if "data" not in d:
         raise ConfigError(f"config.{where}data is missing: each stage names its data")
+    try:
+        data_config = DataConfig(**data)
+    except (ValueError, TypeError) as e:  # its messages name the key from "data." on
+        raise ConfigError(f"config.{where}{e}") from None
     return Stage(
-        name, d["steps"], d["batch_size"], d.get("grad_accum", 1), trainable, optim, DataConfig(**data)
+        name,
+        d["steps"],
+        d["batch_size"],
+        d.get("grad_accum", 1),
+        trainable,
+        optim,
+        data_config,
+        d.get("loss", "lm"),
     )
 
 
@@ -143,7 +175,7 @@ def from_config_dict(config) -> RunConfig:
                 f"config.stage_order names stage {name!r}, but config.stages has {sorted(stages_d)}"
             )
     stages = tuple(_stage(name, stages_d[name]) for name in order)
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
         _positive(d.get(key, 1), key)
     mesh = dict(d.get("mesh", {}))
     _unknown(mesh, ("data", "fsdp", "tensor"), "mesh.")
@@ -164,4 +196,63 @@ def from_config_dict(config) -> RunConfig:
         eval=ev,
         model=dict(d["model"]),
         synthetic=dict(d.get("synthetic", {})),
+        max_bad_steps=d.get("max_bad_steps", 20),
     )
+
+
+# ---------------------------------------------------------------- what the run reads from disk
+
+FILE_SOURCES = ("llava_json", "mmc4")  # data.path is one file; webdataset's is a shard dir or pattern
+MODEL_DIRS = ("hf", "vision", "llm", "checkpoint")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_inputs(run: RunConfig, workdir: str) -> None:
+    """Every file and directory the run will read exists, checked before anything is written or
+    compiled, so a typo in a path is one line rather than a crash after the first stage trained.
+
+    On resume the model comes from the workdir, so ``model.init.*`` is not needed any more, and the
+    data of stages the checkpoint has finished is not read again."""
+    from mllm_jax import checkpoint  # checkpoint imports this module
+
+    done = checkpoint.finished_stages(workdir, [(s.name, s.steps) for s in run.stages])
+    if done is None:
+        _check_model_dirs(run.model)
+    for stage in run.stages[len(done or ()) :]:
+        for i, (_, data) in enumerate(stage.data.components()):
+            where = f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "")
+            _check_data(data, where)
+
+
+def _check_model_dirs(model: dict) -> None:
+    init = model.get("init", {})
+    for key in MODEL_DIRS:
+        path = init.get(key, "")
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"config.model.init.{key}={path!r}: no such directory")
+    if init.get("checkpoint") and not os.path.isfile(os.path.join(init["checkpoint"], "mllm_config.json")):
+        raise ConfigError(
+            f"config.model.init.checkpoint={init['checkpoint']!r} is not one of our checkpoints or "
+            "workdirs (no mllm_config.json); a HF directory goes in config.model.init.hf"
+        )
+    for key in ("tokenizer", "qformer_tokenizer"):  # "builtin": the synthetic word-level vocabulary
+        path = model.get(key) or ""
+        if path in ("", "builtin"):
+            continue
+        if not os.path.isdir(path):
+            raise ConfigError(f"config.model.{key}={path!r}: no such directory (nothing is downloaded)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"config.model.{key}={path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+            )
+
+
+def _check_data(data, where: str) -> None:
+    from mllm_jax.data.sources import list_shards
+
+    if data.source in FILE_SOURCES and not os.path.isfile(data.path):
+        raise ConfigError(f"{where}path={data.path!r}: no such file")
+    if data.source == "webdataset" and not list_shards(data.path):
+        raise ConfigError(f"{where}path={data.path!r}: no .tar shards there")
+    if data.source in FILE_SOURCES and data.image_root and not os.path.isdir(data.image_root):
+        raise ConfigError(f"{where}image_root={data.image_root!r}: no such directory")

@@ -4,10 +4,14 @@ iterators, evaluation and FLOP accounting. ``train.Trainer`` drives it.
 Where the model comes from (first that applies):
 1. the workdir already holds a run: its model config and tokenizer (resume);
 2. ``model.init.checkpoint``: one of our checkpoints;
-3. ``model.init.hf``: a whole HF ``LlavaForConditionalGeneration`` directory;
-4. ``model.init.vision`` + ``model.init.llm``: HF CLIP/SigLIP + LLaMA-family dirs, projector from scratch
-   (how LLaVA stage 1 starts);
-5. nothing: from scratch with the sizes in ``model.vision`` / ``model.llm`` and the built-in tokenizer.
+3. ``model.init.hf``: a whole HF directory of the family (``LlavaForConditionalGeneration``,
+   ``IdeficsForVisionText2Text``, ``Blip2ForConditionalGeneration``);
+4. ``model.init.vision`` + ``model.init.llm``: HF CLIP/SigLIP + LLaMA-family dirs, adapter from scratch
+   (how LLaVA stage 1 and Flamingo start);
+5. nothing: from scratch with the sizes in ``model.*`` and the built-in tokenizer.
+
+What differs between families (config, module, image layout, processor, FLOPs) is in
+``mllm_jax.families.RECIPES``.
 """
 
 from __future__ import annotations
@@ -23,34 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mllm_jax import checkpoint, flops, hf, optim
+from mllm_jax import checkpoint, flops, hf, optim, train
 from mllm_jax.data import pipeline, synthetic, templates, transforms
 from mllm_jax.data.tokenizer import build_tokenizer
+from mllm_jax.families import DTYPES, RECIPES
 from mllm_jax.models import scan
 from mllm_jax.models.layers import check_remat
-from mllm_jax.models.llm import LlmConfig
-from mllm_jax.models.mllm import Llava, LlavaConfig
-from mllm_jax.models.projector import ProjectorConfig
-from mllm_jax.models.vit import VitConfig
 from mllm_jax.runconfig import ConfigError, RunConfig, Stage
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-IMAGE_TOKEN = "<image>"
-
-
-def _scratch_config(m: dict, tokenizer) -> LlavaConfig:
-    vision = VitConfig(**m["vision"])
-    llm = LlmConfig(vocab_size=len(tokenizer), **m["llm"])
-    layers = tuple(m["vision_feature_layers"])
-    projector = ProjectorConfig(vision.hidden_size * len(layers), llm.hidden_size, **m["projector"])
-    return LlavaConfig(
-        vision,
-        projector,
-        llm,
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        layers,
-        m["vision_feature_select_strategy"],
-    )
 
 
 class RunSetup:
@@ -66,13 +49,21 @@ class RunSetup:
         self._pretrained = None  # numpy params to start from, if any
         self._hf_bases: dict = {}  # HF configs of pretrained vision / llm parts (export bases)
         m, init = run.model, run.model.get("init", {})
-        if m.get("family", "llava") != "llava":
-            raise ConfigError(f"config.model.family {m.get('family')!r}: only 'llava' trains here so far")
+        # BLIP-2 stage 1: captions for the Q-Former in its own tokenizer (BERT's), else the LLM's
+        self.text_tokenizer = (
+            AutoTokenizer.from_pretrained(m["qformer_tokenizer"], trust_remote_code=False)
+            if m.get("qformer_tokenizer")
+            else None
+        )
+        family = m.get("family", "llava")
+        if family not in RECIPES:
+            raise ConfigError(f"config.model.family {family!r}: one of {sorted(RECIPES)} trains here")
+        self.recipe = RECIPES[family]
         # Resume only from a run that saved something; a run that died before its first checkpoint
         # starts again from its configured initial weights.
         if checkpoint.is_checkpoint(workdir) and checkpoint.latest_step(workdir) is not None:
             family, self.config = checkpoint.read_model_config(workdir)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.assets)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.assets, trust_remote_code=False)
             fresh = False
         else:
             self.config, self.tokenizer = self._initial_model(m, init)
@@ -82,21 +73,15 @@ class RunSetup:
         except ValueError as e:
             raise ConfigError(f"config.model: {e}") from None
         try:
-            self.model = Llava(
-                self.config,
-                DTYPES[run.dtype],
-                check_remat(m.get("remat", "none")),
-                bool(m.get("scan_layers", False)),
-            )
+            remat = check_remat(m.get("remat", "none"))
         except ValueError as e:
             raise ConfigError(f"config.model.remat: {e}") from None
-        self.fresh = fresh
-        self.image_spec = (
-            self._image_spec(m)
-            if fresh
-            else transforms.ImageSpec.from_processor_config(_processor_config(self.assets))
+        self.model = self.recipe.build(
+            self.config, DTYPES[run.dtype], remat, bool(m.get("scan_layers", False))
         )
-        self.model_spec = pipeline.ModelSpec(self.config.image_token_id, self.config.tokens_per_image)
+        self.fresh = fresh
+        self.image_spec = self._image_spec(m) if fresh else _image_spec_of(_processor_config(self.assets))
+        self.model_spec = self.recipe.model_spec(self.config, self.tokenizer)
         self.peak = flops.peak_flops_per_device() * (n_devices or jax.device_count())
 
     # -- model and weights
@@ -105,54 +90,54 @@ class RunSetup:
         from transformers import AutoTokenizer
 
         tok_dir = m.get("tokenizer") or ""
+        family = self.recipe.name
         if init.get("checkpoint"):
             self._pretrained = checkpoint.load_model(init["checkpoint"])
-            if self._pretrained.family != "llava":
+            if self._pretrained.family != family:
                 raise ConfigError(
-                    f"config.model.init.checkpoint holds a {self._pretrained.family!r} model, not llava"
+                    f"config.model.init.checkpoint holds a {self._pretrained.family!r} model, not {family}"
                 )
             tok_dir = tok_dir if tok_dir not in ("", "builtin") else checkpoint.assets_dir(init["checkpoint"])
-            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir)
+            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
         if init.get("hf"):
-            self._pretrained = _load_hf(init["hf"], "llava", "config.model.init.hf")
+            self._pretrained = _load_hf(init["hf"], family, "config.model.init.hf")
             tok_dir = tok_dir if tok_dir not in ("", "builtin") else init["hf"]
-            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir)
+            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
         if init.get("vision") or init.get("llm"):
             if not (init.get("vision") and init.get("llm")):
                 raise ConfigError("config.model.init.vision and config.model.init.llm must be given together")
-            vision = _load_hf(init["vision"], "vit", "config.model.init.vision")
+            if self.recipe.from_parts is None:
+                raise ConfigError(
+                    f"config.model.init.vision/llm: {family} starts from a whole model (config.model.init.hf)"
+                    " or from scratch"
+                )
+            vision = _load_hf(init["vision"], self.recipe.vision_family, "config.model.init.vision")
             llm = _load_hf(init["llm"], "llm", "config.model.init.llm")
             tokenizer = AutoTokenizer.from_pretrained(
-                tok_dir if tok_dir not in ("", "builtin") else init["llm"]
+                tok_dir if tok_dir not in ("", "builtin") else init["llm"], trust_remote_code=False
             )
-            if IMAGE_TOKEN not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            missing = [t for t in self.recipe.special_tokens if t not in tokenizer.get_vocab()]
+            if missing:
+                tokenizer.add_special_tokens({"additional_special_tokens": missing})
             llm_config, llm_params = llm.config, llm.params
-            if len(tokenizer) > llm_config.vocab_size:  # e.g. Vicuna's 32000 + <image>: grow the tables
-                vocab = -(-len(tokenizer) // 64) * 64  # as LLaVA's HF conversion: a multiple of 64
+            if family == "llava" and len(tokenizer) > llm_config.vocab_size:
+                # e.g. Vicuna's 32000 + <image>: grow the tables, as LLaVA's HF conversion, to a
+                # multiple of 64 (IDEFICS keeps new tokens in its separate additional table instead)
+                vocab = -(-len(tokenizer) // 64) * 64
                 llm_params = grow_vocab(llm_params, vocab)
                 llm_config = dataclasses.replace(llm_config, vocab_size=vocab)
-            layers = tuple(m["vision_feature_layers"])
-            projector = ProjectorConfig(
-                vision.config.hidden_size * len(layers), llm_config.hidden_size, **m["projector"]
-            )
-            config = LlavaConfig(
-                vision.config,
-                projector,
-                llm_config,
-                image_token_id,
-                layers,
-                m["vision_feature_select_strategy"],
-            )
+            config = self.recipe.from_parts(m, vision.config, llm_config, tokenizer)
             self._pretrained = {"vision": vision.params, "llm": llm_params}
             self._hf_bases = {"vision": vision.hf_config, "llm": llm.hf_config}
             return config, tokenizer
         if tok_dir in ("", "builtin"):
-            tokenizer = build_tokenizer(synthetic.vocabulary(self.synthetic))
+            tokenizer = build_tokenizer(synthetic.vocabulary(self.synthetic), self.recipe.special_tokens)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        return _scratch_config(m, tokenizer), tokenizer
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        try:
+            return self.recipe.scratch(m, tokenizer), tokenizer
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"config.model: {e}") from None
 
     def init_fn(self, rng):
         c = self.config
@@ -185,21 +170,26 @@ class RunSetup:
         init = m.get("init", {})
         source = _assets_source(init)
         if source:
-            return transforms.ImageSpec.from_processor_config(_processor_config(source))
+            return _image_spec_of(_processor_config(source))
         if init.get("vision"):
-            return transforms.ImageSpec.from_processor_config(_processor_config(init["vision"]))
+            spec = transforms.ImageSpec.from_processor_config(_processor_config(init["vision"]))
+            # the family's processor (saved with the run) decides crop or resize; the tower its stats
+            return dataclasses.replace(spec, mode=self.recipe.image_mode, shortest_edge=None)
         size = self.config.vision.image_size
-        return transforms.ImageSpec(size=size, mean=tuple(m["image_mean"]), std=tuple(m["image_std"]))
+        return transforms.ImageSpec(
+            size=size, mean=tuple(m["image_mean"]), std=tuple(m["image_std"]), mode=self.recipe.image_mode
+        )
 
     def write_run_files(self):
         """Model config and HF assets into a new workdir (only once everything has been checked)."""
         if self.fresh and jax.process_index() == 0:  # one writer on multi-host runs (shared storage)
-            checkpoint.write_model_config(self.workdir, "llava", self.config)
+            checkpoint.write_model_config(self.workdir, self.recipe.name, self.config)
             self._write_assets(self.run.model)
             self.fresh = False
 
     def _write_assets(self, m: dict):
-        """Tokenizer, LlavaProcessor and the base HF config, so every checkpoint exports complete."""
+        """Tokenizer, the family's HF processor and the base HF config, so every checkpoint exports
+        complete."""
         os.makedirs(self.assets, exist_ok=True)
         init = m.get("init", {})
         source = _assets_source(init)
@@ -209,15 +199,13 @@ class RunSetup:
                 hf.common.read_config(source) if os.path.exists(os.path.join(source, "config.json")) else {}
             )
         else:
-            from transformers import LlavaProcessor
             from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-            v = self.config.vision
-            size = v.image_size
+            size = self.config.vision.image_size
             if init.get("vision"):  # the pretrained tower's own preprocessing
                 from transformers import AutoImageProcessor
 
-                image_processor = AutoImageProcessor.from_pretrained(init["vision"])
+                image_processor = AutoImageProcessor.from_pretrained(init["vision"], trust_remote_code=False)
             else:
                 image_processor = CLIPImageProcessorPil(
                     size={"shortest_edge": size},
@@ -225,15 +213,7 @@ class RunSetup:
                     image_mean=list(m.get("image_mean", (0.5, 0.5, 0.5))),
                     image_std=list(m.get("image_std", (0.5,) * 3)),
                 )
-            processor = LlavaProcessor(
-                image_processor=image_processor,
-                tokenizer=self.tokenizer,
-                patch_size=v.patch_size,
-                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-                image_token=IMAGE_TOKEN,
-                num_additional_image_tokens=int(v.class_token),
-            )
-            processor.save_pretrained(self.assets)
+            self.recipe.processor(self.config, self.tokenizer, image_processor).save_pretrained(self.assets)
             t = self.tokenizer
             ids = {
                 "bos_token_id": t.bos_token_id,
@@ -248,7 +228,7 @@ class RunSetup:
             with open(os.path.join(self.assets, "generation_config.json"), "w") as f:
                 json.dump(ids, f, indent=2)
         with open(os.path.join(self.assets, "config.json"), "w") as f:
-            json.dump(hf.config_to_hf("llava", self.config, base), f, indent=2, sort_keys=True)
+            json.dump(hf.config_to_hf(self.recipe.name, self.config, base), f, indent=2, sort_keys=True)
 
     # -- data
 
@@ -264,6 +244,7 @@ class RunSetup:
             jax.process_count(),
             skipped=self.skipped,
             synthetic_config=self.synthetic,
+            text_tokenizer=self.text_tokenizer,
         )
 
     def data_counters(self) -> dict:
@@ -277,9 +258,25 @@ class RunSetup:
     # -- evaluation
 
     def evaluate(self, params, stage: Stage) -> dict:
+        """End-of-stage (and periodic) evaluation on the built-in held-out data: image-text retrieval
+        after a Q-Former stage, VQA (and few-shot VQA, ``eval.shots``) after a generative one."""
+        ev = self.run.eval
+        if stage.loss == "qformer":
+            if not ev.get("num_retrieval", 0):
+                return {}
+            from mllm_jax.eval import retrieval
+
+            return retrieval.synthetic_retrieval(
+                self.model,
+                params,
+                self.tokenizer,
+                self.image_spec,
+                self.synthetic,
+                num_images=ev["num_retrieval"],
+                text_length=stage.data.text_length,
+            )
         from mllm_jax.eval import vqa
 
-        ev = self.run.eval
         if not ev.get("num_questions"):
             return {}
         template = ev.get("template") or stage.data.template
@@ -290,22 +287,33 @@ class RunSetup:
             params,
             self.tokenizer,
             self.image_spec,
-            self.config,
+            self.model_spec,
             template,
             self.synthetic,
             num_questions=ev["num_questions"],
             batch_size=ev.get("batch_size", 128),
             max_new_tokens=ev.get("max_new_tokens", 3),
             headline_types=tuple(ev.get("types", vqa.HEADLINE_TYPES)),
+            shots=tuple(ev.get("shots", ())),
         )
+
+    def loss_fn(self, stage: Stage):
+        """The stage's ``loss_fn(model, params, batch, rng)`` (see ``train.make_train_step``)."""
+        if stage.loss == "qformer":
+            from mllm_jax.models import blip2_stage1
+
+            if self.recipe.name != "blip2":
+                raise ConfigError(f"config.stages.{stage.name}.loss 'qformer' needs model.family 'blip2'")
+            return blip2_stage1.stage1_loss
+        return train.lm_loss
 
     def mfu(self, steps_per_sec: float, stage: Stage) -> dict:
         """Model FLOP utilisation of the padded batch against the devices' peak."""
         if not self.peak:
             return {}
         d = stage.data
-        per_step = stage.batch_size * flops.llava_flops_per_sequence(self.config, d.max_length, d.max_images)
-        return {"mfu": steps_per_sec * per_step / self.peak}
+        per_sequence = self.recipe.flops_per_sequence(self.config, d.max_length, d.max_images)
+        return {"mfu": steps_per_sec * stage.batch_size * per_sequence / self.peak}
 
 
 def grow_vocab(llm_params: dict, vocab: int) -> dict:
@@ -340,6 +348,22 @@ def _load_hf(path: str, family: str, key: str):
         raise ConfigError(f"{key}={path!r} holds a {pretrained.family!r} model; expected {family!r}")
     logging.info("loaded %s weights from %s", family, path)
     return pretrained
+
+
+def image_spec_of_assets(assets: str) -> transforms.ImageSpec:
+    """How the processor saved in ``assets`` prepares images."""
+    return _image_spec_of(_processor_config(assets))
+
+
+def _image_spec_of(d: dict) -> transforms.ImageSpec:
+    """The ImageSpec of a saved processor config; IdeficsImageProcessor (``image_size``: a plain
+    bicubic resize to a square) is read here, the CLIP/SigLIP/BLIP kinds by ImageSpec itself."""
+    d = d.get("image_processor", d)
+    if "image_size" in d and "size" not in d:
+        return transforms.ImageSpec(
+            size=int(d["image_size"]), mean=tuple(d["image_mean"]), std=tuple(d["image_std"]), mode="resize"
+        )
+    return transforms.ImageSpec.from_processor_config(d)
 
 
 def _processor_config(assets: str) -> dict:

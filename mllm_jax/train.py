@@ -10,11 +10,13 @@ saves at the next step boundary and exits with code 143.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -28,11 +30,26 @@ class Preempted(Exception):
     """Raised after the state was saved in response to SIGTERM."""
 
 
+class Diverged(Exception):
+    """Raised after ``max_bad_steps`` non-finite steps in a row; the last checkpoint is left intact."""
+
+
+# Fault injection for operations tests: global steps (1-based, comma-separated) whose batches get NaN
+# pixels, e.g. MLLM_JAX_INJECT_NAN_STEPS=5,6. Unset in normal runs.
+INJECT_NAN_ENV = "MLLM_JAX_INJECT_NAN_STEPS"
+
+
+def _injected_nan_steps() -> frozenset[int]:
+    raw = os.environ.get(INJECT_NAN_ENV, "")
+    return frozenset(int(x) for x in raw.split(",") if x.strip())
+
+
 # ---------------------------------------------------------------- the step
 
 
-def loss_sums(model, params, batch):
-    """Summed next-token NLL over target tokens, the number of target tokens, and correct predictions."""
+def lm_loss(model, params, batch, rng):
+    """Summed next-token NLL over target tokens, with ``count`` (target tokens) and ``correct``."""
+    del rng
     logits, _ = model.apply(
         {"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"]
     )
@@ -41,57 +58,66 @@ def loss_sums(model, params, batch):
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     mask = batch["loss_mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (nll * mask).sum(), (mask.sum(), (correct * mask).sum())
+    return (nll * mask).sum(), {"count": mask.sum(), "correct": (correct * mask).sum()}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: int):
-    """``train_step(state, batch, rng) -> (state, metrics)``; the batch is split into ``grad_accum``
-    micro-batches whose summed gradients are normalised by the total number of target tokens, so
-    accumulation gives the same update as one big batch."""
+def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: int, loss_fn=lm_loss):
+    """``train_step(state, batch, rng) -> (state, metrics)``.
 
-    def grads_of(trainable, frozen, batch):
-        fn = lambda t: loss_sums(model, optim.merge_params(t, frozen), batch)  # noqa: E731
-        (loss_sum, (count, correct)), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
-        return grads, loss_sum, count, correct
+    ``loss_fn(model, params, batch, rng) -> (loss_sum, aux)`` sums over the batch; ``aux`` holds
+    ``count`` (what the sums are normalised by: target tokens, or examples), ``correct`` and any
+    other sums, logged as ``loss/<name>``. The batch is split into ``grad_accum`` micro-batches whose
+    summed gradients are normalised by the total count, so accumulation gives the same update as one
+    big batch (for token-level losses). A step whose loss or gradients are not finite leaves the
+    params and optimizer state as they were and reports ``skipped = 1``.
+    """
+
+    def grads_of(trainable, frozen, batch, rng):
+        fn = lambda t: loss_fn(model, optim.merge_params(t, frozen), batch, rng)  # noqa: E731
+        (loss_sum, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
+        return grads, loss_sum, aux
 
     def train_step(state, batch, rng):
-        del rng  # no dropout in these models; kept in the signature for ones that have it
         trainable, frozen = state["trainable"], state["frozen"]
         if grad_accum == 1:
-            grads, loss_sum, count, correct = grads_of(trainable, frozen, batch)
+            grads, loss_sum, aux = grads_of(trainable, frozen, batch, rng)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
             )
 
-            def body(carry, mb):
-                g, loss_sum, count, correct = grads_of(trainable, frozen, mb)
-                acc = (
-                    jax.tree.map(jnp.add, carry[0], g),
-                    carry[1] + loss_sum,
-                    carry[2] + count,
-                    carry[3] + correct,
-                )
-                return acc, None
+            def body(carry, mb_rng):
+                mb, r = mb_rng
+                g, loss_sum, aux = grads_of(trainable, frozen, mb, r)
+                return jax.tree.map(jnp.add, carry, (g, loss_sum, aux)), None
 
-            zero = jnp.zeros((), jnp.float32)
-            init = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero)
-            (grads, loss_sum, count, correct), _ = jax.lax.scan(body, init, micro)
-        denom = jnp.maximum(count, 1.0)
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grads_of, trainable, frozen, first, rng)
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            rngs = jax.random.split(rng, grad_accum)
+            (grads, loss_sum, aux), _ = jax.lax.scan(body, init, (micro, rngs))
+        denom = jnp.maximum(aux["count"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # a non-finite step changes nothing but the step counter (the data it read is consumed)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = dict(
             state,
-            trainable=optax.apply_updates(trainable, updates),
-            opt_state=opt_state,
+            trainable=keep(new_trainable, trainable),
+            opt_state=keep(opt_state, state["opt_state"]),
             step=state["step"] + 1,
         )
         metrics = {
             "loss": loss_sum / denom,
-            "accuracy": correct / denom,
-            "grad_norm": optax.global_norm(grads),
+            "accuracy": aux["correct"] / denom,
+            "grad_norm": grad_norm,
             "learning_rate": lr_fn(state["step"]),
-            "target_tokens": count,
+            "target_tokens": aux["count"],
+            "skipped": 1.0 - finite.astype(jnp.float32),
+            **{f"loss/{k}": v / denom for k, v in aux.items() if k not in ("count", "correct")},
         }
         return new_state, metrics
 
@@ -108,6 +134,7 @@ class Resume:
     global_step: int = 0
     data_state: dict | None = None
     has_opt_state: bool = False
+    skipped_steps: int = 0
 
 
 class Trainer:
@@ -123,6 +150,7 @@ class Trainer:
         self.setup = setup.RunSetup(run, workdir, self.mesh.devices.size)
         self.model = self.setup.model
         self.stop_requested = False
+        self.skipped_steps = 0  # non-finite steps skipped so far in this run (kept in checkpoints)
         self.writer = None
         self._check_trainable()
         self.ckpt = None
@@ -174,6 +202,7 @@ class Trainer:
                 resume.stage_step,
             )
         params, shardings = self._initial_params(resume)
+        self.skipped_steps = resume.skipped_steps if resume is not None else 0
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             offset = 0
@@ -185,6 +214,8 @@ class Trainer:
                 if here is None or here.stage_step < stage.steps:
                     params = self._run_stage(index, stage, params, shardings, offset, here)
                 offset += stage.steps
+                if self.stop_requested and index + 1 < len(self.run_config.stages):
+                    raise Preempted(f"stopped by SIGTERM at the end of stage {stage.name}; state saved")
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.writer.close()
@@ -207,7 +238,12 @@ class Trainer:
             )
         data_state = self.ckpt.restore(step, "data") if meta.get("has_data") else None
         return Resume(
-            names.index(meta["stage"]), meta["stage_step"], step, data_state, meta.get("has_opt_state", False)
+            names.index(meta["stage"]),
+            meta["stage_step"],
+            step,
+            data_state,
+            meta.get("has_opt_state", False),
+            int(meta.get("skipped_steps", 0)),
         )
 
     def _run_stage(self, index: int, stage: Stage, params, shardings, offset: int, resume: Resume | None):
@@ -228,29 +264,43 @@ class Trainer:
             "stage %s: steps %d..%d, trainable %s", stage.name, start, stage.steps, list(stage.trainable)
         )
         eval_every = run.eval.get("every", 0)
+        inject = _injected_nan_steps()
+        bad_streak, pending = 0, None
         window_t0, window_tokens, window_steps = time.time(), 0, 0
         for s in range(start, stage.steps):
             batch = next(iterator)
-            window_tokens += int(batch["attention_mask"].sum())
+            if offset + s + 1 in inject:
+                batch = dict(batch, images=batch["images"] * np.float32("nan"))
+            window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             state, metrics = self.step(stage, tx, lr_fn, state, batch, jax.random.fold_in(key, offset + s))
             window_steps += 1
             done = s + 1
-            if done % run.log_every == 0 or done == stage.steps:
+            # Read the skip flag one step late: the next step is already queued, so this costs no stall.
+            if pending is not None:
+                bad_streak = self._count_skip(pending, bad_streak, offset + done - 1)
+            pending = metrics["skipped"]
+            log_now = done % run.log_every == 0 or done == stage.steps
+            if log_now or self.stop_requested or done % run.checkpoint_every == 0:
+                bad_streak = self._count_skip(pending, bad_streak, offset + done)
+                pending = None
+            if log_now:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.time() - window_t0, 1e-9)
                 row = {
                     "stage": stage.name,
                     "stage_step": done,
-                    **{k: float(v) for k, v in metrics.items()},
+                    **{k: float(v) for k, v in metrics.items() if k != "skipped"},
                     "tokens_per_sec": window_tokens / elapsed,
                     "steps_per_sec": window_steps / elapsed,
                 }
+                row["train/skipped_steps"] = self.skipped_steps
                 row.update(self.setup.mfu(row["steps_per_sec"], stage))
                 row.update(self.setup.data_counters())
                 self.writer.write(offset + done, row)
                 progress.update(done, row["loss"])
                 window_t0, window_tokens, window_steps = time.time(), 0, 0
-            if self.stop_requested:
+            # a stop in the stage's last step finishes the stage (evaluation, final save) first
+            if self.stop_requested and done < stage.steps:
                 self._save(offset + done, stage, done, state, iterator, wait=True)
                 progress.close()
                 raise Preempted(f"stopped by SIGTERM at step {offset + done}; state saved")
@@ -290,7 +340,7 @@ class Trainer:
         """One jitted step on a host batch (numpy), sharded over data x fsdp; compiled once per stage."""
         key = (stage.name, id(tx))
         if self._step_fns.get("key") != key:
-            fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum)
+            fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum, self.setup.loss_fn(stage))
             # the state keeps its layout; the scalar metrics are replicated
             out = (jax.tree.map(lambda x: x.sharding, state), sharding.replicated(self.mesh))
             self._step_fns = {"key": key, "fn": jax.jit(fn, out_shardings=out, donate_argnums=0)}
@@ -303,9 +353,31 @@ class Trainer:
         with self.mesh, _rules_context(self.rules):
             return self._step_fns["fn"](state, device_batch, rng)
 
+    def _count_skip(self, skipped, bad_streak: int, global_step: int) -> int:
+        """Count a finished step's skip flag; stop after ``max_bad_steps`` non-finite steps in a row."""
+        if float(skipped) == 0:
+            return 0
+        self.skipped_steps += 1
+        bad_streak += 1
+        logging.warning(
+            "step %d: non-finite loss or gradients, update skipped (%d in a row)", global_step, bad_streak
+        )
+        if bad_streak >= self.run_config.max_bad_steps:
+            raise Diverged(
+                f"{bad_streak} non-finite steps in a row (up to step {global_step}; config.max_bad_steps="
+                f"{self.run_config.max_bad_steps}); stopped without saving, the last checkpoint is intact"
+            )
+        return bad_streak
+
     def _save(self, global_step, stage, stage_step, state, iterator, wait=False, opt=True):
         params = optim.merge_params(state["trainable"], state["frozen"])
-        meta = {"stage": stage.name, "stage_step": stage_step, "has_opt_state": opt, "has_data": opt}
+        meta = {
+            "stage": stage.name,
+            "stage_step": stage_step,
+            "has_opt_state": opt,
+            "has_data": opt,
+            "skipped_steps": self.skipped_steps,
+        }
         self.ckpt.save(
             global_step,
             params,
@@ -326,7 +398,7 @@ class Trainer:
             )
 
 
-BATCH_KEYS = ("images", "tokens", "targets", "loss_mask", "attention_mask")
+BATCH_KEYS = ("images", "tokens", "targets", "loss_mask", "attention_mask", "text_tokens", "text_mask")
 
 
 def _unbox(tree):

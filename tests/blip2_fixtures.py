@@ -93,6 +93,39 @@ def build_blip2(
     return path
 
 
+ITC_DIM = 12  # image_text_hidden_size of the retrieval fixture
+
+
+def build_blip2_retrieval(
+    path: str, *, cross_attention_frequency: int = 2, image_token: bool = False, seed: int = 0
+) -> str:
+    """A tiny Blip2ForImageTextRetrieval (BLIP-2's stage-1 Q-Former with ITC/ITM heads) saved at ``path``.
+
+    ``image_token``: set ``image_token_index`` (HF then expects ``num_query_tokens`` image ids before
+    every caption); without it HF's default (None). HF keeps a text_config it never builds: a tiny OPT.
+    """
+    from transformers import AutoConfig, Blip2Config, Blip2ForImageTextRetrieval
+
+    seed_all(seed)
+    tokenizer = make_tokenizer()
+    t = opt_config(tokenizer)
+    config = Blip2Config(
+        vision_config=dict(VISION),
+        qformer_config=dict(
+            QFORMER, cross_attention_frequency=cross_attention_frequency, use_qformer_text_input=True
+        ),
+        text_config=AutoConfig.for_model(t.pop("model_type"), **t),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_text_hidden_size=ITC_DIM,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if image_token else None,
+        architectures=["Blip2ForImageTextRetrieval"],
+    )
+    model = randomize_(Blip2ForImageTextRetrieval(config).eval(), seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_opt(path: str, seed: int = 0, **overrides) -> str:
     """A tiny OPTForCausalLM saved at ``path``."""
     from transformers import AutoConfig, AutoModelForCausalLM

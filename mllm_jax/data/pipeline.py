@@ -47,6 +47,12 @@ __all__ = [
 
 SHUFFLE_WINDOW = 1_000  # webdataset: records shuffled within this window on top of the shard order
 MIX_SEED_STRIDE = 1_000_003  # mix component i shuffles with seed + i * stride: independent orders
+
+
+class DataError(ValueError):
+    """The data is unusable (too many bad records): the run stops with this one-line message."""
+
+
 MIN_RECORDS_FOR_FRACTION = 200  # max_skipped_fraction is judged only on this many records or more
 
 
@@ -132,12 +138,12 @@ class Encoder:
                 self._examples.append(f"{where} ({e.reason})")
             self._bad_streak += 1
             if self._bad_streak >= self.MAX_BAD_STREAK:
-                raise ValueError(f"{self._bad_streak} bad examples in a row, the last: {e}") from e
+                raise DataError(f"{self._bad_streak} bad examples in a row, the last: {e}") from e
             bad, read, limit = sum(self._bad.values()), self._read, self.data.max_skipped_fraction
             if read >= MIN_RECORDS_FOR_FRACTION and bad > limit * read:
                 reasons = ", ".join(f"{r} {n}" for r, n in self._bad.most_common(3))
                 examples = "; e.g. " + ", ".join(self._examples) if self._examples else ""
-                raise ValueError(
+                raise DataError(
                     f"{bad} of {read} records skipped ({bad / read:.1%} > data.max_skipped_fraction="
                     f"{limit}): {reasons}{examples}. Check data.path / image_root / template, or raise "
                     "max_skipped_fraction"

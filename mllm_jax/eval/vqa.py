@@ -1,8 +1,10 @@
 """VQA accuracy on the held-out built-in synthetic questions, by generating answers.
 
 The headline ``eval/vqa_accuracy`` averages the question types in ``HEADLINE_TYPES``; every type is
-also reported alone (``eval/vqa_accuracy/<type>``). ``eval/vqa_accuracy_blank`` asks the same
-questions with blank (black) images: the gap between the two shows the answers come from the image.
+also reported alone (``eval/vqa_accuracy/<type>``). Few-shot accuracy (``eval/vqa_accuracy_{k}shot``)
+puts k solved examples from the train split, each with its own image, before the question.
+``eval/vqa_accuracy_blank`` asks the same questions with blank (black) images: the gap between the
+two shows the answers come from the image.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_jax import generate
-from mllm_jax.data import pipeline, templates
+from mllm_jax.data import templates
+from mllm_jax.data.fewshot import fewshot_turns, heldout_questions, support_questions
 
 HEADLINE_TYPES = ("count", "color", "shape")
 
@@ -25,29 +28,34 @@ def answer_questions(
     params,
     tokenizer,
     image_spec,
-    config,
+    model_spec,
     template: str,
     items,
     blank: bool,
     batch_size: int,
     max_new_tokens: int,
+    supports=None,
 ) -> list[str]:
-    """Greedy answers (first word of the generated text) for ``items`` with image + question."""
+    """Greedy answers (first word of the generated text) for ``items`` with image + question;
+    ``supports[i]`` (optional): the solved examples put before item ``i`` (few-shot)."""
     answers = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
+        shots = [supports[start + j] if supports else [] for j in range(len(chunk))]
         prompts = [
-            templates.encode_prompt(
-                template,
-                tokenizer,
-                [("user", "<image> " + it["question"])],
-                config.image_token_id,
-                config.tokens_per_image,
-            ).tolist()
-            for it in chunk
+            templates.encode_prompt(template, tokenizer, fewshot_turns(sup, it), model_spec).tolist()
+            for sup, it in zip(shots, chunk, strict=True)
         ]
-        pixels = np.stack([image_spec(np.zeros_like(it["image"]) if blank else it["image"]) for it in chunk])
+        pixels = np.stack(
+            [
+                np.stack(
+                    [image_spec(s["image"]) for s in sup]
+                    + [image_spec(np.zeros_like(it["image"]) if blank else it["image"])]
+                )
+                for sup, it in zip(shots, chunk, strict=True)
+            ]
+        )
         if len(chunk) < batch_size:  # pad the batch so every chunk reuses one compilation
             prompts += [prompts[-1]] * (batch_size - len(chunk))
             pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(chunk), axis=0)])
@@ -55,7 +63,7 @@ def answer_questions(
             model,
             params,
             prompts,
-            pixels[:, None],
+            pixels,
             max_new_tokens=max_new_tokens,
             eos_ids=[tokenizer.eos_token_id],
             pad_id=pad,
@@ -66,12 +74,22 @@ def answer_questions(
     return answers
 
 
+def _accuracy_rows(answers, items, headline_types, suffix: str) -> dict:
+    correct = np.array([a == it["answer"] for a, it in zip(answers, items, strict=True)])
+    types = np.array([it["type"] for it in items])
+    headline = np.isin(types, headline_types)
+    rows = {f"eval/vqa_accuracy{suffix}": float(correct[headline].mean()) if headline.any() else 0.0}
+    for t in sorted(set(types.tolist())):
+        rows[f"eval/vqa_accuracy{suffix}/{t}"] = float(correct[types == t].mean())
+    return rows
+
+
 def synthetic_vqa(
     model,
     params,
     tokenizer,
     image_spec,
-    config,
+    model_spec,
     template,
     synthetic_config,
     *,
@@ -79,27 +97,36 @@ def synthetic_vqa(
     batch_size: int = 128,
     max_new_tokens: int = 3,
     headline_types=HEADLINE_TYPES,
+    shots=(),
 ) -> dict:
-    items = pipeline.heldout_questions(synthetic_config, num_questions)
+    """``eval/vqa_accuracy`` (+ per type), ``eval/vqa_accuracy_blank``, and for each k in ``shots``
+    ``eval/vqa_accuracy_{k}shot``: the same questions after k solved train-split examples."""
+    items = heldout_questions(synthetic_config, num_questions)
+    batch = min(batch_size, len(items))
     rows: dict[str, float] = {}
     for blank in (False, True):
+        answers = answer_questions(
+            model, params, tokenizer, image_spec, model_spec, template, items, blank, batch, max_new_tokens
+        )
+        rows.update(_accuracy_rows(answers, items, headline_types, "_blank" if blank else ""))
+    for k in shots:
+        if k == 0:
+            rows["eval/vqa_accuracy_0shot"] = rows["eval/vqa_accuracy"]
+            continue
+        pool = support_questions(synthetic_config, len(items) + k)
+        supports = [pool[i : i + k] for i in range(len(items))]  # a different window per question
         answers = answer_questions(
             model,
             params,
             tokenizer,
             image_spec,
-            config,
+            model_spec,
             template,
             items,
-            blank,
-            min(batch_size, len(items)),
+            False,
+            batch,
             max_new_tokens,
+            supports,
         )
-        correct = np.array([a == it["answer"] for a, it in zip(answers, items, strict=True)])
-        types = np.array([it["type"] for it in items])
-        headline = np.isin(types, headline_types)
-        suffix = "_blank" if blank else ""
-        rows[f"eval/vqa_accuracy{suffix}"] = float(correct[headline].mean()) if headline.any() else 0.0
-        for t in sorted(set(types.tolist())):
-            rows[f"eval/vqa_accuracy{suffix}/{t}"] = float(correct[types == t].mean())
+        rows.update(_accuracy_rows(answers, items, headline_types, f"_{k}shot"))
     return rows

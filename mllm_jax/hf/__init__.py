@@ -15,10 +15,11 @@ from types import ModuleType
 
 import numpy as np
 
-from mllm_jax.hf import blip2, clip, common, idefics, instructblip, llama, llava, opt
+from mllm_jax.hf import blip2, blip2_retrieval, clip, common, idefics, instructblip, llama, llava, opt
 from mllm_jax.hf.common import ConversionError
 
-# HF model_type -> (our family, conversion module).
+# HF model_type (or, where one model_type has several HF classes, architecture) -> (our family,
+# conversion module).
 ARCHITECTURES: dict[str, tuple[str, ModuleType]] = {
     "clip_vision_model": ("vit", clip),
     "siglip_vision_model": ("vit", clip),
@@ -29,6 +30,7 @@ ARCHITECTURES: dict[str, tuple[str, ModuleType]] = {
     "llava": ("llava", llava),
     "blip-2": ("blip2", blip2),
     "instructblip": ("blip2", instructblip),
+    "Blip2ForImageTextRetrieval": ("blip2", blip2_retrieval),  # model_type "blip-2" too
     "idefics": ("idefics", idefics),
 }
 
@@ -56,6 +58,9 @@ class Pretrained:
 
 
 def architecture(hf_config: dict) -> tuple[str, ModuleType]:
+    for name in hf_config.get("architectures") or ():
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
     model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConversionError(
@@ -75,6 +80,8 @@ def load_pretrained(model_dir: str) -> Pretrained:
         for key in TIED_KEYS.get(family, ()):
             tensors.pop(key, None)
     params = common.hf_to_params(tensors, module.rules(config), f"{model_dir} ({hf_config['model_type']})")
+    if hasattr(module, "complete_params"):  # params HF does not store (BLIP-2's ITC temperature)
+        params = module.complete_params(config, params)
     return Pretrained(family, config, params, hf_config)
 
 
@@ -91,6 +98,8 @@ def config_to_hf(family: str, config, base: dict | None = None) -> dict:
         ours["architectures"] = [opt.ARCHITECTURE]
     elif family == "blip2":  # InstructBLIP is BLIP-2 whose Q-Former also reads the instruction
         module = instructblip if config.qformer.text_input else blip2
+        if blip2_retrieval.ARCHITECTURE in base.get("architectures", ()):  # stage 1, imported from HF
+            module = blip2_retrieval
         ours = module.config_to_hf(config, base)
     else:
         ours = ARCHITECTURES[family][1].config_to_hf(config, base)
@@ -105,7 +114,7 @@ def save_pretrained(
     """Write a directory that ``transformers`` loads with ``from_pretrained``: safetensors in PyTorch
     layout, config.json, and the tokenizer/processor assets copied from ``assets_dir``."""
     d = config_to_hf(family, config, hf_config)
-    module = ARCHITECTURES[d["model_type"]][1]  # export goes by the model_type it writes
+    module = architecture(d)[1]  # export goes by the architecture / model_type it writes
     np_params = _to_numpy(params)
     tensors = common.params_to_hf(np_params, module.rules(config), f"export to {d['model_type']}")
     os.makedirs(out_dir, exist_ok=True)

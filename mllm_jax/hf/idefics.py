@@ -146,7 +146,8 @@ def config_to_hf(c: IdeficsConfig, base: dict | None = None) -> dict:
         **{k: text[k] for k in (*_TEXT_DEFAULTS, "rope_parameters")},
         additional_vocab_size=c.additional_vocab_size,
         alpha_type=c.xattn.alpha_type,
-        alpha_initializer=c.xattn.alpha_init,
+        # HF knows no "constant" init; the exported gates carry their trained values anyway
+        alpha_initializer="zeros" if c.xattn.alpha_init == "constant" else c.xattn.alpha_init,
         alphas_initializer_range=c.xattn.alpha_init_std,
         cross_layer_interval=c.cross_layer_interval,
         qk_layer_norms=c.xattn.qk_layer_norms,

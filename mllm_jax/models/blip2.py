@@ -5,7 +5,8 @@ puts ``num_query_tokens`` ``<image>`` tokens before BOS and the model ``masked_s
 queries into them), the query outputs replace the ``<image>`` token embeddings in order, so the same
 splice as LLaVA's serves both. InstructBLIP differs only in the Q-Former also reading the instruction
 (``qformer_tokens``). Params: ``vision``, ``adapter`` (``query_tokens``, ``qformer``,
-``language_projection``), ``llm`` (an OPT or LLaMA-family decoder).
+``language_projection``, and with ``itc_embed_dim`` the stage-1 heads of ``mllm_jax.models.blip2_stage1``),
+``llm`` (an OPT or LLaMA-family decoder).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class Blip2Config:
     # Which decoder ``llm`` is ("opt" | "llm"); inferred from ``llm`` when empty. Stored so that a
     # config serialised with dataclasses.asdict can rebuild ``llm`` from its dict.
     llm_type: str = ""
+    # BLIP-2 stage 1 (``mllm_jax.models.blip2_stage1``): width of the ITC embeddings (HF
+    # ``image_text_hidden_size``); 0 = no stage-1 heads. Needs a Q-Former with ``text_ffn``.
+    itc_embed_dim: int = 0
+    # ITG's [DEC] token: replaces the caption's first token (BLIP-2 uses the tokenizer's bos id; our
+    # word-level tokenizers prepend <s> = 1 already, so there it changes nothing).
+    dec_token_id: int = 1
 
     def __post_init__(self):
         llm = self.llm
@@ -79,6 +86,18 @@ class Blip2Config:
             )
         if self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+        if self.itc_embed_dim < 0:
+            raise ValueError(f"itc_embed_dim must be >= 0, got {self.itc_embed_dim}")
+        if self.itc_embed_dim and (self.qformer.text_input or not self.qformer.text_ffn):
+            raise ValueError(
+                "BLIP-2 stage-1 heads (itc_embed_dim > 0) need qformer.text_ffn=True and "
+                "qformer.text_input=False"
+            )
+        if self.itc_embed_dim and not 0 <= self.dec_token_id < self.qformer.vocab_size:
+            raise ValueError(
+                f"dec_token_id {self.dec_token_id} is outside the Q-Former vocabulary "
+                f"({self.qformer.vocab_size})"
+            )
 
 
 class Blip2(nn.Module):
@@ -91,7 +110,7 @@ class Blip2(nn.Module):
         c = self.config
         self.vision = EvaTower(c.vision, self.dtype, self.remat, self.scan_layers)
         self.adapter = QFormerAdapter(
-            c.qformer, c.num_query_tokens, c.llm.hidden_size, self.dtype, self.remat
+            c.qformer, c.num_query_tokens, c.llm.hidden_size, self.dtype, self.remat, c.itc_embed_dim
         )
         self.llm = LLMS[c.llm_type][1](c.llm, self.dtype, self.remat, self.scan_layers)
 

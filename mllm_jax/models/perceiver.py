@@ -32,6 +32,9 @@ class PerceiverConfig:
     # single context (OpenFlamingo's `frame_embs`), so T frames are resampled into one set of latents.
     # 0 (IDEFICS): no time embeddings; frame inputs are still accepted and simply concatenated.
     max_frames: int = 0
+    # Init scale of the latents (IDEFICS: 1). Unit-scale latents swamp what the images add to the residual
+    # stream, which a from-scratch model is slow to overcome; tiny starts them small.
+    latents_init_std: float = 1.0
 
     def validate(self):
         for name in ("embed_dim", "num_latents", "depth", "num_heads", "head_dim", "mlp_dim"):
@@ -124,7 +127,7 @@ class Perceiver(nn.Module):
         context_BxSxD = constrain(x.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
         latents = self.param(
             "latents",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(c.latents_init_std), (None, "embed")),
             (c.num_latents, c.embed_dim),
         )
         latents_BxLxD = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0], *latents.shape))

@@ -22,7 +22,9 @@ from mllm_jax.models.layers import Dense, RMSNorm, activation, attention, constr
 
 ALPHA_TYPES = ("float", "vector")
 # HF `alpha_initializer` names; "normal", "gaussian" and "random" all mean N(0, alpha_init_std).
-ALPHA_INITS = ("zeros", "ones", "normal", "gaussian", "random")
+# "constant" (ours, for training from scratch): every gate starts at alpha_init_value; a from-scratch
+# Flamingo whose gates start at exactly 0 can stay stuck at the no-image solution.
+ALPHA_INITS = ("zeros", "ones", "normal", "gaussian", "random", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class XattnConfig:
     alpha_type: str = "float"  # "float": one gate scalar, shape (1,); "vector": one per channel, (1, 1, D)
     alpha_init: str = "zeros"  # zeros keeps a pretrained LLM unchanged at init
     alpha_init_std: float = 0.0  # for the normal inits (HF `alphas_initializer_range`)
+    alpha_init_value: float = 0.0  # for "constant"
 
     def validate(self):
         if self.alpha_type not in ALPHA_TYPES:
@@ -56,6 +59,8 @@ def _alpha_init(c: XattnConfig):
         return nn.initializers.zeros
     if c.alpha_init == "ones":
         return nn.initializers.ones
+    if c.alpha_init == "constant":
+        return nn.initializers.constant(c.alpha_init_value)
     return nn.initializers.normal(c.alpha_init_std)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from blip2_fixtures import random_params
 
-from mllm_jax.models.qformer import QFormer, QFormerAdapter, QFormerConfig
+from mllm_jax.models.qformer import QFormer, QFormerAdapter, QFormerConfig, self_attention_mask
 
 CONFIG = QFormerConfig(
     hidden_size=24,
@@ -119,3 +119,41 @@ def test_bad_config_is_rejected():
         dataclasses.replace(CONFIG, text_input=True).validate()
     with pytest.raises(ValueError, match="no text embeddings"):
         QFormer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 2, 24)), image(0)[:1], jnp.ones((1, 2), int))
+
+
+def test_mask_modes_follow_blip2_stage1():
+    """Over [2 queries; 3 text tokens], the last text token padded."""
+    valid = jnp.array([[1, 1, 1, 1, 0]])
+    allowed = {m: np.asarray(self_attention_mask(m, 2, valid))[0, 0] for m in ("uni", "causal")}
+    q, t = [1, 1, 0, 0, 0], [0, 0, 1, 1, 0]  # rows: who a query / a text token may attend to
+    np.testing.assert_array_equal(allowed["uni"], [q, q, t, t, t])
+    np.testing.assert_array_equal(
+        allowed["causal"], [q, q, [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    )
+    bi = np.asarray(self_attention_mask("bi", 2, valid))  # InstructBLIP's: unchanged, keys only
+    assert bi.shape == (1, 1, 1, 5) and bi.tolist() == [[[[True] * 4 + [False]]]]
+    # one mode per example: several passes in one batch
+    mixed = np.asarray(self_attention_mask(("uni", "causal"), 2, jnp.ones((2, 5))))
+    np.testing.assert_array_equal(
+        mixed[1, 0], np.asarray(self_attention_mask("causal", 2, jnp.ones((1, 5))))[0, 0]
+    )
+    np.testing.assert_array_equal(
+        mixed[0, 0], np.asarray(self_attention_mask("uni", 2, jnp.ones((1, 5))))[0, 0]
+    )
+    with pytest.raises(ValueError, match="unknown Q-Former mask mode"):
+        self_attention_mask("full", 2, valid)
+    with pytest.raises(ValueError, match="3 mask modes for a batch of 2"):
+        self_attention_mask(("uni",) * 3, 2, jnp.ones((2, 5)))
+
+
+def test_stage1_heads_need_the_text_ffn():
+    adapter = QFormerAdapter(CONFIG, QUERIES, OUT, itc_embed_dim=8)
+    with pytest.raises(ValueError, match="text_ffn=True"):
+        jax.eval_shape(adapter.init, jax.random.key(0), image(0))
+    with pytest.raises(ValueError, match="itc_embed_dim=0"):
+        QFormerAdapter(CONFIG, QUERIES, OUT).apply(
+            {"params": {"query_tokens": jnp.zeros((1, QUERIES, 24))}},
+            None,
+            jnp.ones((2, 3), int),
+            method="encode",
+        )

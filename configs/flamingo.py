@@ -1,0 +1,255 @@
+"""Flamingo configs (IDEFICS layout): ``configs/flamingo.py:tiny`` (CPU demo on built-in synthetic data,
+from scratch, with multi-image and few-shot evaluation), ``:9b`` (IDEFICS-9B / OpenFlamingo-9B sizes:
+CLIP ViT-H/14 + LLaMA-7B, 64 latents, depth 6, a gated block every 4 layers) and ``:80b`` (IDEFICS-80B
+sizes: LLaMA-65B; config only).
+
+    python -m mllm_jax.main --config=configs/flamingo.py:tiny --workdir=/tmp/flamingo_tiny
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for configs/
+from configs import common  # noqa: E402
+
+# Flamingo freezes the vision tower and the LM: it trains the perceiver and the gated blocks (`adapter`)
+# and the new token rows (`llm/additional_*`, IDEFICS's decoupled embeddings).
+FLAMINGO_TRAINABLE = (r"adapter/.*", r"llm/additional_.*")
+# Gates (tanh(alpha)) take no weight decay: decayed towards 0 they close the path from the images.
+NO_DECAY = common.NO_DECAY + (r".*alpha_.*",)
+
+
+def model(**overrides) -> ml_collections.ConfigDict:
+    m = dict(
+        family="idefics",
+        # Initial weights: a whole HF IdeficsForVisionText2Text dir (`hf`), or a CLIP dir + a LLaMA dir
+        # (how Flamingo starts: perceiver and gated blocks new), or one of our checkpoints.
+        init=ml_collections.ConfigDict(dict(hf="", vision="", llm="", checkpoint="")),
+        tokenizer="builtin",
+        vision=ml_collections.ConfigDict(
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_layers=2,
+                num_heads=4,
+                image_size=32,
+                patch_size=8,
+                act="gelu",
+                layer_norm_eps=1e-5,
+            )
+        ),
+        llm=ml_collections.ConfigDict(
+            dict(
+                hidden_size=128,
+                intermediate_size=256,
+                num_layers=2,
+                num_heads=4,
+                num_kv_heads=4,
+                head_dim=32,
+                max_positions=256,
+                rope_theta=10000.0,
+                tie_embeddings=False,
+            )
+        ),
+        # embed_dim is the vision width
+        perceiver=ml_collections.ConfigDict(
+            dict(
+                num_latents=8,
+                depth=1,
+                num_heads=4,
+                head_dim=16,
+                mlp_dim=256,
+                act="relu",
+                qk_layer_norms=False,
+            )
+        ),
+        # hidden_size / kv_dim follow the LLM / media widths
+        xattn=ml_collections.ConfigDict(
+            dict(
+                intermediate_size=256,
+                num_heads=4,
+                head_dim=32,
+                act="silu",
+                qk_layer_norms=False,
+                alpha_type="float",
+                alpha_init="zeros",  # a pretrained LM is unchanged until training opens the gates
+                alpha_init_std=0.0,
+                alpha_init_value=0.0,
+            )
+        ),
+        use_resampler=True,
+        cross_layer_interval=1,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        remat="none",
+        scan_layers=False,  # the gated blocks sit between decoder layers: no layer scan for this family
+    )
+    m.update(overrides)
+    return ml_collections.ConfigDict(m)
+
+
+def tiny() -> ml_collections.ConfigDict:
+    c = common.base()
+    c.model = model()
+    # From scratch, gates at exactly 0 stay near 0 (the model learns the text-only solution first):
+    # start them open a little (measured while planning: 0.1 works, 0 does not).
+    c.model.xattn.alpha_init = "constant"
+    c.model.xattn.alpha_init_value = 0.1
+    c.synthetic = ml_collections.ConfigDict(dict(image_size=32, min_shapes=1, max_shapes=3, seed=0))
+    everything = (r"vision/.*", r"adapter/.*", r"llm/.*")  # nothing is pretrained in tiny
+    # Up to 3 images a sample (documents of 2-3 image+text turns) in 64 tokens; few-shot prompts at
+    # evaluation are longer (4-shot: 5 images, ~85 tokens), which the model has to generalise to.
+    length, images = 64, 3
+    pairs = dict(weight=0.5, task="caption")
+    # multi-image documents (image, its caption, image, its caption, ...) and conversations (image, its
+    # question and answer, ...): each text is about the latest image, as in few-shot prompts
+    captions = dict(weight=0.5, task="interleaved_caption")
+    docs = dict(weight=0.5, task="interleaved")
+    c.stages.align = common.stage(
+        steps=300,
+        batch_size=32,
+        trainable=everything,
+        learning_rate=3e-3,
+        warmup_steps=50,
+        no_decay=NO_DECAY,
+        data=common.data(max_length=length, max_images=images, mix=(pairs, captions)),
+    )
+    c.stages.instruct = common.stage(
+        steps=2000,
+        batch_size=32,
+        trainable=everything,
+        learning_rate=2e-3,
+        warmup_steps=50,
+        end_lr_ratio=0.05,
+        no_decay=NO_DECAY,
+        data=common.data(max_length=length, max_images=images, mix=(dict(weight=0.5, task="vqa"), docs)),
+    )
+    # Flamingo keeps the vision tower frozen; in tiny it learns in stage 1 only (from scratch), which
+    # also spares stage 2 its backward pass.
+    c.stages.instruct.trainable = (r"adapter/.*", r"llm/.*")
+    c.model.cross_layer_interval = 2  # one gated block per two decoder layers (IDEFICS-9B: 4)
+    c.log_every = 100
+    c.checkpoint_every = 500
+    c.eval.every = 0
+    c.eval.num_questions = 384
+    c.eval.shots = (0, 4, 8)
+    return c
+
+
+def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collections.ConfigDict:
+    c = common.base()
+    c.dtype = "bfloat16"
+    c.mesh.fsdp = -1
+    c.mesh.data = 1
+    c.model = model(
+        vision=ml_collections.ConfigDict(vision),
+        llm=ml_collections.ConfigDict(llm),
+        perceiver=ml_collections.ConfigDict(perceiver),
+        xattn=ml_collections.ConfigDict(xattn),
+        cross_layer_interval=4,
+        image_mean=(0.48145466, 0.4578275, 0.40821073),
+        image_std=(0.26862954, 0.26130258, 0.27577711),
+        tokenizer="",
+        remat="full",
+    )
+    # Local HF directories (nothing is downloaded): --config.model.init.vision=DIR (a CLIP ViT-H/14,
+    # e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K in HF format) --config.model.init.llm=DIR (LLaMA-7B),
+    # or --config.model.init.hf=DIR of HuggingFaceM4/idefics-9b to continue from IDEFICS.
+    # Stage 1 (Flamingo pre-training): perceiver + gated blocks + new tokens on MMC4-style documents
+    # mixed with image-text pairs; stage 2: instruction tuning (IDEFICS-instruct style).
+    c.stages.pretrain = common.stage(
+        steps=20_000,
+        batch_size=512,
+        trainable=FLAMINGO_TRAINABLE,
+        learning_rate=1e-4,
+        warmup_steps=2000,
+        weight_decay=0.1,
+        no_decay=NO_DECAY,
+        data=common.data(
+            max_length=512,
+            max_images=5,
+            mix=(
+                dict(weight=0.7, source="mmc4", path="mmc4/docs.jsonl", image_root="mmc4/images"),
+                dict(weight=0.3, source="webdataset", path="laion/{00000..09999}.tar"),
+            ),
+            template="plain",
+        ),
+    )
+    c.stages.instruct = common.stage(
+        steps=5000,
+        batch_size=128,
+        trainable=FLAMINGO_TRAINABLE,
+        learning_rate=2e-5,
+        warmup_steps=150,
+        no_decay=NO_DECAY,
+        data=common.data(
+            source="llava_json",
+            path="llava_v1_5_mix665k.json",
+            image_root="images",
+            template="vicuna_v1",
+            max_length=1024,
+            max_images=1,
+        ),
+    )
+    c.stage_order = ("pretrain", "instruct")
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.eval.num_questions = 0  # the built-in questions need the built-in tokenizer
+    return c
+
+
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    max_positions=2048,
+    rope_theta=10000.0,
+    tie_embeddings=False,
+)
+LLAMA_65B = dict(
+    LLAMA_7B, hidden_size=8192, intermediate_size=22016, num_layers=80, num_heads=64, num_kv_heads=64
+)
+CLIP_VIT_H14 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_layers=32,
+    num_heads=16,
+    image_size=224,
+    patch_size=14,
+    act="gelu",
+    layer_norm_eps=1e-5,
+)
+PERCEIVER_9B = dict(
+    num_latents=64, depth=6, num_heads=16, head_dim=96, mlp_dim=5120, act="relu", qk_layer_norms=False
+)
+XATTN_9B = dict(
+    intermediate_size=11008,
+    num_heads=32,
+    head_dim=128,
+    act="silu",
+    qk_layer_norms=False,
+    alpha_type="float",
+    alpha_init="zeros",
+    alpha_init_std=0.0,
+    alpha_init_value=0.0,
+)
+XATTN_80B = dict(XATTN_9B, intermediate_size=22016, num_heads=64, qk_layer_norms=True)
+
+PRESETS = {
+    "tiny": tiny,
+    "9b": lambda: _real(LLAMA_7B, CLIP_VIT_H14, XATTN_9B, PERCEIVER_9B),
+    "80b": lambda: _real(LLAMA_65B, CLIP_VIT_H14, XATTN_80B, dict(PERCEIVER_9B, qk_layer_norms=True)),
+}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/flamingo.py; presets: {sorted(PRESETS)}")
+    return PRESETS[preset]()
