@@ -85,6 +85,7 @@ def base() -> ml_collections.ConfigDict:
             max_new_tokens=3,
             shots=(),  # few-shot VQA: e.g. (0, 4, 8) -> eval/vqa_accuracy_{k}shot
             num_retrieval=0,  # held-out images for image-text retrieval after a Q-Former stage (0: off)
+            stages=(),  # evaluate after these stages only (empty: after every stage)
         )
     )
     return c

@@ -196,6 +196,7 @@ class Recipe:
     flops_per_sequence: Callable  # (config, seq_len, images) -> training FLOPs
     vision_family: str = "vit"  # the family of an `init.vision` directory
     image_mode: str = "resize"  # how its HF image processor fits images to the tower (ImageSpec.mode)
+    nested_text_config: bool = True  # the HF config holds the decoder's fields under "text_config"
 
 
 RECIPES = {
@@ -219,6 +220,7 @@ RECIPES = {
         idefics_processor,
         idefics_model_spec,
         flops.idefics_flops_per_sequence,
+        nested_text_config=False,
     ),
     "blip2": Recipe(
         "blip2",

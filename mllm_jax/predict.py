@@ -14,6 +14,7 @@ Logs go to stderr, the result to stdout; ``--format=json`` prints ``{"text", "to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -22,15 +23,20 @@ import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF model directory or mllm_jax checkpoint directory.")
-flags.DEFINE_multi_string("image", [], "Image file; repeat for several images (order = <image> order).")
-flags.DEFINE_string("prompt", None, "Prompt text, with the model's image placeholders.")
-flags.DEFINE_integer("max_new_tokens", 32, "Maximum number of generated tokens.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy decoding.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+
+
+def define_flags():
+    """Defined only when run as a program, so tools with flags of the same names (``evaluate``) can
+    import this module."""
+    flags.DEFINE_string("model", None, "HF model directory or mllm_jax checkpoint directory.")
+    flags.DEFINE_multi_string("image", [], "Image file; repeat for several images (order = <image> order).")
+    flags.DEFINE_string("prompt", None, "Prompt text, with the model's image placeholders.")
+    flags.DEFINE_integer("max_new_tokens", 32, "Maximum number of generated tokens.")
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy decoding.")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+    flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
 
 
 class UsageError(ValueError):
@@ -61,6 +67,21 @@ def load_images(paths):
     return images
 
 
+@functools.lru_cache(maxsize=8)
+def _processor(assets: str):
+    """The saved HF processor, loaded once per directory: ``evaluate`` prepares many examples."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(assets, trust_remote_code=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(assets: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
+
+
 def eos_token_ids(assets: str, hf_config: dict, tokenizer) -> list[int]:
     """EOS ids as HF ``generate`` would use them: generation_config.json, else the (text) config."""
     path = os.path.join(assets, "generation_config.json")
@@ -89,19 +110,17 @@ def _to_nhwc(pixel_values) -> np.ndarray:
 
 
 def _text_only(config, assets, prompt, images) -> Inputs:
-    from transformers import AutoTokenizer
 
     if images:
         raise UsageError("this is a text-only model: --image is not accepted")
-    tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
+    tokenizer = _tokenizer(assets)
     return Inputs(tokenizer, tokenizer(prompt, return_tensors="np")["input_ids"][0].tolist())
 
 
 def _llava(config, assets, prompt, images) -> Inputs:
     """LlavaProcessor: each ``<image>`` becomes the image's feature tokens, in place."""
-    from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(assets, trust_remote_code=False)
+    processor = _processor(assets)
     _check_placeholders(prompt, processor.image_token, images)
     inputs = processor(images=images or None, text=prompt, return_tensors="np")
     tokens = inputs["input_ids"][0].tolist()
@@ -120,11 +139,10 @@ def _llava(config, assets, prompt, images) -> Inputs:
 def _blip2(config, assets, prompt, images) -> Inputs:
     """Blip2Processor / InstructBlipProcessor: one image; its query tokens go in front of the prompt
     (the prompt needs no placeholder); InstructBLIP's Q-Former also reads the prompt."""
-    from transformers import AutoProcessor
 
     if len(images) != 1:
         raise UsageError(f"BLIP-2 takes exactly one --image, got {len(images)}")
-    processor = AutoProcessor.from_pretrained(assets, trust_remote_code=False)
+    processor = _processor(assets)
     prompt = prompt.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in prompt else prompt
     inputs = processor(images=images, text=prompt, return_tensors="np")
     extra = {}
@@ -142,13 +160,12 @@ def _idefics(config, assets, prompt, images) -> Inputs:
     """IdeficsProcessor's interleaved layout: the prompt split at each ``<image>`` is the list
     ``[text, image, text, ...]`` the processor takes; the images are resized as its image processor
     does. (IdeficsProcessor itself needs torch tensors, which are no runtime dependency here.)"""
-    from transformers import AutoTokenizer
 
     from mllm_jax import setup
     from mllm_jax.data import layouts, templates
 
     _check_placeholders(prompt, IMAGE_PLACEHOLDER, images)
-    tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
+    tokenizer = _tokenizer(assets)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_PLACEHOLDER, "<fake_token_around_image>")}
     if tokenizer.unk_token_id in ids.values():
         raise UsageError(f"{assets}: the tokenizer lacks IDEFICS's tokens {sorted(ids)}")
@@ -248,4 +265,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -221,10 +221,12 @@ class RunSetup:
                 "pad_token_id": t.pad_token_id,
             }
             # the pretrained parts' own HF configs keep the fields we do not model (names, token ids)
-            base = {
-                "vision_config": dict(self._hf_bases.get("vision", {})),
-                "text_config": {**self._hf_bases.get("llm", {}), **ids},
-            }
+            text = {**self._hf_bases.get("llm", {}), **ids}
+            base = {"vision_config": dict(self._hf_bases.get("vision", {}))}
+            if self.recipe.nested_text_config:
+                base["text_config"] = text
+            else:  # IDEFICS keeps the decoder's fields at the top level
+                base.update(ids)
             with open(os.path.join(self.assets, "generation_config.json"), "w") as f:
                 json.dump(ids, f, indent=2)
         with open(os.path.join(self.assets, "config.json"), "w") as f:
@@ -261,6 +263,8 @@ class RunSetup:
         """End-of-stage (and periodic) evaluation on the built-in held-out data: image-text retrieval
         after a Q-Former stage, VQA (and few-shot VQA, ``eval.shots``) after a generative one."""
         ev = self.run.eval
+        if ev.get("stages") and stage.name not in ev["stages"]:
+            return {}
         if stage.loss == "qformer":
             if not ev.get("num_retrieval", 0):
                 return {}
