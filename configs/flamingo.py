@@ -95,6 +95,10 @@ def model(**overrides) -> ml_collections.ConfigDict:
 def tiny() -> ml_collections.ConfigDict:
     c = common.base()
     c.model = model()
+    # Measured on 2 cores: from scratch, a resampler (8 latents, depth 1) kept the model at the blank-image
+    # baseline for the whole budget (VQA 0.26 after 2300 steps), while the vision tokens straight into the
+    # gated blocks (IDEFICS's use_resampler=False) reach 0.96; the resampler is exercised by the HF tests.
+    c.model.use_resampler = False
     # From scratch, gates at exactly 0 stay near 0 (the model learns the text-only solution first):
     # start them open a little (measured while planning: 0.1 works, 0 does not).
     c.model.xattn.alpha_init = "constant"
@@ -110,7 +114,7 @@ def tiny() -> ml_collections.ConfigDict:
     captions = dict(weight=0.5, task="interleaved_caption")
     docs = dict(weight=0.5, task="interleaved")
     c.stages.align = common.stage(
-        steps=300,
+        steps=200,
         batch_size=32,
         trainable=everything,
         learning_rate=3e-3,
@@ -119,7 +123,7 @@ def tiny() -> ml_collections.ConfigDict:
         data=common.data(max_length=length, max_images=images, mix=(pairs, captions)),
     )
     c.stages.instruct = common.stage(
-        steps=2000,
+        steps=600,
         batch_size=32,
         trainable=everything,
         learning_rate=2e-3,
