@@ -208,6 +208,7 @@ def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collectio
 
 
 LLAMA_7B = dict(
+    vocab_size=32000,  # LLaMA's; a tokenizer or init.llm dir brings its own
     hidden_size=4096,
     intermediate_size=11008,
     num_layers=32,

@@ -158,6 +158,7 @@ def _real(llm: dict) -> ml_collections.ConfigDict:
 
 
 LLAMA_7B = dict(
+    vocab_size=32000,  # LLaMA's; a tokenizer or init.llm dir brings its own
     hidden_size=4096,
     intermediate_size=11008,
     num_layers=32,
@@ -169,6 +170,7 @@ LLAMA_7B = dict(
     tie_embeddings=False,
 )
 LLAMA_13B = dict(
+    vocab_size=32000,  # LLaMA's; a tokenizer or init.llm dir brings its own
     hidden_size=5120,
     intermediate_size=13824,
     num_layers=40,

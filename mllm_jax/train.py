@@ -214,13 +214,24 @@ class Trainer:
                 if here is None or here.stage_step < stage.steps:
                     params = self._run_stage(index, stage, params, shardings, offset, here)
                 offset += stage.steps
-                if self.stop_requested and index + 1 < len(self.run_config.stages):
+                if self._agree_on_stop() and index + 1 < len(self.run_config.stages):
                     raise Preempted(f"stopped by SIGTERM at the end of stage {stage.name}; state saved")
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.writer.close()
             self.ckpt.close()
         return params
+
+    def _agree_on_stop(self) -> bool:
+        """Whether to stop now. Multi-host: every host stops at the same step if any host got SIGTERM
+        (each may get the notice at a different step): one tiny all-gather per step, and the decision
+        is this call's value, not a flag the signal handler may still change. Single host: the flag."""
+        stop = self.stop_requested
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+        return stop
 
     def _on_sigterm(self, signum, frame):
         logging.warning("SIGTERM: saving at the next step boundary")
@@ -275,12 +286,13 @@ class Trainer:
             state, metrics = self.step(stage, tx, lr_fn, state, batch, jax.random.fold_in(key, offset + s))
             window_steps += 1
             done = s + 1
+            stop = self._agree_on_stop()
             # Read the skip flag one step late: the next step is already queued, so this costs no stall.
             if pending is not None:
                 bad_streak = self._count_skip(pending, bad_streak, offset + done - 1)
             pending = metrics["skipped"]
             log_now = done % run.log_every == 0 or done == stage.steps
-            if log_now or self.stop_requested or done % run.checkpoint_every == 0:
+            if log_now or stop or done % run.checkpoint_every == 0:
                 bad_streak = self._count_skip(pending, bad_streak, offset + done)
                 pending = None
             if log_now:
@@ -300,7 +312,7 @@ class Trainer:
                 progress.update(done, row["loss"])
                 window_t0, window_tokens, window_steps = time.time(), 0, 0
             # a stop in the stage's last step finishes the stage (evaluation, final save) first
-            if self.stop_requested and done < stage.steps:
+            if stop and done < stage.steps:
                 self._save(offset + done, stage, done, state, iterator, wait=True)
                 progress.close()
                 raise Preempted(f"stopped by SIGTERM at step {offset + done}; state saved")

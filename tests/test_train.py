@@ -173,6 +173,7 @@ def _initial_params(workdir):
     return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens, images)["params"])
 
 
+@pytest.mark.slow  # tests/test_faults.py covers SIGTERM at several points, and more, in CI's default run
 def test_sigterm_saves_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
     flags = [
         "--config.stages.align.steps=12",

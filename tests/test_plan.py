@@ -1,0 +1,206 @@
+"""``python -m mllm_jax.plan``: the AOT memory plan of the real train step for a TPU slice (libtpu as
+a compiler on this CPU) and for simulated CPU devices, its searches, and its one-line errors."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mllm_jax import aot, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 1024**3
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="TPU targets need libtpu (the test extra installs it)"
+)
+
+
+def run_plan(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return subprocess.run(
+        [sys.executable, "-m", "mllm_jax.plan", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def plan_json(*args) -> dict:
+    r = run_plan(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def check_memory(p: dict):
+    """Per-chip numbers a user reads: positive, consistent, and at least the chip's share of the state."""
+    m = p["memory"]
+    assert all(m[k] > 0 for k in ("arguments", "outputs", "peak")) and m["temporaries"] >= 0
+    assert m["arguments"] >= p["state_bytes_per_chip"]  # the state is an argument of the step
+    assert m["aliased"] >= p["state_bytes_per_chip"]  # and donated: updated in place, counted once
+    # f32 params + Adam's two moments of every (trainable) param, split over the chips at best
+    assert p["state_bytes_per_chip"] >= 4 * (p["params"] + 2 * p["trainable_params"]) / p["devices"]
+    assert p["fits"] == (m["peak"] <= p["memory_limit_bytes"])
+    tokens = p["global_batch"] * p["seq_len"]
+    assert 6 * p["trainable_params"] * tokens / 2 < p["model_flops_per_step"] < 6 * p["params"] * tokens * 2
+
+
+# ---------------------------------------------------------------- the command
+
+
+@needs_libtpu
+def test_tiny_on_a_v5e_slice_fsdp():
+    p = plan_json(
+        "--config=configs/llava.py:tiny",
+        "--target=v5e-8",
+        "--suggest=false",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=-1",
+    )
+    assert (p["target"], p["device_kind"], p["devices"], p["hosts"]) == ("v5e-8", "TPU v5 lite", 8, 1)
+    assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert (p["per_chip_batch"], p["global_batch"], p["seq_len"], p["stage"]) == (4, 32, 36, "instruct")
+    check_memory(p)
+    # FSDP really splits the state: well under the whole of it on each chip
+    assert p["state_bytes_per_chip"] < 4 * 3 * p["params"] / 4
+    assert p["memory"]["generated_code"] > 0  # a TPU program, not a CPU one
+    assert p["memory_limit_bytes"] == 16 * GIB and p["fits"] is True
+    assert p["peak_flops_per_chip"] == 197e12
+    assert p["ideal_step_seconds"] == pytest.approx(p["model_flops_per_step"] / (8 * 197e12))
+    assert len(p["trials"]) == 1 and "suggest" not in p
+
+
+def test_tiny_on_8_cpu_devices_with_suggestions():
+    p = plan_json("--config=configs/llava.py:tiny", "--target=cpu-8", "--max_batch=8")
+    assert (p["device_kind"], p["devices"], p["mesh"]) == ("cpu", 8, {"data": 8, "fsdp": 1, "tensor": 1})
+    check_memory(p)
+    assert p["remat"] == "none" and p["per_chip_batch"] == 4 and p["fits"]
+    # the configured policy is the least recompute there is and fits; the batch search stops at the cap
+    assert p["suggest"]["remat"] == "none" and p["suggest"]["per_chip_batch"] == 8
+    trials = {(t["remat"], t["per_chip_batch"]): t for t in p["trials"]}
+    assert set(trials) == {("none", 4), ("none", 8)}  # two compilations, each one checked
+    assert trials["none", 8]["peak"] <= p["memory_limit_bytes"]
+    assert trials["none", 8]["temporaries"] > trials["none", 4]["temporaries"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target=v5e-7"], "error: --target 'v5e-7': not a v5e slice; known sizes: v5e-1, v5e-4, v5e-8"),
+        (["--target=cpu-8", "--config.mesh.data=3"], "error: config.mesh on cpu-8: mesh"),
+        (["--target=cpu-2", "--stage=pretrain"], "error: --stage 'pretrain': the config's stages are"),
+        (["--target=cpu-8", "--batch=2", "--remat=most"], "error: --remat 'most': one of"),
+        (["--target=cpu-8", "--config.nope=1"], "error: "),
+    ],
+)
+def test_impossible_requests_exit_2_with_one_line(args, message):
+    r = run_plan("--config=configs/llava.py:tiny", *args, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert r.stdout == ""
+
+
+@needs_libtpu
+def test_llava_7b_on_v5e_8_compiles_without_allocating_it():
+    p = plan_json("--config=configs/llava.py:7b", "--target=v5e-8", "--suggest=false")
+    assert p["params"] == pytest.approx(7.06e9, rel=0.01) and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    # f32 params, and Adam moments for the adapter and the LLM (the vision tower is frozen), over 8 chips
+    state = (4 * p["params"] + 8 * p["trainable_params"]) / 8
+    assert p["state_bytes_per_chip"] == pytest.approx(state, rel=0.01)
+    assert (p["per_chip_batch"], p["seq_len"], p["remat"]) == (16, 2048, "full")
+    assert p["memory"]["peak"] > p["state_bytes_per_chip"] and p["fits"] == (p["memory"]["peak"] <= 16 * GIB)
+    assert p["model_flops_per_step"] > 6 * p["trainable_params"] * 128 * 2048
+
+
+# ---------------------------------------------------------------- targets and searches
+
+
+@pytest.mark.parametrize(
+    "name, chips, generation",
+    [
+        ("v4-32", 16, "v4"),
+        ("v5e-8", 8, "v5e"),
+        ("v5e-16", 16, "v5e"),
+        ("v5p-8", 4, "v5p"),
+        ("v6e-8", 8, "v6e"),
+    ],
+)
+def test_targets_count_chips_as_google_names_slices(name, chips, generation):
+    t = aot.parse_target(name)
+    assert (t.platform, t.chips, t.generation) == ("tpu", chips, generation)
+    assert aot.memory_limit(t) == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}[generation] * GIB
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("tpu-8", "expected cpu-N or a TPU slice"),
+        ("v4-8x", "expected"),
+        ("v5p-6", "known sizes: v5p-8, v5p-16"),
+    ],
+)
+def test_unknown_targets_are_named(name, message):
+    with pytest.raises(aot.PlanError, match=message):
+        aot.parse_target(name)
+
+
+def test_memory_of_a_compile_that_ran_out_of_hbm():
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(46.16G) exceeds available HBM (15.75G)."
+    )
+    m = aot.memory_of_failure(message, state=GIB)
+    assert m["temporaries"] == int(46.16 * GIB) and m["peak"] == GIB + int(46.16 * GIB) and m["lower_bound"]
+    assert aot.memory_of_failure("RESOURCE_EXHAUSTED: something else", state=GIB)["peak"] is None
+
+
+AFFINE = [
+    (lambda b: 100 + 7 * b, 1000),  # as XLA's numbers nearly are
+    (lambda b: 900 + 30 * b, 1000),  # only a few fit
+    (lambda b: 100 + 7 * b + (13 if b % 3 == 0 else 0), 1000),  # with some noise
+    (lambda b: 1000 + b, 1000),  # not even one fits
+    (lambda b: 10 + b, 1e9),  # everything fits: the cap
+]
+CURVED = [
+    (lambda b: 50 + 3 * b + 0.05 * b * b, 1000),  # convex
+    (lambda b: 300 + 40 * math.sqrt(b), 1000),  # concave
+    (lambda b: 100 + 7 * (b // 8 + 1) * 8, 1000),  # steps (padding to a tile)
+    (lambda b: 100 + 7 * b if b <= 128 else math.inf, 1000),  # compiles that fail with no size
+]
+
+
+@pytest.mark.parametrize("start", [1, 4, 100, 300])
+@pytest.mark.parametrize("memory, limit", AFFINE + CURVED)
+def test_largest_fitting_batch(memory, limit, start):
+    best, proven, seen = plan.largest_fitting(memory, start, limit, cap=256)
+    answer = max((b for b in range(1, 257) if memory(b) <= limit), default=None)
+    assert len(seen) <= 8
+    if (memory, limit) in AFFINE:  # found and proven in at most four compilations
+        assert (best, proven) == (answer, True) and len(seen) <= 4
+    if proven:
+        assert best == answer
+        if answer is not None and answer < 256:  # both sides of the answer were measured
+            assert seen[answer] <= limit < seen[answer + 1]
+    if best is not None:  # whatever is suggested was measured to fit
+        assert seen[best] <= limit and best <= answer
+
+
+def test_least_recompute_policy():
+    order = ("none", "save_dots", "minimal", "full")
+    for first_fitting in range(len(order) + 1):
+        calls = []
+
+        def fits(p, k=first_fitting, calls=calls):
+            calls.append(p)
+            return order.index(p) >= k
+
+        for first in (None, "full", "none"):
+            calls.clear()
+            expected = order[first_fitting] if first_fitting < len(order) else None
+            assert plan.least_recompute(fits, order, first) == expected
+            assert len(calls) <= 3 and (first is None or calls[0] == first)
