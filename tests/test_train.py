@@ -288,7 +288,7 @@ def test_train_steps_compile_once(tmp_path):
 
     from mllm_jax import runconfig, train
 
-    c = sharded_step.load_config()
+    c = sharded_step.llava()
     run = runconfig.from_config_dict(c)
     trainer = train.Trainer(run, str(tmp_path / "compile"))
     params, _ = trainer._initial_params(None)
