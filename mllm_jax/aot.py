@@ -141,6 +141,7 @@ class Planner:
         self.trainer = self.trainer_for(remat)
         self.stage = self._pick_stage(stage_name)
         self.trials: dict = {}  # (remat, per-chip batch) -> memory
+        self.drift: list[str] | None = None  # state leaves the step returns with another dtype or shape
 
     def trainer_for(self, remat: str):
         from mllm_jax import train
@@ -237,7 +238,9 @@ class Planner:
         with warnings.catch_warnings():  # the legacy `with mesh` context, as Trainer.step uses it
             warnings.simplefilter("ignore", DeprecationWarning)
             with mesh, nn.logical_axis_rules(trainer.rules):
-                return jitted.lower(state, batch, rng).compile()
+                lowered = jitted.lower(state, batch, rng)
+        self.drift = self.drift if self.drift is not None else state_drift(state, lowered.out_info[0])
+        return lowered.compile()
 
     def measure(self, remat: str, per_chip: int) -> dict:
         import jax
@@ -283,6 +286,20 @@ def memory_of_failure(message: str, state: int) -> dict:
     peak = None if temporaries is None else state + temporaries
     error = next((line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
     return {"temporaries": temporaries, "peak": peak, "lower_bound": True, "error": error.strip()[:300]}
+
+
+def state_drift(state, new_state) -> list[str]:
+    """Leaves whose dtype or shape the step changes: the next step would get other inputs (and compile
+    again), and memory would differ from this plan's from the second step on."""
+    import jax
+
+    changes = []
+    for (path, old), new in zip(jax.tree.leaves_with_path(state), jax.tree.leaves(new_state), strict=True):
+        if (old.shape, old.dtype) != (new.shape, new.dtype):
+            changes.append(
+                f"{jax.tree_util.keystr(path)}: {old.dtype}{list(old.shape)} -> {new.dtype}{list(new.shape)}"
+            )
+    return changes
 
 
 def state_bytes(state) -> int:

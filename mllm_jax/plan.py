@@ -170,6 +170,9 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
             "peak_flops_per_chip": peak_flops or None,
             "ideal_step_seconds": model_flops / (len(devices) * peak_flops) if peak_flops else None,
         }
+        if planner.drift:  # a bug in the step, not in the plan: say so next to the numbers
+            plan["state_changes_after_one_step"] = planner.drift
+            _log(f"warning: the step changes {len(planner.drift)} state leaves, e.g. {planner.drift[0]}")
         if search.get("suggest", True):
             plan["suggest"] = suggest(planner, remat, per_chip, limit, search.get("max_batch", 256))
         plan["trials"] = [{"remat": r, "per_chip_batch": b, **m} for (r, b), m in planner.trials.items()]

@@ -46,6 +46,7 @@ def check_memory(p: dict):
     # f32 params + Adam's two moments of every (trainable) param, split over the chips at best
     assert p["state_bytes_per_chip"] >= 4 * (p["params"] + 2 * p["trainable_params"]) / p["devices"]
     assert p["fits"] == (m["peak"] <= p["memory_limit_bytes"])
+    assert "state_changes_after_one_step" not in p  # the Trainer relies on a state that keeps its layout
     tokens = p["global_batch"] * p["seq_len"]
     assert 6 * p["trainable_params"] * tokens / 2 < p["model_flops_per_step"] < 6 * p["params"] * tokens * 2
 
@@ -147,6 +148,21 @@ def test_targets_count_chips_as_google_names_slices(name, chips, generation):
 def test_unknown_targets_are_named(name, message):
     with pytest.raises(aot.PlanError, match=message):
         aot.parse_target(name)
+
+
+def test_state_drift_names_the_leaves_a_step_changes():
+    import jax
+    import jax.numpy as jnp
+
+    sds = jax.ShapeDtypeStruct
+    state = {
+        "params": {"w": sds((2, 3), jnp.bfloat16)},
+        "mu": {"w": sds((2, 3), jnp.bfloat16)},
+        "step": sds((), jnp.int32),
+    }
+    assert aot.state_drift(state, state) == []
+    new = {**state, "mu": {"w": sds((2, 3), jnp.float32)}}
+    assert aot.state_drift(state, new) == ["['mu']['w']: bfloat16[2, 3] -> float32[2, 3]"]
 
 
 def test_memory_of_a_compile_that_ran_out_of_hbm():
