@@ -197,6 +197,8 @@ class Recipe:
     vision_family: str = "vit"  # the family of an `init.vision` directory
     image_mode: str = "resize"  # how its HF image processor fits images to the tower (ImageSpec.mode)
     nested_text_config: bool = True  # the HF config holds the decoder's fields under "text_config"
+    # new tokens (<image>) grow the LLM's tables (LLaVA); False: they go to a separate table (IDEFICS)
+    grows_vocab: bool = False
 
 
 RECIPES = {
@@ -210,6 +212,7 @@ RECIPES = {
         llava_model_spec,
         flops.llava_flops_per_sequence,
         image_mode="crop",  # CLIPImageProcessor: shortest edge, then center crop
+        grows_vocab=True,
     ),
     "idefics": Recipe(
         "idefics",

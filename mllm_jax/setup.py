@@ -120,7 +120,7 @@ class RunSetup:
             if missing:
                 tokenizer.add_special_tokens({"additional_special_tokens": missing})
             llm_config, llm_params = llm.config, llm.params
-            if family == "llava" and len(tokenizer) > llm_config.vocab_size:
+            if self.recipe.grows_vocab and len(tokenizer) > llm_config.vocab_size:
                 # e.g. Vicuna's 32000 + <image>: grow the tables, as LLaVA's HF conversion, to a
                 # multiple of 64 (IDEFICS keeps new tokens in its separate additional table instead)
                 vocab = -(-len(tokenizer) // 64) * 64
