@@ -25,6 +25,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
         size=100_000,
         mix=(),  # weighted components: ({"weight": 0.5, "task": "caption"}, {"weight": 0.5, ...})
         text_length=0,  # > 0: also text_tokens/text_mask for a Q-Former (BLIP-2)
+        text_source="all",  # text_tokens of "all" the text, or the "prompt" only (InstructBLIP)
         max_skipped_fraction=0.05,  # fail when more of the records read are skipped (1.0: never)
     )
     d.update(overrides)
@@ -33,6 +34,10 @@ def data(**overrides) -> ml_collections.ConfigDict:
 
 # params without weight decay by default: biases, norm scales, embedding tables
 NO_DECAY = (r".*bias", r".*scale", r".*embedding", r".*class_embedding", r".*probe")
+
+
+# the LLM's attention and MLP projections (mllm_jax/lora.py DEFAULT_TARGETS)
+LORA_TARGETS = (r"llm/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",)
 
 
 def stage(**overrides) -> ml_collections.ConfigDict:
@@ -53,6 +58,8 @@ def stage(**overrides) -> ml_collections.ConfigDict:
         # params without weight decay (regexes on param paths); Flamingo adds its tanh gates
         no_decay=NO_DECAY,
         loss="lm",  # "lm" | "qformer" (BLIP-2 stage 1: ITC + ITM + ITG)
+        # low-rank adapters on the targets, merged into them at the end of the stage (rank 0: off)
+        lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=LORA_TARGETS)),
         data=data(),
     )
     d = overrides.pop("data", None)
@@ -77,6 +84,7 @@ def base() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.tensorboard = True
     c.max_bad_steps = 20  # stop after this many non-finite (skipped) steps in a row
+    c.attention = "xla"  # "xla" | "cudnn" (NVIDIA, bf16) | "splash" (Pallas kernel, TPU only)
     c.eval = ml_collections.ConfigDict(
         dict(
             every=0,
@@ -85,6 +93,8 @@ def base() -> ml_collections.ConfigDict:
             max_new_tokens=3,
             shots=(),  # few-shot VQA: e.g. (0, 4, 8) -> eval/vqa_accuracy_{k}shot
             num_retrieval=0,  # held-out images for image-text retrieval after a Q-Former stage (0: off)
+            num_grounding=0,  # held-out grounding + referring questions each (0: off; location tokens)
+            num_clips=0,  # held-out synthetic clips asked motion questions (0: off; eval/motion_accuracy)
             stages=(),  # evaluate after these stages only (empty: after every stage)
         )
     )

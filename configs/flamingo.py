@@ -30,6 +30,8 @@ def model(**overrides) -> ml_collections.ConfigDict:
         # (how Flamingo starts: perceiver and gated blocks new), or one of our checkpoints.
         init=ml_collections.ConfigDict(dict(hf="", vision="", llm="", checkpoint="")),
         tokenizer="builtin",
+        # True: PaliGemma's <loc0000>..<loc1023> join the tokenizer and the embeddings (boxes as text)
+        location_tokens=False,
         vision=ml_collections.ConfigDict(
             dict(
                 hidden_size=64,

@@ -14,7 +14,6 @@ import math
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable
 
 GIB = 1024**3
@@ -136,6 +135,10 @@ class Planner:
     def __init__(self, run, devices: list, workdir: str, remat: str, stage_name: str | None, log=None):
         self.run, self.devices, self.workdir = run, devices, workdir
         self.log: Callable[[str], None] = log or (lambda message: None)
+        from mllm_jax.models import layers
+
+        # the run's attention kernel is chosen for the target's chips, not for this CPU host
+        layers.ATTENTION_IMPLEMENTATION["platform"] = devices[0].platform
         self._trainers: dict = {}
         self._example: dict | None = None
         self.trainer = self.trainer_for(remat)
@@ -216,7 +219,6 @@ class Planner:
 
     def compile(self, remat: str, per_chip: int):
         """The train step as ``Trainer.step`` jits it, compiled for ``per_chip`` sequences per chip."""
-        import flax.linen as nn
         import jax
 
         from mllm_jax import sharding, train
@@ -235,10 +237,8 @@ class Planner:
         fn = train.make_train_step(trainer.model, tx, lr_fn, self.stage.grad_accum, loss_fn)
         out = (jax.tree.map(lambda x: x.sharding, state), replicated)
         jitted = jax.jit(fn, out_shardings=out, donate_argnums=0)
-        with warnings.catch_warnings():  # the legacy `with mesh` context, as Trainer.step uses it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            with mesh, nn.logical_axis_rules(trainer.rules):
-                lowered = jitted.lower(state, batch, rng)
+        with sharding.activation_context(mesh, trainer.rules):  # as Trainer.step traces it
+            lowered = jitted.lower(state, batch, rng)
         self.drift = self.drift if self.drift is not None else state_drift(state, lowered.out_info[0])
         return lowered.compile()
 

@@ -30,7 +30,12 @@ flags.DEFINE_enum("compare", "none", ["none", "torch"], "Also run transformers' 
 flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay f32; torch: autocast)."
 )
-flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "jax.nn.dot_product_attention implementation.")
+flags.DEFINE_enum(
+    "attention",
+    "xla",
+    ["xla", "cudnn", "splash"],
+    "Attention kernel (layers.ATTENTION_CHOICES; splash: TPU only).",
+)
 
 # (vision hidden, layers, heads, image, patch) / (llm hidden, layers, heads, kv heads, mlp, vocab)
 SIZES = {
@@ -215,7 +220,10 @@ def main(argv):
     from mllm_jax import flops
     from mllm_jax.models import layers
 
-    layers.ATTENTION_IMPLEMENTATION["name"] = None if FLAGS.attention == "xla" else FLAGS.attention
+    try:
+        layers.use_attention(FLAGS.attention)
+    except ValueError as e:
+        raise app.UsageError(f"--attention: {e}") from None
     config = bench_config(FLAGS.size)
     batch = make_batch(config, FLAGS.batch, FLAGS.seq)
     flops_per_step = FLAGS.batch * flops.llava_flops_per_sequence(config, FLAGS.seq)

@@ -34,6 +34,7 @@ from mllm_jax.runconfig import ConfigError
 MODEL_CONFIG = "mllm_config.json"
 ASSETS = "hf"
 CHECKPOINTS = "checkpoints"
+LORA = "lora"  # item of a mid-LoRA-stage step: the factors (see mllm_jax/lora.py)
 
 
 class CheckpointMismatch(ConfigError):
@@ -134,15 +135,30 @@ def load_model(directory: str, step: int | None = None) -> hf.Pretrained:
         if step is None:
             raise FileNotFoundError(f"{directory}: no complete checkpoint under {CHECKPOINTS}/")
         restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+        params = restored["params"]
+        if os.path.isdir(os.path.join(str(m.directory), str(step), LORA)):  # mid-LoRA-stage step
+            extra = m.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), lora=ocp.args.StandardRestore())
+            )
+            params = _merge_lora(params, extra[LORA], extra["meta"][LORA])
     hf_config_path = os.path.join(assets_dir(directory), "config.json")
     hf_config = {}
     if os.path.exists(hf_config_path):
         with open(hf_config_path) as f:
             hf_config = json.load(f)
-    params = restored["params"]
     if scan.is_stacked(params):  # trained with scan_layers: hand out the standard per-layer layout
         params = scan.unstack_layers(params)
     return hf.Pretrained(family, config, params, hf_config)
+
+
+def _merge_lora(params, factors, meta: dict):
+    """What the stage would export had it ended here: ``W + alpha/rank * A @ B``, as numpy."""
+    import numpy as np
+
+    from mllm_jax import lora
+
+    merged = lora.merge(params, factors, float(meta["alpha"]) / int(meta["rank"]))
+    return jax.tree.map(np.asarray, merged)
 
 
 def load_any(path: str) -> tuple[hf.Pretrained, str]:
@@ -169,10 +185,14 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, params, meta: dict, opt_state=None, data_state=None, wait: bool = False):
+    def save(
+        self, step: int, params, meta: dict, opt_state=None, data_state=None, wait: bool = False, lora=None
+    ):
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if lora:  # a LoRA stage's factors, mid-stage (``params`` then holds the unmerged base)
+            items[LORA] = ocp.args.StandardSave(lora)
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)

@@ -2,7 +2,7 @@ r"""Evaluate a model on a task with the field's metrics.
 
     python -m mllm_jax.evaluate --model=PATH --task=NAME --data=FILE[,FILE] [--image_root=DIR] \
         [--split=S] [--batch_size=16] [--max_new_tokens=N] [--prompt=TEMPLATE] [--limit=N] \
-        [--predictions=OUT.jsonl]
+        [--predictions=OUT.jsonl] [--mesh=data=-1,fsdp=1,tensor=1]
 
 PATH is a HF directory or one of our checkpoints / training workdirs, loaded as ``predict`` loads it;
 each example's tokens and pixels are prepared by ``predict.prepare_inputs`` (the model's HF processor
@@ -17,6 +17,11 @@ conventions), then answered by batched greedy ``generate``. Tasks (``TASKS``):
   built-in data; ``--data`` is optional (a JSON file of ``SyntheticConfig`` fields, e.g. the run's
   ``config.synthetic``), ``--prompt`` names a conversation template (default ``tiny``), ``--limit``
   is the number of questions (default 256). Metric keys are the ones training logs.
+- ``synthetic_grounding``: the same for boxes as location tokens (``config.model.location_tokens``):
+  ``--limit`` held-out grounding and as many referring questions -> ``eval/grounding_accuracy``
+  (IoU >= 0.5), ``eval/grounding_mean_iou``, ``eval/grounding_parsed``, ``eval/referring_accuracy``.
+- ``synthetic_video``: ``--limit`` held-out clips (``data/video.py``), one motion question each ->
+  ``eval/motion_accuracy`` and ``eval/motion_accuracy_static`` (every frame replaced by the first).
 
 ``--prompt`` is a template with the model's image placeholder and ``{question}`` (vqav2) or
 ``{expression}`` (refcoco); the answer is the first line of the generated text, stripped. One JSON
@@ -55,6 +60,11 @@ def define_flags():
     )
     flags.DEFINE_integer("limit", None, "Evaluate the first N examples only (synthetic_vqa: N questions).")
     flags.DEFINE_string("predictions", None, "Write per-example predictions here (JSON lines).")
+    flags.DEFINE_string(
+        "mesh",
+        "",
+        "Decode sharded as training: e.g. data=-1,fsdp=1,tensor=1 (as config.mesh); empty: one device.",
+    )
 
 
 # ---------------------------------------------------------------- per-task pieces
@@ -187,8 +197,10 @@ TASKS = {
     ),
 }
 SYNTHETIC = "synthetic_vqa"
-SYNTHETIC_DEFAULTS = dict(template="tiny", max_new_tokens=3, num_questions=256)  # as training's eval
-TASK_NAMES = (*TASKS, SYNTHETIC)
+SYNTHETIC_DEFAULTS = dict(template="tiny", num_questions=256)  # as training's eval
+# tasks on the built-in held-out data -> their default max_new_tokens (runners: SYNTHETIC_RUNS)
+SYNTHETIC_TASKS = {SYNTHETIC: 3, "synthetic_grounding": 6, "synthetic_video": 3}
+TASK_NAMES = (*TASKS, *SYNTHETIC_TASKS)
 PLACEHOLDERS = ("question", "expression")
 
 
@@ -201,6 +213,7 @@ class Options:
     max_new_tokens: int | None = None  # None: the task's default
     prompt: str | None = None  # None: the task's default
     limit: int | None = None  # first N examples (synthetic_vqa: N questions)
+    mesh: object = None  # a jax Mesh to decode sharded on (parse_mesh), None: one device
 
     def check(self):
         if self.batch_size < 1:
@@ -210,19 +223,40 @@ class Options:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
+def parse_mesh(text: str):
+    """``--mesh=data=2,fsdp=2,tensor=2`` (config.mesh's axes, one may be -1: the rest) -> a Mesh over
+    every device, or None for an empty string."""
+    from mllm_jax import sharding
+
+    if not text:
+        return None
+    spec = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
+            raise UsageError(
+                f"--mesh {text!r}: expected axis=size pairs of {sharding.MESH_AXES}, e.g. data=-1"
+            )
+        spec[key] = int(value)
+    try:
+        return sharding.make_mesh(spec)
+    except ValueError as e:
+        raise UsageError(f"--mesh {text!r}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticSet:
     config: object  # mllm_jax.data.synthetic.SyntheticConfig
     num_questions: int
 
 
-def _synthetic_set(files, image_root, split, limit) -> SyntheticSet:
+def _synthetic_set(task, files, image_root, split, limit) -> SyntheticSet:
     from mllm_jax.data import synthetic
 
     if image_root is not None or split is not None:
-        raise UsageError(f"--image_root and --split do not apply to {SYNTHETIC}")
+        raise UsageError(f"--image_root and --split do not apply to {task}")
     if len(files) > 1:
-        raise UsageError(f"--data: {SYNTHETIC} takes at most one JSON file of SyntheticConfig fields")
+        raise UsageError(f"--data: {task} takes at most one JSON file of SyntheticConfig fields")
     if files:
         if not os.path.isfile(files[0]):
             raise FileNotFoundError(f"--data {files[0]!r}: no such file")
@@ -243,8 +277,8 @@ def load_task_data(task: str, data: str | Sequence[str], image_root=None, split=
     if task not in TASK_NAMES:
         raise UsageError(f"--task {task!r}: unknown; known: {', '.join(TASK_NAMES)}")
     files = [f for f in data.split(",") if f] if isinstance(data, str) else list(data)
-    if task == SYNTHETIC:
-        return _synthetic_set(files, image_root, split, limit)
+    if task in SYNTHETIC_TASKS:
+        return _synthetic_set(task, files, image_root, split, limit)
     spec = TASKS[task]
     lo, hi = spec.files
     if not lo <= len(files) <= hi:
@@ -264,13 +298,13 @@ def load_task_data(task: str, data: str | Sequence[str], image_root=None, split=
 
 def task_template(task: str, prompt: str | None) -> str:
     """``prompt`` or the task's default, checked against the task (before any model is loaded)."""
-    if task == SYNTHETIC:
+    if task in SYNTHETIC_TASKS:
         from mllm_jax.data import templates
 
         template = prompt or SYNTHETIC_DEFAULTS["template"]
         if template not in templates.TEMPLATES and template != templates.CHAT:
             known = ", ".join([*templates.TEMPLATES, templates.CHAT])
-            raise UsageError(f"--prompt {template!r}: {SYNTHETIC} takes a template name: {known}")
+            raise UsageError(f"--prompt {template!r}: {task} takes a template name: {known}")
         return template
     fields = TASKS[task].fields
     template = prompt if prompt is not None else TASKS[task].prompt
@@ -351,18 +385,22 @@ def _run_file_task(task: str, pretrained, assets: str, records: list[dict], opti
             tokenizer = inputs[0].tokenizer
             model = models.build(pretrained.family, inputs[0].config or pretrained.config)
             eos = predict.eos_token_ids(assets, pretrained.hf_config, tokenizer)
+            params = pretrained.params  # on the mesh once, not per batch
+            if options.mesh is not None:
+                params = generate.place_params(model, params, options.mesh)
         qformer = getattr(pretrained.config, "qformer", None)  # BLIP-2 family only
         tokens, pixels, kwargs = batch_inputs(inputs, size, qformer and qformer.max_positions)
         try:
             results = generate.generate(
                 model,
-                pretrained.params,
+                params,
                 tokens,
                 pixels,
                 embed_kwargs=kwargs,
                 max_new_tokens=max_new,
                 eos_ids=eos,
                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                mesh=options.mesh,
             )
         except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's positions
             raise UsageError(str(e)) from None
@@ -381,18 +419,17 @@ def _run_file_task(task: str, pretrained, assets: str, records: list[dict], opti
     return spec.score(lines), lines
 
 
-def _run_synthetic(pretrained, assets: str, data: SyntheticSet, options: Options, keep_predictions: bool):
+def _synthetic_args(task: str, pretrained, assets: str, options: Options) -> tuple:
+    """``(model, params, tokenizer, image_spec, model_spec, template)`` as the synthetic evals take them."""
     from transformers import AutoTokenizer
 
     from mllm_jax import models, setup
-    from mllm_jax.data import fewshot, templates
-    from mllm_jax.eval import vqa
     from mllm_jax.families import RECIPES
     from mllm_jax.runconfig import ConfigError
 
     if pretrained.family not in RECIPES:
-        raise UsageError(f"{SYNTHETIC} needs an image-text model, not {pretrained.family!r}")
-    template = task_template(SYNTHETIC, options.prompt)
+        raise UsageError(f"{task} needs an image-text model, not {pretrained.family!r}")
+    template = task_template(task, options.prompt)
     tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
     try:
         image_spec = setup.image_spec_of_assets(assets)
@@ -400,17 +437,32 @@ def _run_synthetic(pretrained, assets: str, data: SyntheticSet, options: Options
         raise UsageError(str(e)) from None
     model_spec = RECIPES[pretrained.family].model_spec(pretrained.config, tokenizer)
     model = models.build(pretrained.family, pretrained.config)
-    args = (model, pretrained.params, tokenizer, image_spec, model_spec, template)
-    max_new = options.max_new_tokens or SYNTHETIC_DEFAULTS["max_new_tokens"]
+    return model, pretrained.params, tokenizer, image_spec, model_spec, template
+
+
+def _run_synthetic(pretrained, assets: str, data: SyntheticSet, options: Options, keep_predictions: bool):
+    from mllm_jax.data import fewshot, templates
+    from mllm_jax.eval import vqa
+
+    args = _synthetic_args(SYNTHETIC, pretrained, assets, options)
+    _, _, tokenizer, _, _, template = args
+    max_new = options.max_new_tokens or SYNTHETIC_TASKS[SYNTHETIC]
     n = data.num_questions
     rows = vqa.synthetic_vqa(
-        *args, data.config, num_questions=n, batch_size=options.batch_size, max_new_tokens=max_new
+        *args,
+        data.config,
+        num_questions=n,
+        batch_size=options.batch_size,
+        max_new_tokens=max_new,
+        mesh=options.mesh,
     )
     if not keep_predictions:
         return rows, []
     # a second pass (same compilation) for the per-question answers synthetic_vqa does not return
     items = fewshot.heldout_questions(data.config, n)
-    answers = vqa.answer_questions(*args, items, False, min(options.batch_size, n), max_new)
+    answers = vqa.answer_questions(
+        *args, items, False, min(options.batch_size, n), max_new, mesh=options.mesh
+    )
     lines = [
         {
             "id": i,
@@ -425,14 +477,84 @@ def _run_synthetic(pretrained, assets: str, data: SyntheticSet, options: Options
     return rows, lines
 
 
+def _run_synthetic_grounding(
+    pretrained, assets: str, data: SyntheticSet, options: Options, keep_predictions: bool
+):
+    from mllm_jax.data import templates
+    from mllm_jax.data.interleaved import vqa_turns
+    from mllm_jax.eval import grounding
+
+    task = "synthetic_grounding"
+    args = _synthetic_args(task, pretrained, assets, options)
+    tokenizer, template, size = args[2], args[5], data.config.image_size
+    try:
+        rows, answers = grounding.grounding_predictions(
+            *args,
+            data.config,
+            num_questions=data.num_questions,
+            batch_size=options.batch_size,
+            max_new_tokens=options.max_new_tokens or SYNTHETIC_TASKS[task],
+        )
+    except ValueError as e:  # a model without location tokens
+        raise UsageError(f"{task}: {e}") from None
+    lines = []
+    for kind, (items, texts) in answers.items():
+        found, ious = grounding.grounding_boxes(texts, items, size)
+        for item, text, box, iou in zip(items, texts, found, ious, strict=True):
+            prompt = templates.render_text(template, tokenizer, vqa_turns(item)[:1])
+            line = {"id": len(lines), "type": kind, "question": item["question"], "prompt": prompt}
+            line |= {"prediction": text, "answers": [item["answer"]], "target_box": list(item["box"])}
+            lines.append(line | ({"box": box, "iou": iou} if kind == "grounding" else {}))
+    return rows, lines if keep_predictions else []
+
+
+def _run_synthetic_video(
+    pretrained, assets: str, data: SyntheticSet, options: Options, keep_predictions: bool
+):
+    from mllm_jax.data import templates
+    from mllm_jax.data.video import clip_turns, heldout_clips
+    from mllm_jax.eval import video
+
+    task = "synthetic_video"
+    args = _synthetic_args(task, pretrained, assets, options)
+    tokenizer, template = args[2], args[5]
+    items = heldout_clips(data.config, data.num_questions)
+    batch, max_new = min(options.batch_size, len(items)), options.max_new_tokens or SYNTHETIC_TASKS[task]
+    answers = {static: video.answer_clips(*args, items, static, batch, max_new) for static in (False, True)}
+    rows = video.motion_rows(answers[False], items) | video.motion_rows(answers[True], items, "_static")
+    lines = [
+        {
+            "id": i,
+            "type": item["type"],
+            "question": item["question"],
+            "prompt": templates.render_text(
+                template, tokenizer, clip_turns(len(item["frames"]), item["question"])
+            ),
+            "prediction": answers[False][i],
+            "prediction_static": answers[True][i],
+            "answers": [item["answer"]],
+        }
+        for i, item in enumerate(items)
+    ]
+    return rows, lines if keep_predictions else []
+
+
+# synthetic task -> (pretrained, assets, SyntheticSet, options, keep_predictions) -> (metrics, lines)
+SYNTHETIC_RUNS = {
+    SYNTHETIC: _run_synthetic,
+    "synthetic_grounding": _run_synthetic_grounding,
+    "synthetic_video": _run_synthetic_video,
+}
+
+
 def run_task(
     pretrained, assets: str, task: str, examples, options: Options = Options(), keep_predictions=True
 ):
     """Metrics and prediction lines of a loaded model (``hf.Pretrained`` + its HF assets directory) on
     ``examples`` from ``load_task_data``: the entry point for evaluation inside training."""
     options.check()
-    if task == SYNTHETIC:
-        return _run_synthetic(pretrained, assets, examples, options, keep_predictions)
+    if task in SYNTHETIC_RUNS:
+        return SYNTHETIC_RUNS[task](pretrained, assets, examples, options, keep_predictions)
     return _run_file_task(task, pretrained, assets, examples, options)
 
 
@@ -448,11 +570,12 @@ def evaluate(
     prompt: str | None = None,
     limit: int | None = None,
     predictions: str | None = None,
+    mesh: str = "",
 ) -> dict:
     """``{"task", "model", "num_examples", **metrics}``; per-example lines go to ``predictions``."""
     from mllm_jax import checkpoint
 
-    options = Options(batch_size, max_new_tokens, prompt, limit)
+    options = Options(batch_size, max_new_tokens, prompt, limit, parse_mesh(mesh))
     options.check()
     if predictions and not os.path.isdir(os.path.dirname(os.path.abspath(predictions))):
         raise UsageError(f"--predictions {predictions!r}: its directory does not exist")
@@ -465,7 +588,7 @@ def evaluate(
         with open(predictions, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
         logging.info("wrote %d predictions to %s", len(lines), predictions)
-    n = examples.num_questions if task == SYNTHETIC else len(examples)
+    n = examples.num_questions if task in SYNTHETIC_TASKS else len(examples)
     return {"task": task, "model": model_path, "num_examples": n, **metrics}
 
 
@@ -490,6 +613,7 @@ def main(argv):
             prompt=FLAGS.prompt,
             limit=FLAGS.limit,
             predictions=FLAGS.predictions,
+            mesh=FLAGS.mesh,
         )
     except (UsageError, ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -165,8 +165,10 @@ def blip2_scratch(m: dict, tokenizer) -> Blip2Config:
     )
 
 
-def blip2_processor(config: Blip2Config, tokenizer, image_processor):
-    from transformers import Blip2Processor, BlipImageProcessor
+def blip2_processor(config: Blip2Config, tokenizer, image_processor, qformer_tokenizer=None):
+    """Blip2Processor, or InstructBlipProcessor when the Q-Former reads the prompt (its tokenizer:
+    ``qformer_tokenizer``, else the LLM's, as the from-scratch tiny models share one)."""
+    from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
 
     size = config.vision.image_size
     ip = BlipImageProcessor(
@@ -174,6 +176,11 @@ def blip2_processor(config: Blip2Config, tokenizer, image_processor):
         image_mean=list(image_processor.image_mean),
         image_std=list(image_processor.image_std),
     )
+    if config.qformer.text_input:
+        qformer_tokenizer = qformer_tokenizer if qformer_tokenizer is not None else tokenizer
+        return InstructBlipProcessor(
+            ip, tokenizer, qformer_tokenizer, num_query_tokens=config.num_query_tokens
+        )
     return Blip2Processor(ip, tokenizer, num_query_tokens=config.num_query_tokens)
 
 

@@ -6,6 +6,10 @@ methods (``Llava``, ``Blip2``, ``Llm``), and for the Flamingo family (``Idefics`
 the decoder as ``media`` through cross-attention: the media are computed once, the prompt tokens see
 the images ``image_mask [B, T, N]`` allows, and each new token sees what the last prompt token sees
 (HF's rule). Prompts are padded to a bucket so repeated calls reuse the compilation.
+
+With a ``mesh`` (``sharding.make_mesh``) decoding is sharded as training is: the prompt batch (and the KV
+cache) over ``data`` x ``fsdp``, padded to a multiple of it with copies of the last prompt, and the params
+in training's layout (their logical axes under ``rules``), kept as they are when already on that mesh.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from mllm_jax import sharding
 from mllm_jax.models.llm import LlmConfig, init_cache
 from mllm_jax.models.xattn import latest_image_mask
 
@@ -70,6 +77,7 @@ def _generate(
     model,
     sampling,
     max_new_tokens,
+    batch_sharding,
     params,
     tokens_BxT,
     lengths_B,
@@ -90,9 +98,12 @@ def _generate(
         last_BxN = jnp.take_along_axis(image_mask, (lengths_B - 1)[:, None, None], axis=1)
         prefill_media, step_media = (media, image_mask), (media, last_BxN)
     embeds = model.apply(variables, tokens_BxT, images, **embed_kwargs, method="embed")
-    cache = init_cache(
-        llm_config(model), b, t + max_new_tokens, embeds.dtype, getattr(model, "scan_layers", False)
-    )
+    stacked = getattr(model, "scan_layers", False)
+    cache = init_cache(llm_config(model), b, t + max_new_tokens, embeds.dtype, stacked)
+    if batch_sharding is not None:  # the KV cache is decoding's largest buffer: split it like the batch
+        batch_axes = batch_sharding.spec[0]
+        spec = PartitionSpec(None, batch_axes) if stacked else PartitionSpec(batch_axes)
+        cache = jax.lax.with_sharding_constraint(cache, NamedSharding(batch_sharding.mesh, spec))
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     logits, cache = model.apply(
         variables, embeds, positions, None, cache, jnp.zeros((b,), jnp.int32), *prefill_media, method="decode"
@@ -134,8 +145,68 @@ def _generate(
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(model, sampling: Sampling, max_new_tokens: int):
-    return jax.jit(functools.partial(_generate, model, sampling, max_new_tokens))
+def _compiled(model, sampling: Sampling, max_new_tokens: int, batch_sharding=None, rules=None):
+    # rules are read when the step is traced, so they are part of the key like the mesh
+    del rules
+    return jax.jit(functools.partial(_generate, model, sampling, max_new_tokens, batch_sharding))
+
+
+def mesh_of(params):
+    """The mesh ``params`` are laid out on (training's), or None for host or single-device arrays."""
+    for leaf in jax.tree.leaves(params):
+        placed = getattr(leaf, "sharding", None)
+        if isinstance(placed, NamedSharding) and placed.mesh.size > 1:
+            return placed.mesh
+    return None
+
+
+def param_shardings(model, params, mesh, rules):
+    """Training's layout of ``params`` on ``mesh``: each leaf's logical axes from an abstract init, as
+    ``train.Trainer`` derives them (a dimension its mesh axes do not divide is replicated); leaves that
+    are on ``mesh`` already keep their sharding, and leaves the init does not make are replicated."""
+    c = model.config
+    v = getattr(c, "vision", None)
+    args = (jnp.zeros((1, 8), jnp.int32),)
+    if v is not None:
+        args += (jnp.zeros((1, 1, v.image_size, v.image_size, v.num_channels)),)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
+    abstract = nn.meta.unbox(boxed)
+    laid_out = sharding.fit_to_shapes(sharding.shardings_of(boxed, mesh, rules), abstract)
+    path = jax.tree_util.keystr
+    known = {
+        path(p): (s, a.shape)
+        for (p, s), a in zip(
+            jax.tree_util.tree_leaves_with_path(laid_out), jax.tree.leaves(abstract), strict=True
+        )
+    }
+    replicated = sharding.replicated(mesh)
+
+    def place(p, x):
+        if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh:
+            return x.sharding
+        s, shape = known.get(path(p), (replicated, None))
+        return s if shape == tuple(np.shape(x)) else replicated
+
+    return jax.tree_util.tree_map_with_path(place, params)
+
+
+def place_params(model, params, mesh, rules=None):
+    """``params`` on ``mesh`` in training's layout (``param_shardings``); params already all there
+    (training's) are returned as they are. Callers decoding many batches place them once."""
+    on_mesh = lambda x: isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
+    if all(on_mesh(x) for x in jax.tree.leaves(params)):
+        return params
+    rules = sharding.rules() if rules is None else rules
+    return jax.device_put(params, param_shardings(model, params, mesh, rules))
+
+
+def _gather(x):
+    """A sharded result as one host array (across hosts, too)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
@@ -163,6 +234,8 @@ def generate(
     seed: int = 0,
     image_mask=None,
     embed_kwargs=None,
+    mesh=None,
+    rules=None,
 ):
     """Decode ``max_new_tokens`` (or until EOS) for each prompt.
 
@@ -170,6 +243,8 @@ def generate(
     only, bool ``[B, T_prompt, N]`` (IdeficsProcessor's ``image_attention_mask``); derived from the
     tokens and ``config.image_token_id`` / ``eod_token_id`` when omitted. ``embed_kwargs``: extra arrays
     for the prompt's ``embed`` (InstructBLIP: ``qformer_tokens_BxT``, ``qformer_mask_BxT``).
+    ``mesh``: decode sharded over it (module docstring); ``rules``: ``sharding.rules(...)`` of the run,
+    default ``sharding.RULES``. The same tokens come out as on one device.
 
     Returns per prompt a ``(token_ids, logprobs)`` pair of lists: the generated ids after the prompt,
     EOS included when produced, and each one's log-probability under the raw (untempered) logits.
@@ -188,19 +263,39 @@ def generate(
     if image_mask is not None:  # pad its rows like the tokens (padding rows are never read)
         image_mask = np.asarray(image_mask, bool)
         pad = tokens.shape[1] - image_mask.shape[1]
-        image_mask = jnp.asarray(np.pad(image_mask, ((0, 0), (0, pad), (0, 0))))
-    fn = _compiled(model, sampling, max_new_tokens)
-    out_tokens, out_logprobs = fn(
+        image_mask = np.pad(image_mask, ((0, 0), (0, pad), (0, 0)))
+    images = None if images is None else np.asarray(images)
+    embed_kwargs = {k: np.asarray(v) for k, v in (embed_kwargs or {}).items()}
+    count = len(prompts)
+    batch_sharding = None
+    if mesh is not None:
+        rules = sharding.rules() if rules is None else tuple(rules)
+        batch_sharding = sharding.batch_sharding(mesh)
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        # copies of the last row up to a multiple of data x fsdp; their results are dropped
+        extra = -count % shards
+        grow = lambda x: None if x is None else np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])  # noqa: E731
+        tokens, lengths, images, image_mask = grow(tokens), grow(lengths), grow(images), grow(image_mask)
+        embed_kwargs = {k: grow(v) for k, v in embed_kwargs.items()}
+        params = place_params(model, params, mesh, rules)
+    put = (lambda x: jnp.asarray(x)) if mesh is None else (lambda x: jax.device_put(x, batch_sharding))  # noqa: E731
+    args = (
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        None if images is None else jnp.asarray(images),
-        image_mask,
-        {k: jnp.asarray(v) for k, v in (embed_kwargs or {}).items()},
+        put(tokens),
+        put(lengths),
+        None if images is None else put(images),
+        None if image_mask is None else put(image_mask),
+        {k: put(v) for k, v in embed_kwargs.items()},
         eos,
         jax.random.key(seed),
     )
-    out_tokens, out_logprobs = np.asarray(out_tokens), np.asarray(out_logprobs)
+    fn = _compiled(model, sampling, max_new_tokens, batch_sharding, rules)
+    if mesh is None:
+        out_tokens, out_logprobs = fn(*args)
+    else:
+        with sharding.activation_context(mesh, rules):  # as Trainer.step traces it
+            out_tokens, out_logprobs = fn(*args)
+    out_tokens, out_logprobs = _gather(out_tokens)[:count], _gather(out_logprobs)[:count]
     results = []
     for row, lp in zip(out_tokens, out_logprobs, strict=True):
         n = int((row >= 0).sum())

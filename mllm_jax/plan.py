@@ -155,6 +155,7 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
             "remat": remat,
             "scan_layers": bool(run.model.get("scan_layers", False)),
             "dtype": run.dtype,
+            "attention": run.attention,
             "param_dtype": run.param_dtype,
             "per_chip_batch": per_chip,
             "grad_accum": st.grad_accum,

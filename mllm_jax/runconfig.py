@@ -9,6 +9,7 @@ import os
 import re
 
 from mllm_jax.data.pipeline import DataConfig
+from mllm_jax.lora import LoraConfig
 from mllm_jax.optim import SCHEDULES, OptimConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -29,6 +30,7 @@ TOP_LEVEL_KEYS = (
     "model",
     "synthetic",
     "max_bad_steps",
+    "attention",
 )
 STAGE_KEYS = (
     "steps",
@@ -46,7 +48,9 @@ STAGE_KEYS = (
     "data",
     "loss",
     "no_decay",
+    "lora",
 )
+LORA_KEYS = ("rank", "alpha", "targets")
 # what a stage minimises: the LM loss on target tokens, or BLIP-2's stage-1 Q-Former losses
 LOSSES = ("lm", "qformer")
 
@@ -65,6 +69,7 @@ class Stage:
     optim: OptimConfig
     data: DataConfig
     loss: str = "lm"
+    lora: LoraConfig = LoraConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +89,7 @@ class RunConfig:
     model: dict
     synthetic: dict
     max_bad_steps: int = 20
+    attention: str = "xla"  # layers.ATTENTION_CHOICES: the kernel every step is traced with
 
 
 def _unknown(keys, known, where: str):
@@ -152,7 +158,51 @@ def _stage(name: str, d: dict) -> Stage:
         optim,
         data_config,
         d.get("loss", "lm"),
+        _lora(where + "lora.", dict(d.get("lora", {}))),
     )
+
+
+def _lora(where: str, d: dict) -> LoraConfig:
+    """``stages.<name>.lora``; whether the targets select kernels is checked against the model
+    (``lora.check_stage``)."""
+    _unknown(d, LORA_KEYS, where)
+    c = LoraConfig(**d)
+    _positive(c.rank, where + "rank", allow_zero=True)
+    if isinstance(c.alpha, bool) or not isinstance(c.alpha, int | float) or not c.alpha > 0:
+        raise ConfigError(f"config.{where}alpha must be > 0, got {c.alpha!r}")
+    targets = (c.targets,) if isinstance(c.targets, str) else c.targets
+    if not isinstance(targets, tuple | list) or not all(isinstance(p, str) for p in targets):
+        raise ConfigError(f"config.{where}targets must be a tuple of regexes, got {targets!r}")
+    for pattern in targets:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.{where}targets: {pattern!r} is not a regex ({e})") from None
+    if c.rank and not targets:
+        raise ConfigError(f"config.{where}targets is empty: name the kernels to adapt")
+    return dataclasses.replace(c, targets=tuple(targets), alpha=float(c.alpha))
+
+
+def _check_clips(stages: tuple[Stage, ...], synthetic: dict) -> None:
+    """The synthetic ``video`` task puts a clip's frames in the image slots: it needs one per frame."""
+    from mllm_jax.data.synthetic import SyntheticConfig
+
+    frames = synthetic.get("num_frames", SyntheticConfig.num_frames)
+    for stage in stages:
+        for _, data in stage.data.components():
+            if data.source == "synthetic" and data.task == "video" and data.max_images < frames:
+                raise ConfigError(
+                    f"config.stages.{stage.name}.data.max_images={data.max_images}: task 'video' needs "
+                    f"max_images >= synthetic.num_frames ({frames})"
+                )
+
+
+def _attention(choice) -> str:
+    from mllm_jax.models.layers import ATTENTION_CHOICES
+
+    if choice not in ATTENTION_CHOICES:
+        raise ConfigError(f"config.attention must be one of {tuple(ATTENTION_CHOICES)}, got {choice!r}")
+    return choice
 
 
 def from_config_dict(config) -> RunConfig:
@@ -175,12 +225,14 @@ def from_config_dict(config) -> RunConfig:
                 f"config.stage_order names stage {name!r}, but config.stages has {sorted(stages_d)}"
             )
     stages = tuple(_stage(name, stages_d[name]) for name in order)
+    _check_clips(stages, dict(d.get("synthetic", {})))
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
         _positive(d.get(key, 1), key)
     mesh = dict(d.get("mesh", {}))
     _unknown(mesh, ("data", "fsdp", "tensor"), "mesh.")
     ev = dict(d.get("eval", {}))
     _positive(ev.get("every", 0), "eval.every", allow_zero=True)
+    _positive(ev.get("num_grounding", 0), "eval.num_grounding", allow_zero=True)
     return RunConfig(
         seed=int(d.get("seed", 0)),
         dtype=d.get("dtype", "float32"),
@@ -197,6 +249,7 @@ def from_config_dict(config) -> RunConfig:
         model=dict(d["model"]),
         synthetic=dict(d.get("synthetic", {})),
         max_bad_steps=d.get("max_bad_steps", 20),
+        attention=_attention(d.get("attention", "xla")),
     )
 
 

@@ -27,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mllm_jax import checkpoint, flops, hf, optim, train
+from mllm_jax import checkpoint, flops, generate, hf, optim, sharding, train
 from mllm_jax.data import pipeline, synthetic, templates, transforms
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.families import DTYPES, RECIPES
-from mllm_jax.models import scan
+from mllm_jax.models import layers, scan
 from mllm_jax.models.layers import check_remat
 from mllm_jax.runconfig import ConfigError, RunConfig, Stage
+from mllm_jax.tasks import boxes
 
 
 class RunSetup:
@@ -76,13 +77,20 @@ class RunSetup:
             remat = check_remat(m.get("remat", "none"))
         except ValueError as e:
             raise ConfigError(f"config.model.remat: {e}") from None
+        try:  # the kernel every step of this run is traced with (process-wide, as bench's --attention)
+            layers.use_attention(run.attention)
+        except ValueError as e:
+            raise ConfigError(f"config.attention: {e}") from None
         self.model = self.recipe.build(
             self.config, DTYPES[run.dtype], remat, bool(m.get("scan_layers", False))
         )
         self.fresh = fresh
         self.image_spec = self._image_spec(m) if fresh else _image_spec_of(_processor_config(self.assets))
         self.model_spec = self.recipe.model_spec(self.config, self.tokenizer)
+        _check_location_tokens(run, self.tokenizer)
         self.peak = flops.peak_flops_per_device() * (n_devices or jax.device_count())
+        for stage in run.stages:
+            self._check_text_input(stage)
 
     # -- model and weights
 
@@ -98,11 +106,13 @@ class RunSetup:
                     f"config.model.init.checkpoint holds a {self._pretrained.family!r} model, not {family}"
                 )
             tok_dir = tok_dir if tok_dir not in ("", "builtin") else checkpoint.assets_dir(init["checkpoint"])
-            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+            return self._pretrained.config, _location_tokens(m, tokenizer, "config.model.init.checkpoint")
         if init.get("hf"):
             self._pretrained = _load_hf(init["hf"], family, "config.model.init.hf")
             tok_dir = tok_dir if tok_dir not in ("", "builtin") else init["hf"]
-            return self._pretrained.config, AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+            return self._pretrained.config, _location_tokens(m, tokenizer, "config.model.init.hf")
         if init.get("vision") or init.get("llm"):
             if not (init.get("vision") and init.get("llm")):
                 raise ConfigError("config.model.init.vision and config.model.init.llm must be given together")
@@ -119,6 +129,7 @@ class RunSetup:
             missing = [t for t in self.recipe.special_tokens if t not in tokenizer.get_vocab()]
             if missing:
                 tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            tokenizer = _location_tokens(m, tokenizer)  # grown into the tables below, like <image>
             llm_config, llm_params = llm.config, llm.params
             if self.recipe.grows_vocab and len(tokenizer) > llm_config.vocab_size:
                 # e.g. Vicuna's 32000 + <image>: grow the tables, as LLaVA's HF conversion, to a
@@ -134,6 +145,7 @@ class RunSetup:
             tokenizer = build_tokenizer(synthetic.vocabulary(self.synthetic), self.recipe.special_tokens)
         else:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        tokenizer = _location_tokens(m, tokenizer)
         try:
             return self.recipe.scratch(m, tokenizer), tokenizer
         except (TypeError, KeyError) as e:
@@ -213,7 +225,11 @@ class RunSetup:
                     image_mean=list(m.get("image_mean", (0.5, 0.5, 0.5))),
                     image_std=list(m.get("image_std", (0.5,) * 3)),
                 )
-            self.recipe.processor(self.config, self.tokenizer, image_processor).save_pretrained(self.assets)
+            # the Q-Former's own tokenizer (BLIP-2 family) travels in the processor
+            extra = {"qformer_tokenizer": self.text_tokenizer} if self.text_tokenizer is not None else {}
+            self.recipe.processor(self.config, self.tokenizer, image_processor, **extra).save_pretrained(
+                self.assets
+            )
             t = self.tokenizer
             ids = {
                 "bos_token_id": t.bos_token_id,
@@ -261,7 +277,8 @@ class RunSetup:
 
     def evaluate(self, params, stage: Stage) -> dict:
         """End-of-stage (and periodic) evaluation on the built-in held-out data: image-text retrieval
-        after a Q-Former stage, VQA (and few-shot VQA, ``eval.shots``) after a generative one."""
+        after a Q-Former stage, VQA (and few-shot VQA, ``eval.shots``) after a generative one, and
+        grounding / referring with location tokens (``eval.num_grounding``)."""
         ev = self.run.eval
         if ev.get("stages") and stage.name not in ev["stages"]:
             return {}
@@ -279,14 +296,42 @@ class RunSetup:
                 num_images=ev["num_retrieval"],
                 text_length=stage.data.text_length,
             )
-        from mllm_jax.eval import vqa
+        from mllm_jax.eval import grounding, vqa
 
-        if not ev.get("num_questions"):
-            return {}
         template = ev.get("template") or stage.data.template
         if template not in templates.TEMPLATES and template != "chat":
             return {}
-        return vqa.synthetic_vqa(
+        rows = {}
+        if ev.get("num_grounding"):  # boxes as location tokens (config.model.location_tokens)
+            rows = grounding.synthetic_grounding(
+                self.model,
+                params,
+                self.tokenizer,
+                self.image_spec,
+                self.model_spec,
+                template,
+                self.synthetic,
+                num_questions=ev["num_grounding"],
+                batch_size=ev.get("batch_size", 128),
+            )
+        if ev.get("num_clips"):  # motion questions on held-out synthetic clips (data/video.py)
+            from mllm_jax.eval import video
+
+            rows = rows | video.synthetic_motion(
+                self.model,
+                params,
+                self.tokenizer,
+                self.image_spec,
+                self.model_spec,
+                template,
+                self.synthetic,
+                num_clips=ev["num_clips"],
+                batch_size=ev.get("batch_size", 128),
+                max_new_tokens=ev.get("max_new_tokens", 3),
+            )
+        if not ev.get("num_questions"):
+            return rows
+        return rows | vqa.synthetic_vqa(
             self.model,
             params,
             self.tokenizer,
@@ -299,7 +344,28 @@ class RunSetup:
             max_new_tokens=ev.get("max_new_tokens", 3),
             headline_types=tuple(ev.get("types", vqa.HEADLINE_TYPES)),
             shots=tuple(ev.get("shots", ())),
+            # decode on the trainer's mesh, which the params are laid out on
+            mesh=generate.mesh_of(params),
+            rules=sharding.rules(self.run.sharding_rules),
         )
+
+    def _check_text_input(self, stage: Stage):
+        """A generative stage feeds text_tokens to the Q-Former exactly when it reads an instruction."""
+        if stage.loss != "lm":
+            return
+        qformer = getattr(self.config, "qformer", None)
+        reads = bool(qformer is not None and qformer.text_input)
+        key = f"config.stages.{stage.name}.data.text_length"
+        if stage.data.text_length > 0 and not reads:
+            raise ConfigError(
+                f"{key}={stage.data.text_length}: only an instruction-aware Q-Former "
+                "(InstructBLIP, model.qformer.text_input) reads text in a generative stage"
+            )
+        if reads and stage.data.text_length == 0:
+            raise ConfigError(
+                f"{key}=0: InstructBLIP's Q-Former reads the instruction; set text_length "
+                "> 0 and data.text_source='prompt'"
+            )
 
     def loss_fn(self, stage: Stage):
         """The stage's ``loss_fn(model, params, batch, rng)`` (see ``train.make_train_step``)."""
@@ -332,6 +398,40 @@ def grow_vocab(llm_params: dict, vocab: int) -> dict:
         cols = np.repeat(head.mean(1, keepdims=True), extra, axis=1).astype(head.dtype)
         params["lm_head"] = {"kernel": np.concatenate([head, cols], axis=1)}
     return params
+
+
+def _location_tokens(m: dict, tokenizer, whole_model: str = ""):
+    """``config.model.location_tokens``: PaliGemma's ``<loc0000>``..``<loc1023>`` join the tokenizer
+    before the model is sized (so the embeddings and LM head cover them, and the saved tokenizer carries
+    them). A whole pretrained model (``whole_model``: its config key) is not resized: it must have them."""
+    on = m.get("location_tokens", False)
+    if not isinstance(on, bool):
+        raise ConfigError(f"config.model.location_tokens must be True or False, got {on!r}")
+    if not on:
+        return tokenizer
+    if not whole_model:
+        boxes.add_location_tokens(tokenizer)
+    elif not set(boxes.LOCATION_TOKENS) <= set(tokenizer.get_vocab()):
+        raise ConfigError(
+            f"config.model.location_tokens: the tokenizer of {whole_model} lacks <loc0000>..<loc1023> and a"
+            " whole pretrained model is not resized; start from init.vision + init.llm or from scratch"
+        )
+    return tokenizer
+
+
+def _check_location_tokens(run: RunConfig, tokenizer) -> None:
+    """Boxes in the data or the evaluation need the location tokens (else they would read as <unk>)."""
+    if boxes.LOCATION_TOKENS[0] in tokenizer.get_vocab():
+        return
+    users = ["config.eval.num_grounding"] if run.eval.get("num_grounding") else []
+    for stage in run.stages:
+        for i, (_, d) in enumerate(stage.data.components()):
+            if d.source == "synthetic" and d.task in ("grounding", "referring"):
+                users.append(
+                    f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "") + "task"
+                )
+    if users:
+        raise ConfigError(f"{users[0]} needs location tokens: set config.model.location_tokens=True")
 
 
 def _assets_source(init: dict) -> str:

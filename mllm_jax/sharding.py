@@ -7,6 +7,7 @@ splits heads and MLP width, the batch is split over ``data`` x ``fsdp``. A confi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -101,3 +102,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rule_table):
+    """Trace under ``mesh`` with ``rule_table`` so ``layers.constrain`` takes effect: flax's logical
+    constraints need ``jax.set_mesh``; under the legacy ``with mesh:`` they are silently dropped."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+        yield

@@ -10,9 +10,11 @@ saves at the next step boundary and exits with code 143.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mllm_jax import checkpoint, logger, optim, sharding
+from mllm_jax import checkpoint, logger, lora, optim, sharding
 from mllm_jax.runconfig import RunConfig, Stage
 
 PREEMPTED_EXIT_CODE = 143
@@ -50,8 +52,14 @@ def _injected_nan_steps() -> frozenset[int]:
 def lm_loss(model, params, batch, rng):
     """Summed next-token NLL over target tokens, with ``count`` (target tokens) and ``correct``."""
     del rng
+    # InstructBLIP: the Q-Former reads the instruction too (text_tokens with data.text_source="prompt")
+    extra = (
+        {"qformer_tokens_BxT": batch["text_tokens"], "qformer_mask_BxT": batch["text_mask"]}
+        if "text_tokens" in batch
+        else {}
+    )
     logits, _ = model.apply(
-        {"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"]
+        {"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"], **extra
     )
     logp = jax.nn.log_softmax(logits, axis=-1)
     targets = batch["targets"]
@@ -165,6 +173,10 @@ class Trainer:
                     f"config.stages.{stage.name}.trainable {list(stage.trainable)} match no parameter "
                     f"(paths look like {examples})"
                 )
+            if stage.lora.enabled:
+                lora.check_stage(
+                    stage.name, {p: v.shape for p, v in paths.items()}, stage.lora, stage.trainable
+                )
 
     # -- params
 
@@ -268,6 +280,12 @@ class Trainer:
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["opt_state"]
             )
             state["opt_state"] = self.ckpt.restore(resume.global_step, "opt_state", target)
+            if stage.lora.enabled:  # the factors trained so far (the params item holds the base)
+                target = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                    state["trainable"][lora.KEY],
+                )
+                state["trainable"][lora.KEY] = self.ckpt.restore(resume.global_step, lora.KEY, target)
             if resume.data_state is not None:
                 iterator.set_state(checkpoint.decode_state(resume.data_state))
         progress = logger.Progress(stage.name, start, stage.steps)
@@ -318,20 +336,37 @@ class Trainer:
                 progress.close()
                 raise Preempted(f"stopped by SIGTERM at step {offset + done}; state saved")
             if eval_every and done % eval_every == 0 and done < stage.steps:
-                self._evaluate(offset + done, stage, optim.merge_params(state["trainable"], state["frozen"]))
+                self._evaluate(offset + done, stage, self._params_of(stage, state, shardings))
             if done % run.checkpoint_every == 0 and done < stage.steps:
                 self._save(offset + done, stage, done, state, iterator)
         progress.close()
-        params = optim.merge_params(state["trainable"], state["frozen"])
+        params = self._params_of(stage, state, shardings)  # LoRA merged: plain params from here on
         self._evaluate(offset + stage.steps, stage, params)
-        self._save(offset + stage.steps, stage, stage.steps, state, iterator, wait=True, opt=False)
+        self._save(
+            offset + stage.steps, stage, stage.steps, state, iterator, wait=True, opt=False, params=params
+        )
         return params
+
+    def _params_of(self, stage: Stage, state, shardings):
+        """The stage's current params, with its LoRA factors merged (laid out like the base)."""
+        params = optim.merge_params(state["trainable"], state["frozen"])
+        if not stage.lora.enabled:
+            return params
+        merge = jax.jit(lambda t: lora.merged(t, stage.lora.scale), out_shardings=shardings)
+        return merge(params)
 
     def stage_state(self, stage: Stage, params, start: int = 0):
         """``(state, tx, lr_fn)`` for ``stage``, every leaf placed on the mesh: Adam moments take their
         param's sharding (jit would otherwise leave the zeros it makes on one device), scalars are
         replicated. Stable shardings are also what keeps the step from recompiling after step one."""
         trainable, frozen = optim.split_params(params, stage.trainable)
+        if stage.lora.enabled:  # B = 0: the stage starts exactly at its base
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+            init = functools.partial(lora.init_factors, params=shapes, config=stage.lora)
+            abstract = jax.eval_shape(init, jax.random.key(0))
+            out = lora.factor_shardings(frozen, abstract)
+            key = jax.random.fold_in(jax.random.key(self.run_config.seed), zlib.crc32(stage.name.encode()))
+            trainable = {**trainable, lora.KEY: jax.jit(init, out_shardings=out)(key)}
         tx, lr_fn = optim.make_optimizer(stage.optim, stage.steps)
         replicated = sharding.replicated(self.mesh)
         opt_shardings = optax.tree_utils.tree_map_params(
@@ -353,7 +388,10 @@ class Trainer:
         """One jitted step on a host batch (numpy), sharded over data x fsdp; compiled once per stage."""
         key = (stage.name, id(tx))
         if self._step_fns.get("key") != key:
-            fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum, self.setup.loss_fn(stage))
+            loss_fn = self.setup.loss_fn(stage)
+            if stage.lora.enabled:
+                loss_fn = lora.merging(loss_fn, stage.lora.scale)
+            fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum, loss_fn)
             # the state keeps its layout; the scalar metrics are replicated
             out = (jax.tree.map(lambda x: x.sharding, state), sharding.replicated(self.mesh))
             self._step_fns = {"key": key, "fn": jax.jit(fn, out_shardings=out, donate_argnums=0)}
@@ -363,7 +401,7 @@ class Trainer:
             for k, v in batch.items()
             if k in BATCH_KEYS
         }
-        with self.mesh, _rules_context(self.rules):
+        with sharding.activation_context(self.mesh, self.rules):
             return self._step_fns["fn"](state, device_batch, rng)
 
     def _count_skip(self, skipped, bad_streak: int, global_step: int) -> int:
@@ -382,8 +420,13 @@ class Trainer:
             )
         return bad_streak
 
-    def _save(self, global_step, stage, stage_step, state, iterator, wait=False, opt=True):
-        params = optim.merge_params(state["trainable"], state["frozen"])
+    def _save(self, global_step, stage, stage_step, state, iterator, wait=False, opt=True, params=None):
+        """Mid-stage (``opt``): the base params, the optimizer state, the data position and any LoRA
+        factors (item ``lora``, with rank and alpha in ``meta`` so readers can merge them). End of
+        stage: ``params`` as given (merged)."""
+        trainable, factors = lora.split_off(state["trainable"])
+        if params is None:
+            params = optim.merge_params(trainable, state["frozen"])
         meta = {
             "stage": stage.name,
             "stage_step": stage_step,
@@ -391,6 +434,9 @@ class Trainer:
             "has_data": opt,
             "skipped_steps": self.skipped_steps,
         }
+        factors = factors if opt else None
+        if factors:
+            meta[lora.KEY] = {"rank": stage.lora.rank, "alpha": stage.lora.alpha}
         self.ckpt.save(
             global_step,
             params,
@@ -398,6 +444,7 @@ class Trainer:
             opt_state=state["opt_state"] if opt else None,
             data_state=checkpoint.encode_state(iterator.get_state()) if opt else None,
             wait=wait,
+            lora=factors,
         )
 
     def _evaluate(self, global_step, stage, params):
@@ -418,12 +465,6 @@ def _unbox(tree):
     import flax.linen as nn
 
     return nn.meta.unbox(tree)
-
-
-def _rules_context(rules):
-    import flax.linen as nn
-
-    return nn.logical_axis_rules(rules)
 
 
 def train(run: RunConfig, workdir: str):

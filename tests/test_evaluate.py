@@ -302,3 +302,54 @@ def test_bad_input_exits_2_with_one_line(case, message, data, llava_dir, tmp_pat
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ")
     assert re.search(message, r.stderr)
+
+
+def test_synthetic_grounding_on_a_run_with_location_tokens(tmp_path):
+    """A shrunken `tiny_grounding` run: its tokenizer and embeddings hold the location tokens, the HF
+    export carries them, and `evaluate --task=synthetic_grounding` reports what training logged."""
+    from test_train import ROOT, SMALL
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from mllm_jax import convert
+
+    workdir, n = str(tmp_path / "run"), 8  # n = SMALL's eval batch: the same batches as training's eval
+    steps = ["--config.stages.align.steps=1", "--config.stages.instruct.steps=2"]
+    cmd = ["-m", "mllm_jax.main", "--config=configs/llava.py:tiny_grounding", f"--workdir={workdir}"]
+    r = subprocess.run(
+        [sys.executable, *cmd, *SMALL, *steps, f"--config.eval.num_grounding={n}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f if "eval/grounding_accuracy" in line][-1]
+
+    out = str(tmp_path / "hf")
+    convert.export_hf(workdir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.convert_tokens_to_ids([boxes.LOCATION_TOKENS[0], boxes.LOCATION_TOKENS[-1]])
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True).split() == ["<loc0000>", "<loc1023>"]
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.text_config.vocab_size >= len(tokenizer) > boxes.NUM_BINS
+
+    predictions = str(tmp_path / "grounding.jsonl")
+    result = evaluate.evaluate(workdir, "synthetic_grounding", limit=n, batch_size=n, predictions=predictions)
+    with open(predictions) as f:
+        lines = [json.loads(line) for line in f]
+    found = [line for line in lines if line["type"] == "grounding"]
+    named = [line for line in lines if line["type"] == "referring"]
+    assert (len(found), len(named), result["num_examples"]) == (n, n, n)
+    assert all(line["prompt"].startswith("USER : <image> where is the ") for line in found)
+    assert all("what is at <loc" in line["prompt"] for line in named)
+    assert result["eval/grounding_accuracy"] == pytest.approx(np.mean([line["iou"] >= 0.5 for line in found]))
+    assert result["eval/grounding_mean_iou"] == pytest.approx(np.mean([line["iou"] for line in found]))
+    assert result["eval/grounding_parsed"] == pytest.approx(
+        np.mean([line["box"] is not None for line in found])
+    )
+    correct = [line["prediction"] == line["answers"][0] for line in named]
+    assert result["eval/referring_accuracy"] == pytest.approx(np.mean(correct))
+    for key in ("eval/grounding_accuracy", "eval/grounding_mean_iou", "eval/referring_accuracy"):
+        assert result[key] == pytest.approx(logged[key]), key

@@ -368,6 +368,7 @@ CASES = {
         "holds a 'vit' model; expected 'llm'",
     ),
     "remote_code_tokenizer": (lambda d: [f"--config.model.tokenizer={d['evil']}"], "contains custom code"),
+    "text_without_a_qformer": (lambda d: [f"{DATA}text_length=8"], "only an instruction-aware Q-Former"),
 }
 
 

@@ -97,6 +97,10 @@ def test_tiny_on_8_cpu_devices_with_suggestions():
         (["--target=cpu-2", "--stage=pretrain"], "error: --stage 'pretrain': the config's stages are"),
         (["--target=cpu-8", "--batch=2", "--remat=most"], "error: --remat 'most': one of"),
         (["--target=cpu-8", "--config.nope=1"], "error: "),
+        (
+            ["--target=cpu-8", "--config.attention=splash"],
+            "error: config.attention: attention 'splash' is a TPU",
+        ),
     ],
 )
 def test_impossible_requests_exit_2_with_one_line(args, message):
@@ -104,6 +108,37 @@ def test_impossible_requests_exit_2_with_one_line(args, message):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
     assert r.stdout == ""
+
+
+SPLASH_HLO = """
+import sys, tempfile
+from mllm_jax import aot
+target = aot.parse_target("v5e-8")
+aot.set_platform_env(target)
+sys.path.insert(0, ".")
+from configs import llava
+from mllm_jax import runconfig
+c = llava.get_config("tiny")
+c.attention, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = sys.argv[1], 2, 2, 2
+with tempfile.TemporaryDirectory() as d:
+    planner = aot.Planner(runconfig.from_config_dict(c), aot.target_devices(target), d, "none", None)
+    print(planner.compile("none", 1).as_text().count("tpu_custom_call"))
+"""
+
+
+@needs_libtpu
+def test_splash_attention_compiles_to_mosaic_kernels_for_a_tpu():
+    """The real train step with config.attention=splash, sharded over data, fsdp and tensor, compiles for a
+    TPU with the Pallas kernels in its program (none with XLA attention)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    counts = {}
+    for attention in ("splash", "xla"):
+        r = subprocess.run(
+            [sys.executable, "-c", SPLASH_HLO, attention], capture_output=True, text=True, cwd=ROOT, env=env
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        counts[attention] = int(r.stdout.split()[-1])
+    assert counts["splash"] > 0 and counts["xla"] == 0, counts
 
 
 @needs_libtpu

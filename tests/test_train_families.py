@@ -144,3 +144,39 @@ def test_blip2_trains_both_stages_and_exports(tmp_path):
         ours = predict.predict(workdir, prompt, [path], max_new_tokens=3)
         inputs = processor(images=[Image.open(path).convert("RGB")], text=prompt, return_tensors="pt")
         assert hf_new_ids(model, inputs, 3).tolist()[: len(ours["token_ids"])] == ours["token_ids"]
+
+
+def test_instructblip_trains_with_the_instruction_in_the_qformer(tmp_path):
+    # The Q-Former reads the prompt (text_source="prompt") during training exactly as
+    # InstructBlipProcessor hands it over at inference, so the export answers as predict does.
+    from transformers import AutoProcessor, InstructBlipForConditionalGeneration
+
+    workdir = str(tmp_path / "instructblip")
+    rows = train(
+        "configs/blip2.py:tiny",
+        workdir,
+        "--config.model.llm_type=llm",
+        "--config.model.qformer.text_input=True",
+        "--config.model.qformer.num_layers=1",
+        "--config.model.itc_embed_dim=0",
+        "--config.stage_order=('generate',)",
+        "--config.stages.generate.steps=3",
+        "--config.stages.generate.batch_size=4",
+        "--config.stages.generate.data.text_length=16",
+        "--config.stages.generate.data.text_source=prompt",
+        "--config.eval.num_questions=8",
+    )
+    assert [r["stage"] for r in rows if "loss" in r] == ["generate"] * 3
+    out = str(tmp_path / "hf")
+    export(workdir, out)
+    model, info = InstructBlipForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model.eval()
+    processor = AutoProcessor.from_pretrained(out)
+    for i, item in enumerate(heldout_questions(SyntheticConfig(), 2)):
+        path = save(item["image"], str(tmp_path / f"q{i}.png"))
+        prompt = f"USER : {item['question']} ASSISTANT :"
+        ours = predict.predict(workdir, prompt, [path], max_new_tokens=3)
+        inputs = processor(images=[Image.open(path).convert("RGB")], text=prompt, return_tensors="pt")
+        assert "qformer_input_ids" in inputs
+        assert hf_new_ids(model, inputs, 3).tolist()[: len(ours["token_ids"])] == ours["token_ids"]

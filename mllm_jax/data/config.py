@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 SOURCES = ("synthetic", "llava_json", "webdataset", "mmc4")
-SYNTHETIC_TASKS = ("caption", "vqa", "interleaved", "interleaved_caption")
+SYNTHETIC_TASKS = ("caption", "vqa", "interleaved", "interleaved_caption", "grounding", "referring", "video")
 MULTI_IMAGE_TASKS = ("interleaved", "interleaved_caption")  # these need max_images >= 2
+TEXT_SOURCES = ("all", "prompt")
 PARENT_ONLY = ("mix", "max_length", "max_images", "text_length", "num_workers")
 
 
@@ -24,7 +25,9 @@ PARENT_ONLY = ("mix", "max_length", "max_images", "text_length", "num_workers")
 class DataConfig:
     source: str = "synthetic"  # a SOURCES entry
     # synthetic only: "caption" | "vqa" | "interleaved" (2..max_images images, one VQA turn each) |
-    # "interleaved_caption" (documents: image, its caption, image, its caption, ...)
+    # "interleaved_caption" (documents: image, its caption, image, its caption, ...) |
+    # "grounding" / "referring" (boxes as location tokens, grounding.py; needs model.location_tokens) |
+    # "video" (clips of synthetic.num_frames frames, one motion question; needs max_images >= num_frames)
     task: str = "vqa"
     path: str = ""  # llava_json / mmc4 file, or webdataset shard dir/glob
     image_root: str = ""  # llava_json / mmc4: the folder image paths are relative to (never left)
@@ -39,6 +42,10 @@ class DataConfig:
     # > 0: each example also carries the caption / question + answer / document text as
     # text_tokens, text_mask i32[text_length] in the text tokenizer's vocabulary (BLIP-2's Q-Former).
     text_length: int = 0
+    # What text_tokens hold for a conversation: "all" (caption / question + answer: BLIP-2 stage 1) or
+    # "prompt" (the rendered prompt before the last answer, images removed: the instruction
+    # InstructBLIP's Q-Former reads, as InstructBlipProcessor gives it at inference). Documents: all.
+    text_source: str = "all"
     # Fail once at least 200 records were read (pipeline.MIN_RECORDS_FOR_FRACTION) and more than this
     # share of them were skipped (per mix component): 5% tolerates a few dead links in a web-scale set
     # but catches a wrong image_root, template or file format early instead of training on the
@@ -116,5 +123,7 @@ def _check(c: DataConfig, where: str) -> None:
     for key, ok in checks.items():
         if not ok:
             raise ValueError(f"{where}{key} is out of range: {getattr(c, key)!r}")
+    if c.text_source not in TEXT_SOURCES:
+        raise ValueError(f"{where}text_source must be one of {TEXT_SOURCES}, got {c.text_source!r}")
     if not 0.0 <= c.max_skipped_fraction <= 1.0:
         raise ValueError(f"{where}max_skipped_fraction must be in [0, 1], got {c.max_skipped_fraction!r}")

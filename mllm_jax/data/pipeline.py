@@ -31,7 +31,7 @@ from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, truncate
 from mllm_jax.data.sources import LlavaJsonSource, Mmc4Source, ShardStream, SyntheticSource, WebDatasetSource
 from mllm_jax.data.synthetic import SyntheticConfig
-from mllm_jax.data.templates import encode_conversation, encode_document
+from mllm_jax.data.templates import encode_conversation, encode_document, render_text
 from mllm_jax.data.transforms import BadExample, ImageSpec, load_image
 
 __all__ = [
@@ -179,8 +179,12 @@ class Encoder:
             raise BadExample("no_targets")
         # Decode last: the cheap checks above reject examples before paying for their images.
         pixels = [self.image(load_image(im)) for im in images]
-        text = " ".join(" ".join(text for _, text in turns).replace(IMAGE, " ").split())
-        return self._example(tokens, learn, pixels, text)
+        if self.data.text_source == "prompt":  # up to the last user turn, rendered as a prompt
+            last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+            text = render_text(self.data.template, self.tokenizer, list(turns[: last_user + 1]))
+        else:
+            text = " ".join(text for _, text in turns)
+        return self._example(tokens, learn, pixels, " ".join(text.replace(IMAGE, " ").split()))
 
     def _document(self, items: Any) -> dict:
         """Images that fail are dropped (counted); the document is cut before its image number

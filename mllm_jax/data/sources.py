@@ -30,10 +30,12 @@ import grain
 import numpy as np
 
 from mllm_jax.data.config import SYNTHETIC_TASKS
+from mllm_jax.data.grounding import grounding_record, referring_record
 from mllm_jax.data.interleaved import interleaved_caption, interleaved_vqa, mmc4_document, vqa_turns
 from mllm_jax.data.layouts import IMAGE
 from mllm_jax.data.synthetic import QUESTION_TYPES, SyntheticConfig, make_example, pick_question
 from mllm_jax.data.transforms import BadExample, safe_join
+from mllm_jax.data.video import clip_record
 
 Record = dict[str, Any]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -57,6 +59,9 @@ TASK_RECORDS = {
     "vqa": _vqa,
     "interleaved": interleaved_vqa,
     "interleaved_caption": interleaved_caption,
+    "grounding": grounding_record,
+    "referring": referring_record,
+    "video": clip_record,
 }
 assert set(TASK_RECORDS) == set(SYNTHETIC_TASKS)
 
@@ -82,6 +87,10 @@ class SyntheticSource:
             raise ValueError(f"task must be one of {SYNTHETIC_TASKS}, got {task!r}")
         if task in ("interleaved", "interleaved_caption") and max_images < 2:
             raise ValueError(f"task {task!r} needs max_images >= 2, got {max_images}")
+        if task == "video" and max_images < config.num_frames:
+            raise ValueError(
+                f"task 'video' needs max_images >= num_frames ({config.num_frames}), got {max_images}"
+            )
         self.config, self.split, self.task, self.size = config, split, task, size
         self.max_images = max_images
 

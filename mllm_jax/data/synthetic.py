@@ -38,6 +38,9 @@ COUNT_QUESTION = "how many shapes are there ?"
 COLOR_QUESTION = "what color is the {shape} ?"
 SHAPE_QUESTION = "what shape is the {color} one ?"
 POSITION_QUESTION = "is the {a} left or right of the {b} ?"
+# grounding.py: a box's four location tokens (tasks/boxes.py) are the answer, or stand in the question
+GROUNDING_QUESTION = "where is the {name} ?"
+REFERRING_QUESTION = "what is at {box} ?"
 
 
 def _circle(yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -74,6 +77,7 @@ class SyntheticConfig:
     seed: int = 0
     # Share of the scene space reserved for ``heldout``; those scenes never appear in ``train``.
     heldout_fraction: float = 0.1
+    num_frames: int = 4  # frames per clip of the ``video`` task (video.py)
 
     def __post_init__(self):
         unknown = set(self.colors) - set(COLOR_RGB) | set(self.shapes) - set(SHAPE_MASKS)
@@ -85,6 +89,8 @@ class SyntheticConfig:
             raise ValueError("max_shapes exceeds the number of distinct (color, shape) pairs")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.num_frames < 2:
+            raise ValueError(f"num_frames must be >= 2 (a clip shows motion), got {self.num_frames}")
 
     @property
     def grid(self) -> int:
@@ -217,7 +223,11 @@ def pick_question(questions: list[dict], qtype: str, index: int) -> dict:
 def vocabulary(config: SyntheticConfig) -> list[str]:
     """Every word of any caption, question or answer, plus the chat-template words; sorted."""
     templates = (COUNT_QUESTION, COLOR_QUESTION, SHAPE_QUESTION, POSITION_QUESTION, "a and , .")
+    templates += (GROUNDING_QUESTION, REFERRING_QUESTION)
     words = {w for t in templates for w in t.split() if "{" not in w}
     words.update(config.colors, config.shapes, ("left", "right"), CHAT_WORDS)
     words.update(NUMBER_WORDS[config.min_shapes : config.max_shapes + 1])
+    from mllm_jax.data import video  # video.py builds on this module
+
+    words.update(video.words())
     return sorted(words)

@@ -35,9 +35,12 @@ def answer_questions(
     batch_size: int,
     max_new_tokens: int,
     supports=None,
+    mesh=None,
+    rules=None,
 ) -> list[str]:
     """Greedy answers (first word of the generated text) for ``items`` with image + question;
-    ``supports[i]`` (optional): the solved examples put before item ``i`` (few-shot)."""
+    ``supports[i]`` (optional): the solved examples put before item ``i`` (few-shot). ``mesh``, ``rules``:
+    decode sharded as training is (``generate.generate``)."""
     answers = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(items), batch_size):
@@ -67,6 +70,8 @@ def answer_questions(
             max_new_tokens=max_new_tokens,
             eos_ids=[tokenizer.eos_token_id],
             pad_id=pad,
+            mesh=mesh,
+            rules=rules,
         )
         answers += [
             first_word(tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in results[: len(chunk)]
@@ -98,15 +103,30 @@ def synthetic_vqa(
     max_new_tokens: int = 3,
     headline_types=HEADLINE_TYPES,
     shots=(),
+    mesh=None,
+    rules=None,
 ) -> dict:
     """``eval/vqa_accuracy`` (+ per type), ``eval/vqa_accuracy_blank``, and for each k in ``shots``
     ``eval/vqa_accuracy_{k}shot``: the same questions after k solved train-split examples."""
     items = heldout_questions(synthetic_config, num_questions)
     batch = min(batch_size, len(items))
+    sharded = dict(mesh=mesh, rules=rules)
+    if mesh is not None:  # placed once, not per batch
+        params = generate.place_params(model, params, mesh, rules)
     rows: dict[str, float] = {}
     for blank in (False, True):
         answers = answer_questions(
-            model, params, tokenizer, image_spec, model_spec, template, items, blank, batch, max_new_tokens
+            model,
+            params,
+            tokenizer,
+            image_spec,
+            model_spec,
+            template,
+            items,
+            blank,
+            batch,
+            max_new_tokens,
+            **sharded,
         )
         rows.update(_accuracy_rows(answers, items, headline_types, "_blank" if blank else ""))
     for k in shots:
@@ -127,6 +147,7 @@ def synthetic_vqa(
             batch,
             max_new_tokens,
             supports,
+            **sharded,
         )
         rows.update(_accuracy_rows(answers, items, headline_types, f"_{k}shot"))
     return rows

@@ -144,18 +144,61 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-# jax.nn.dot_product_attention's `implementation`: None lets XLA choose; "cudnn" asks for cuDNN's fused
-# flash attention on NVIDIA GPUs (bf16/f16 inputs only). Set by the benchmark's --attention flag.
-ATTENTION_IMPLEMENTATION: dict = {"name": None}
+# The run's attention kernel, read when a step is traced; set once per process by `use_attention`
+# (config.attention, bench --attention). "name": None lets XLA choose; "cudnn" is cuDNN's fused flash
+# attention on NVIDIA GPUs (bf16/f16 inputs only); "splash" the Pallas kernel for TPU (models/splash.py).
+# "platform": what the run compiles for when that is not this process's default backend (plan compiles
+# for a TPU slice on a CPU host). "interpret": run Pallas kernels in the interpreter (tests on CPU).
+ATTENTION_IMPLEMENTATION: dict = {"name": None, "platform": None, "interpret": False}
+ATTENTION_CHOICES = {"xla": None, "cudnn": "cudnn", "splash": "splash"}  # config value -> name
 
 
-def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS=None, dtype=jnp.float32):
-    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+def compile_platform() -> str:
+    return ATTENTION_IMPLEMENTATION.get("platform") or jax.default_backend()
+
+
+def _check_splash():
+    platform = compile_platform()
+    if platform != "tpu" and not ATTENTION_IMPLEMENTATION.get("interpret"):
+        raise ValueError(
+            f"attention 'splash' is a TPU kernel (Pallas/Mosaic), but this run compiles for {platform}: "
+            "use 'xla' (or 'cudnn' on a GPU)"
+        )
+
+
+def use_attention(choice: str) -> None:
+    """Select the attention kernel for every step traced from now on (one line of error if it cannot
+    run where this process compiles)."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention {choice!r}: one of {list(ATTENTION_CHOICES)}")
+    if choice == "splash":
+        _check_splash()
+    ATTENTION_IMPLEMENTATION["name"] = ATTENTION_CHOICES[choice]
+
+
+def attention(
+    q_BxTxNxH,
+    k_BxSxKxH,
+    v_BxSxKxH,
+    mask_BxNxTxS=None,
+    dtype=jnp.float32,
+    causal: bool = False,
+    sliding_window: int | None = None,
+):
+    """Scaled dot-product attention through ``jax.nn.dot_product_attention``, or the splash kernel.
 
     Grouped-query attention is native (N query heads, K kv heads, N % K == 0). ``mask`` is boolean,
-    True where a query may attend; broadcastable to ``[B, N, T, S]``. Softmax runs in f32.
+    True where a query may attend; broadcastable to ``[B, N, T, S]``. Softmax runs in f32. ``causal``
+    says the mask is ``causal_mask(idx, idx, key_valid, sliding_window)`` over this chunk's own
+    positions: the splash kernel then builds the causal part itself and reads only the key padding,
+    off the mask's diagonal (every valid key sees itself). Splash takes that and unmasked attention;
+    other masks (Q-Former, cross-attention, the KV-cache decode path) stay on XLA.
     """
     impl = ATTENTION_IMPLEMENTATION["name"]
+    if impl == "splash":
+        if mask_BxNxTxS is None or causal:
+            return _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal, sliding_window)
+        impl = None  # any other mask stays on XLA
     if impl is not None and dtype == jnp.float32:
         impl = None  # the fused kernels take half precision only
     out = jax.nn.dot_product_attention(
@@ -166,6 +209,25 @@ def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS=None, dtype=jnp.floa
         implementation=impl,
     )
     return out
+
+
+def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, sliding_window):
+    from mllm_jax.models import splash  # the Pallas TPU ops are imported only when chosen
+
+    _check_splash()
+    key_valid_BxS = None
+    if mask_BxNxTxS is not None:
+        diagonal = jnp.diagonal(mask_BxNxTxS[:, 0], axis1=-2, axis2=-1)
+        key_valid_BxS = jnp.broadcast_to(diagonal, (q_BxTxNxH.shape[0], diagonal.shape[-1]))
+    return splash.splash_attention(
+        q_BxTxNxH.astype(dtype),
+        k_BxSxKxH.astype(dtype),
+        v_BxSxKxH.astype(dtype),
+        key_valid_BxS,
+        causal=causal,
+        sliding_window=sliding_window,
+        interpret=bool(ATTENTION_IMPLEMENTATION.get("interpret")),
+    )
 
 
 def causal_mask(q_idx_BxT, k_idx_BxS, key_valid_BxS=None, sliding_window: int | None = None):

@@ -116,7 +116,9 @@ class LlmAttention(nn.Module):
             v_cache = write(cache[1], v, cache_index_B)
             cache = (k_cache, v_cache)
             k, v = k_cache, v_cache
-        out = attention(q, k, v, mask_Bx1xTxS, dtype=self.dtype).reshape(b, t, c.num_heads * c.head_dim)
+        # without a cache the mask is causal_mask over this chunk: a run's splash kernel may take it
+        out = attention(q, k, v, mask_Bx1xTxS, self.dtype, cache is None, c.sliding_window)
+        out = out.reshape(b, t, c.num_heads * c.head_dim)
         out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, name="o_proj")(out)
         return out, cache
 

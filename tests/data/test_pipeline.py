@@ -355,3 +355,19 @@ def test_too_many_skipped_records_fail_with_a_summary(tmp_path, tok):
     assert 1 <= len(lines) <= 3 and all(n % 10 == 4 for n in lines)
     tolerant = dataclasses.replace(base, max_skipped_fraction=0.2)
     assert len(_take(make_iterator(tolerant, tok, SPEC, _model(tok), batch_size=10, seed=0), 60)) == 60
+
+
+def test_text_tokens_of_the_prompt_for_instructblip(tok):
+    # text_source="prompt": the Q-Former reads what InstructBlipProcessor gets at inference, the rendered
+    # prompt before the answer with the image removed, not the answer.
+    data = DataConfig(task="vqa", max_length=40, size=8, shuffle=False, text_length=24, text_source="prompt")
+    batch = next(make_iterator(data, tok, SPEC, _model(tok), 2, seed=0))
+    for b in range(2):
+        lm = tok.convert_ids_to_tokens(batch["tokens"][b][batch["attention_mask"][b] == 1].tolist())
+        first_target = int(np.flatnonzero(batch["loss_mask"][b])[0]) + 1  # tokens[i + 1] is target i
+        prompt = [w for w in lm[1:first_target] if w != "<image>"]
+        assert prompt[0] == "USER" and prompt[-1] in ("ASSISTANT", ":")
+        words = tok.convert_ids_to_tokens(batch["text_tokens"][b][batch["text_mask"][b] == 1].tolist())
+        assert words == ["<s>"] + prompt
+    with pytest.raises(ValueError, match="text_source"):
+        DataConfig(text_source="answer")
