@@ -58,6 +58,9 @@ def model(**overrides) -> ml_collections.ConfigDict:
         ),
         num_query_tokens=8,
         itc_embed_dim=32,  # > 0: the stage-1 heads (ITC projections, ITM head, ITG head)
+        # video: images per clip, and "concat" (query tokens per frame) or "mean" (averaged per clip)
+        frames_per_clip=1,
+        video_pool="concat",
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         remat="none",

@@ -85,6 +85,8 @@ def model(**overrides) -> ml_collections.ConfigDict:
         ),
         use_resampler=True,
         cross_layer_interval=1,
+        # video: > 1 resamples each clip of this many frames, with frame embeddings, into one media item
+        frames_per_clip=1,
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         remat="none",

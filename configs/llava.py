@@ -54,6 +54,9 @@ def model(**overrides) -> ml_collections.ConfigDict:
         projector=ml_collections.ConfigDict(dict(depth=2, act="gelu")),
         vision_feature_layers=(-1,),
         vision_feature_select_strategy="default",
+        # video: images per clip, and "concat" (a block per frame) or "mean" (one averaged block per clip)
+        frames_per_clip=1,
+        video_pool="concat",
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         remat="none",  # none | full | minimal | save_dots (mllm_jax/models/layers.py REMAT_POLICIES)

@@ -46,6 +46,11 @@ def llm_sizes(m: dict, tokenizer) -> dict:
     return sizes
 
 
+def _video(m: dict) -> dict:
+    """LLaVA / BLIP-2 clip settings (``model.frames_per_clip`` / ``model.video_pool``; absent: images)."""
+    return dict(frames_per_clip=int(m.get("frames_per_clip", 1)), video_pool=m.get("video_pool", "concat"))
+
+
 # ---------------------------------------------------------------- LLaVA
 
 
@@ -55,7 +60,13 @@ def llava_scratch(m: dict, tokenizer) -> LlavaConfig:
     layers = tuple(m["vision_feature_layers"])
     projector = ProjectorConfig(vision.hidden_size * len(layers), llm.hidden_size, **m["projector"])
     return LlavaConfig(
-        vision, projector, llm, _token_id(tokenizer, IMAGE_TOKEN), layers, m["vision_feature_select_strategy"]
+        vision,
+        projector,
+        llm,
+        _token_id(tokenizer, IMAGE_TOKEN),
+        layers,
+        m["vision_feature_select_strategy"],
+        **_video(m),
     )
 
 
@@ -69,6 +80,7 @@ def llava_from_parts(m: dict, vision, llm_config: LlmConfig, tokenizer) -> Llava
         _token_id(tokenizer, IMAGE_TOKEN),
         layers,
         m["vision_feature_select_strategy"],
+        **_video(m),
     )
 
 
@@ -86,14 +98,19 @@ def llava_processor(config: LlavaConfig, tokenizer, image_processor):
 
 
 def llava_model_spec(config: LlavaConfig, tokenizer) -> pipeline.ModelSpec:
-    return pipeline.ModelSpec(config.image_token_id, config.tokens_per_image)
+    return pipeline.ModelSpec(
+        config.image_token_id, config.tokens_per_image, frames_per_image=config.frames_per_media
+    )
 
 
 # ---------------------------------------------------------------- Flamingo (IDEFICS layout)
 
 
 def _idefics_config(m: dict, vision: VitConfig, llm: LlmConfig, tokenizer, additional: int) -> IdeficsConfig:
+    frames = int(m.get("frames_per_clip", 1))
     perceiver = PerceiverConfig(embed_dim=vision.hidden_size, **m["perceiver"])
+    if frames > 1 and perceiver.max_frames < frames:  # a clip's frames need their embeddings
+        perceiver = dataclasses.replace(perceiver, max_frames=frames)
     media_dim = perceiver.embed_dim if m["use_resampler"] else vision.hidden_size
     xattn = XattnConfig(hidden_size=llm.hidden_size, kv_dim=media_dim, **m["xattn"])
     return IdeficsConfig(
@@ -106,6 +123,7 @@ def _idefics_config(m: dict, vision: VitConfig, llm: LlmConfig, tokenizer, addit
         additional_vocab_size=additional,
         image_token_id=_token_id(tokenizer, IMAGE_TOKEN),
         eod_token_id=tokenizer.eos_token_id,  # IdeficsProcessor's end of document
+        frames_per_clip=frames,
     )
 
 
@@ -140,6 +158,7 @@ def idefics_model_spec(config: IdeficsConfig, tokenizer) -> pipeline.ModelSpec:
         1,
         layout="idefics",
         around_token_id=_token_id(tokenizer, FAKE_IMAGE_TOKEN),
+        frames_per_image=config.frames_per_media,
     )
 
 
@@ -162,6 +181,7 @@ def blip2_scratch(m: dict, tokenizer) -> Blip2Config:
         llm_type=llm_type,
         itc_embed_dim=int(m.get("itc_embed_dim", 0)),  # > 0: BLIP-2 stage-1 heads (ITC/ITM/ITG)
         dec_token_id=tokenizer.bos_token_id,  # ITG's [DEC]: the Q-Former shares the tokenizer here
+        **_video(m),
     )
 
 
@@ -185,7 +205,12 @@ def blip2_processor(config: Blip2Config, tokenizer, image_processor, qformer_tok
 
 
 def blip2_model_spec(config: Blip2Config, tokenizer) -> pipeline.ModelSpec:
-    return pipeline.ModelSpec(config.image_token_id, config.tokens_per_image, layout="blip2")
+    return pipeline.ModelSpec(
+        config.image_token_id,
+        config.tokens_per_image,
+        layout="blip2",
+        frames_per_image=config.frames_per_media,
+    )
 
 
 # ---------------------------------------------------------------- the table

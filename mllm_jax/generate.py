@@ -94,7 +94,7 @@ def _generate(
         media = model.apply(variables, images, method="media")
         if image_mask is None:
             c = model.config
-            image_mask = latest_image_mask(tokens_BxT, c.image_token_id, images.shape[1], c.eod_token_id)
+            image_mask = latest_image_mask(tokens_BxT, c.image_token_id, media.shape[1], c.eod_token_id)
         last_BxN = jnp.take_along_axis(image_mask, (lengths_B - 1)[:, None, None], axis=1)
         prefill_media, step_media = (media, image_mask), (media, last_BxN)
     embeds = model.apply(variables, tokens_BxT, images, **embed_kwargs, method="embed")
@@ -168,7 +168,8 @@ def param_shardings(model, params, mesh, rules):
     v = getattr(c, "vision", None)
     args = (jnp.zeros((1, 8), jnp.int32),)
     if v is not None:
-        args += (jnp.zeros((1, 1, v.image_size, v.image_size, v.num_channels)),)
+        n = getattr(c, "frames_per_media", 1)  # one media item (a whole clip where frames merge)
+        args += (jnp.zeros((1, n, v.image_size, v.image_size, v.num_channels)),)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
     abstract = nn.meta.unbox(boxed)
     laid_out = sharding.fit_to_shapes(sharding.shardings_of(boxed, mesh, rules), abstract)

@@ -192,6 +192,11 @@ def prepare_inputs(family: str, config, assets: str, prompt: str, images) -> Inp
     """Tokens and pixels as the model's own HF processor prepares them (prompt conventions included)."""
     if family not in PREPARERS:
         raise UsageError(f"predict does not support {family!r} models")
+    if getattr(config, "frames_per_media", 1) > 1:  # the HF processors lay out one image per <image>
+        raise UsageError(
+            f"predict does not support clips merged into one media item (frames_per_clip="
+            f"{config.frames_per_media}); use evaluate --task=synthetic_video"
+        )
     return PREPARERS[family](config, assets, prompt, images)
 
 

@@ -154,7 +154,9 @@ class RunSetup:
     def init_fn(self, rng):
         c = self.config
         tokens = jnp.zeros((1, 8), jnp.int32)
-        images = jnp.zeros((1, 1, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
+        # one media item: a whole clip when the model merges frames (IDEFICS's frame embeddings are made here)
+        n = getattr(c, "frames_per_media", 1)
+        images = jnp.zeros((1, n, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
         return self.model.init(rng, tokens, images)["params"]
 
     def initial_params(self, shardings):
@@ -245,6 +247,8 @@ class RunSetup:
                 base.update(ids)
             with open(os.path.join(self.assets, "generation_config.json"), "w") as f:
                 json.dump(ids, f, indent=2)
+        if getattr(self.config, "frames_per_media", 1) > 1:
+            return  # clips merged into one media item: no HF config to write (convert --to_hf refuses it)
         with open(os.path.join(self.assets, "config.json"), "w") as f:
             json.dump(hf.config_to_hf(self.recipe.name, self.config, base), f, indent=2, sort_keys=True)
 

@@ -107,6 +107,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activation_context(mesh: Mesh, rule_table):
     """Trace under ``mesh`` with ``rule_table`` so ``layers.constrain`` takes effect: flax's logical
-    constraints need ``jax.set_mesh``; under the legacy ``with mesh:`` they are silently dropped."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+    constraints need an abstract mesh in context; under the legacy ``with mesh:`` they are silently
+    dropped. Only the abstract mesh: ``jax.set_mesh`` would also make constants created while tracing
+    go to the mesh's devices, which a TPU topology compiled on a CPU (``plan``) does not have."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rule_table):
         yield

@@ -180,3 +180,40 @@ def test_instructblip_trains_with_the_instruction_in_the_qformer(tmp_path):
         inputs = processor(images=[Image.open(path).convert("RGB")], text=prompt, return_tensors="pt")
         assert "qformer_input_ids" in inputs
         assert hf_new_ids(model, inputs, 3).tolist()[: len(ours["token_ids"])] == ours["token_ids"]
+
+
+def test_flamingo_trains_on_clips_and_refuses_export(tmp_path):
+    """IDEFICS with frames_per_clip=4: each clip of the synthetic `video` task is resampled with frame
+    embeddings into one media item; a few steps of both stages, the motion evaluation, no HF export."""
+    workdir = str(tmp_path / "flamingo_video")
+    stage = [
+        f"--config.stages.{name}.{key}"
+        for name in ("align", "instruct")
+        for key in ("steps=2", "batch_size=4", "data.mix=()", "data.task=video", "data.max_images=4")
+    ]
+    rows = train(
+        "configs/flamingo.py:tiny",
+        workdir,
+        *stage,
+        "--config.model.llm.head_dim=8",
+        "--config.model.xattn.head_dim=8",
+        "--config.model.xattn.intermediate_size=64",
+        "--config.model.use_resampler=True",
+        "--config.model.frames_per_clip=4",
+        "--config.eval.num_questions=0",
+        "--config.eval.num_clips=4",
+    )
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["stage"] for r in train_rows] == ["align"] * 2 + ["instruct"] * 2
+    assert all(np.isfinite(r["loss"]) and r["train/skipped_steps"] == 0 for r in train_rows)
+    assert any("eval/motion_accuracy" in r for r in rows)
+    family, config = checkpoint.read_model_config(workdir)
+    assert (family, config.frames_per_clip, config.perceiver.max_frames) == ("idefics", 4, 4)
+    r = subprocess.run(
+        [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={tmp_path / 'hf'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode != 0 and "transformers has no equivalent" in r.stderr
+    assert not (tmp_path / "hf").exists()

@@ -13,6 +13,11 @@ tokenize, exactly as the family's HF processor lays out the same prompt:
   (``Blip2Processor``); the text is what remains once each ``<image>`` and the whitespace after it are
   removed (unless that whitespace is all that separates two words), so ``"USER : <image> what ?"``
   reads ``"USER : what ?"``.
+
+Video (``ModelSpec.frames_per_image`` = T > 1, a model that merges a clip's T frames into one media item):
+the T ``<image>`` placeholders of a clip, in a row with only whitespace between them, become one image
+slot before the family's layout runs (``collapse_clips``), so a clip gets one block (one IDEFICS image
+token); the images stay T frames each in the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from mllm_jax.data.transforms import BadExample
 
 IMAGE = "<image>"
 
@@ -36,6 +43,7 @@ class ModelSpec:
     tokens_per_image: int = 1
     layout: str = "llava"
     around_token_id: int | None = None  # idefics: <fake_token_around_image>
+    frames_per_image: int = 1  # images (video frames) per slot in the sequence: the model's frames_per_media
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -44,6 +52,8 @@ class ModelSpec:
             raise ValueError("layout 'idefics' needs around_token_id (the <fake_token_around_image> id)")
         if self.tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be >= 1, got {self.tokens_per_image}")
+        if self.frames_per_image < 1:
+            raise ValueError(f"frames_per_image must be >= 1, got {self.frames_per_image}")
 
     @property
     def image_tokens(self) -> int:
@@ -71,6 +81,27 @@ def split_images(segments: list[tuple[str, bool]]) -> list[Part]:
                 parts.append(None)
             parts.append((piece, learned))
     return parts
+
+
+def collapse_clips(parts: list[Part], frames: int) -> list[Part]:
+    """Each run of ``frames`` images (only whitespace between them) -> one image part; the whitespace
+    inside a clip goes. Raises ``BadExample("clip_frames")`` when the images do not form such runs."""
+    if frames == 1:
+        return parts
+    out: list[Part] = []
+    seen = 0  # frames of the clip being read
+    for part in parts:
+        if part is None:
+            if seen == 0:
+                out.append(None)
+            seen = (seen + 1) % frames
+        elif not seen:
+            out.append(part)
+        elif part[0].strip():
+            raise BadExample("clip_frames", f"text inside a clip: a clip is {frames} {IMAGE} in a row")
+    if seen:
+        raise BadExample("clip_frames", f"the last clip has {seen} of {frames} frames")
+    return out
 
 
 def _llava(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
@@ -125,7 +156,7 @@ LAYOUTS = {"llava": _llava, "idefics": _idefics, "blip2": _blip2}
 
 
 def lay_out(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
-    return LAYOUTS[spec.layout](parts, spec)
+    return LAYOUTS[spec.layout](collapse_clips(parts, spec.frames_per_image), spec)
 
 
 def truncate(
@@ -134,7 +165,7 @@ def truncate(
     """Cut a sequence to ``length`` without leaving part of an image's token block behind.
 
     Returns ``(tokens, learn, n_images)``: the images whose blocks survive are the first ``n_images``
-    (blocks appear in image order in every layout).
+    (blocks appear in image order in every layout; a block holds ``frames_per_image`` images).
     """
     tokens, learn = tokens[:length], learn[:length]
     positions = np.flatnonzero(tokens == spec.image_token_id)
@@ -142,8 +173,9 @@ def truncate(
     if partial:
         start = positions[n_images * spec.image_tokens]
         tokens, learn = tokens[:start], learn[:start]
-    return tokens, learn, n_images
+    return tokens, learn, n_images * spec.frames_per_image
 
 
 def count_images(tokens: np.ndarray, spec: ModelSpec) -> int:
-    return int((tokens == spec.image_token_id).sum()) // spec.image_tokens
+    """Images (video frames) whose blocks are in ``tokens``."""
+    return int((tokens == spec.image_token_id).sum()) // spec.image_tokens * spec.frames_per_image

@@ -76,6 +76,11 @@ class Encoder:
         text_tokenizer=None,
     ):
         self.data, self.tokenizer, self.image, self.model = data, tokenizer, image, as_spec(model)
+        if data.max_images % self.model.frames_per_image:  # clips must fill whole image slots
+            raise DataError(
+                f"data.max_images={data.max_images} is not a multiple of the model's "
+                f"{self.model.frames_per_image} frames per clip"
+            )
         self.text_tokenizer = text_tokenizer if text_tokenizer is not None else tokenizer
         self.pad_id = _pad_id(tokenizer)
         self.text_pad_id = _pad_id(self.text_tokenizer)

@@ -87,6 +87,12 @@ def load_pretrained(model_dir: str) -> Pretrained:
 
 def config_to_hf(family: str, config, base: dict | None = None) -> dict:
     base = base or {}
+    if getattr(config, "frames_per_media", 1) > 1:
+        # IDEFICS with frame embeddings, or a clip pooled into one block: transformers has neither
+        raise ConversionError(
+            f"{family} with frames_per_clip={config.frames_per_clip} merges each clip into one media item "
+            "(frame embeddings, or video_pool='mean'): transformers has no equivalent, so it is not exported"
+        )
     if family == "vit":
         ours = clip.config_to_hf(config)
         ours["architectures"] = [clip.TOWERS[ours["model_type"]]["architecture"]]

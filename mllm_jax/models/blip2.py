@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mllm_jax.models.eva import EvaConfig, EvaTower
 from mllm_jax.models.llm import Llm, LlmConfig
-from mllm_jax.models.mllm import splice_images
+from mllm_jax.models.mllm import check_video, pool_clips, splice_images
 from mllm_jax.models.opt import Opt, OptConfig
 from mllm_jax.models.qformer import QFormerAdapter, QFormerConfig
 
@@ -42,6 +42,9 @@ class Blip2Config:
     # ITG's [DEC] token: replaces the caption's first token (BLIP-2 uses the tokenizer's bos id; our
     # word-level tokenizers prepend <s> = 1 already, so there it changes nothing).
     dec_token_id: int = 1
+    # Video, as LlavaConfig: "mean" averages a clip's projected query outputs over its frames.
+    frames_per_clip: int = 1
+    video_pool: str = "concat"
 
     def __post_init__(self):
         llm = self.llm
@@ -64,11 +67,17 @@ class Blip2Config:
         return self.num_query_tokens
 
     @property
+    def frames_per_media(self) -> int:
+        """Images (frames) per block of query tokens in the sequence."""
+        return self.frames_per_clip if self.video_pool == "mean" else 1
+
+    @property
     def instruct(self) -> bool:
         """InstructBLIP: the Q-Former reads the instruction tokens too."""
         return self.qformer.text_input
 
     def validate(self):
+        check_video(self)
         self.vision.validate()
         self.qformer.validate()
         self.llm.validate()
@@ -115,7 +124,8 @@ class Blip2(nn.Module):
         self.llm = LLMS[c.llm_type][1](c.llm, self.dtype, self.remat, self.scan_layers)
 
     def image_features(self, images_BxNxHxWxC, qformer_tokens_BxT=None, qformer_mask_BxT=None):
-        """``[B, N, H, W, C]`` -> projected query outputs ``[B, N * num_query_tokens, D_llm]``.
+        """``[B, N, H, W, C]`` -> projected query outputs ``[B, M * num_query_tokens, D_llm]``, M = N, or
+        the number of clips when ``video_pool`` is "mean".
 
         ``qformer_tokens_BxT`` (InstructBLIP): the instruction in the Q-Former's vocabulary, shared by
         all N images of a sample; ``qformer_mask_BxT`` marks its valid tokens.
@@ -127,7 +137,10 @@ class Blip2(nn.Module):
             if qformer_mask_BxT is not None:
                 qformer_mask_BxT = jnp.repeat(qformer_mask_BxT, n, axis=0)
         queries = self.adapter(image_BxTxE, qformer_tokens_BxT, qformer_mask_BxT)
-        return queries.reshape(b, n * queries.shape[1], queries.shape[2])
+        blocks = pool_clips(
+            queries.reshape(b, n, *queries.shape[1:]), self.config.frames_per_media, self.config.video_pool
+        )
+        return blocks.reshape(b, -1, blocks.shape[-1])
 
     def embed(self, tokens_BxL, images_BxNxHxWxC=None, qformer_tokens_BxT=None, qformer_mask_BxT=None):
         """LLM input embeddings with each image's query outputs at its ``<image>`` tokens."""

@@ -41,6 +41,15 @@ class IdeficsConfig:
     # Only needed when no image mask is passed: the mask is then derived from the tokens (processor rule).
     image_token_id: int | None = None
     eod_token_id: int | None = None
+    # Video (Flamingo): the images axis holds clips of frames_per_clip consecutive frames; each clip's
+    # frames are resampled together, with the perceiver's frame embeddings (perceiver.max_frames >=
+    # frames_per_clip), into one media item: one <image> token per clip. 1: images, as IDEFICS.
+    frames_per_clip: int = 1
+
+    @property
+    def frames_per_media(self) -> int:
+        """Images (frames) per media item, i.e. per ``<image>`` token."""
+        return self.frames_per_clip
 
     @property
     def num_xattn_layers(self) -> int:
@@ -68,6 +77,16 @@ class IdeficsConfig:
             raise ValueError(
                 f"cross_layer_interval {self.cross_layer_interval} must divide "
                 f"num_layers {self.llm.num_layers}"
+            )
+        if self.frames_per_clip < 1:
+            raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
+        if self.frames_per_clip > 1 and not (
+            self.use_resampler and self.perceiver.max_frames >= self.frames_per_clip
+        ):
+            raise ValueError(
+                f"frames_per_clip {self.frames_per_clip} needs use_resampler and perceiver.max_frames >= "
+                f"{self.frames_per_clip} (the frame embeddings), got {self.use_resampler} and "
+                f"{self.perceiver.max_frames}"
             )
         if self.additional_vocab_size < 0:
             raise ValueError(f"additional_vocab_size must be >= 0, got {self.additional_vocab_size}")
@@ -97,8 +116,9 @@ class IdeficsAdapter(nn.Module):
         block = maybe_remat(GatedCrossAttention, self.remat)
         self.xattn = [block(c.xattn, self.dtype, name=f"xattn_{j}") for j in range(c.num_xattn_layers)]
 
-    def resample(self, feats_BxSxE):
-        return self.perceiver(feats_BxSxE) if self.config.use_resampler else feats_BxSxE
+    def resample(self, feats):
+        """``[B, S, E]`` (an image) or ``[B, T, S, E]`` (a clip) -> media ``[B, tokens_per_image, E]``."""
+        return self.perceiver(feats) if self.config.use_resampler else feats
 
     def cross_attend(self, j: int, x_BxTxD, media_BxNxSxE, media_mask_BxTxN):
         return self.xattn[j](x_BxTxD, media_BxNxSxE, media_mask_BxTxN)
@@ -178,11 +198,18 @@ class Idefics(nn.Module):
         self.llm = IdeficsDecoder(c, self.dtype, self.remat)
 
     def media(self, images_BxNxHxWxC):
-        """``[B, N, H, W, C]`` pixels -> media ``[B, N, tokens_per_image, media_dim]``."""
+        """``[B, N, H, W, C]`` pixels -> media ``[B, M, tokens_per_image, media_dim]``: M = N images, or
+        M = N / frames_per_clip clips (a clip's frames consecutive)."""
+        t = self.config.frames_per_clip
         b, n = images_BxNxHxWxC.shape[:2]
+        if n % t:
+            raise ValueError(f"{n} images is not a whole number of {t}-frame clips")
         hidden_states, _ = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
-        feats = self.adapter.resample(hidden_states[-1])
-        return feats.reshape(b, n, *feats.shape[1:])
+        feats = hidden_states[-1]
+        if t > 1:  # the perceiver reads a clip's frames at once, frame embeddings added
+            feats = feats.reshape(b * n // t, t, *feats.shape[1:])
+        feats = self.adapter.resample(feats)
+        return feats.reshape(b, n // t, *feats.shape[1:])
 
     def embed(self, tokens_BxL, images_BxNxHxWxC=None):
         """Token embeddings only: images reach the LLM through ``decode``'s media, not the sequence
@@ -207,7 +234,11 @@ class Idefics(nn.Module):
         if self.is_initializing():  # init from embeddings alone must still create every parameter
             self.embed(jnp.zeros((1, 1), jnp.int32))
         if self.is_initializing() and media_BxNxSxE is None:
-            self.media(jnp.zeros((1, 1, c.vision.image_size, c.vision.image_size, c.vision.num_channels)))
+            self.media(
+                jnp.zeros(
+                    (1, c.frames_per_clip, c.vision.image_size, c.vision.image_size, c.vision.num_channels)
+                )
+            )
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(t), (b, t))
         if cache is None:

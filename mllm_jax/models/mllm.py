@@ -18,6 +18,31 @@ from mllm_jax.models.vit import VisionTower, VitConfig, select_features
 
 SELECT_STRATEGIES = ("default", "full")
 
+# video_pool -> how a clip's per-frame features [B, C, T, P, D] become media blocks (LLaVA, BLIP-2)
+VIDEO_POOLS = {
+    "concat": lambda x: x.reshape(x.shape[0], -1, *x.shape[3:]),  # each frame its own block
+    # one block per clip; averaged in f32 so bf16 features do not lose the small frame differences
+    "mean": lambda x: x.astype(jnp.float32).mean(axis=2).astype(x.dtype),
+}
+
+
+def pool_clips(feats_BxNxPxD, frames_per_clip: int, video_pool: str):
+    """Per-frame features ``[B, N, P, D]`` (N = clips * T, a clip's frames consecutive) -> media blocks
+    ``[B, M, P, D]``: M = N for "concat", M = clips for "mean"."""
+    b, n = feats_BxNxPxD.shape[:2]
+    if n % frames_per_clip:
+        raise ValueError(f"{n} images is not a whole number of {frames_per_clip}-frame clips")
+    x_BxCxTxPxD = feats_BxNxPxD.reshape(b, n // frames_per_clip, frames_per_clip, *feats_BxNxPxD.shape[2:])
+    return VIDEO_POOLS[video_pool](x_BxCxTxPxD)
+
+
+def check_video(config) -> None:
+    """``frames_per_clip`` / ``video_pool`` of a LLaVA or BLIP-2 config."""
+    if config.frames_per_clip < 1:
+        raise ValueError(f"frames_per_clip must be >= 1, got {config.frames_per_clip}")
+    if config.video_pool not in VIDEO_POOLS:
+        raise ValueError(f"video_pool must be one of {sorted(VIDEO_POOLS)}, got {config.video_pool!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
@@ -27,12 +52,23 @@ class LlavaConfig:
     image_token_id: int = 255
     vision_feature_layers: tuple[int, ...] = (-2,)
     vision_feature_select_strategy: str = "default"  # "default" drops the class token, "full" keeps it
+    # Video: the images axis holds clips of frames_per_clip consecutive frames; video_pool (VIDEO_POOLS)
+    # says whether each frame keeps its own block ("concat", the same model as images) or a clip's
+    # frames are averaged into one block ("mean").
+    frames_per_clip: int = 1
+    video_pool: str = "concat"
 
     @property
     def tokens_per_image(self) -> int:
         return self.vision.num_positions - int(self.vision_feature_select_strategy == "default")
 
+    @property
+    def frames_per_media(self) -> int:
+        """Images (frames) per block of image tokens in the sequence."""
+        return self.frames_per_clip if self.video_pool == "mean" else 1
+
     def validate(self):
+        check_video(self)
         self.vision.validate()
         self.projector.validate()
         self.llm.validate()
@@ -78,7 +114,8 @@ class Llava(nn.Module):
         self.llm = Llm(c.llm, self.dtype, self.remat, self.scan_layers)
 
     def image_features(self, images_BxNxHxWxC):
-        """``[B, N, H, W, C]`` -> projected features ``[B, N * tokens_per_image, D_llm]``."""
+        """``[B, N, H, W, C]`` -> projected features ``[B, M * tokens_per_image, D_llm]``, M = N, or the
+        number of clips when ``video_pool`` is "mean"."""
         c = self.config
         b, n = images_BxNxHxWxC.shape[:2]
         hidden_states, _ = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
@@ -86,7 +123,8 @@ class Llava(nn.Module):
             hidden_states, c.vision_feature_layers, c.vision_feature_select_strategy == "default"
         )
         projected = self.adapter(feats)
-        return projected.reshape(b, n * projected.shape[1], projected.shape[2])
+        blocks = pool_clips(projected.reshape(b, n, *projected.shape[1:]), c.frames_per_media, c.video_pool)
+        return blocks.reshape(b, -1, blocks.shape[-1])
 
     def embed(self, tokens_BxL, images_BxNxHxWxC=None):
         embeds = self.llm.embed(tokens_BxL)
