@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -182,6 +183,9 @@ def test_instructblip_trains_with_the_instruction_in_the_qformer(tmp_path):
         assert hf_new_ids(model, inputs, 3).tolist()[: len(ours["token_ids"])] == ours["token_ids"]
 
 
+# Slow (36 s): the clip path is covered piecewise by tests/models/test_video_models.py (one media item
+# per clip, frame order seen, export refused) and tests/data/test_video_layouts.py (the layouts).
+@pytest.mark.slow
 def test_flamingo_trains_on_clips_and_refuses_export(tmp_path):
     """IDEFICS with frames_per_clip=4: each clip of the synthetic `video` task is resampled with frame
     embeddings into one media item; a few steps of both stages, the motion evaluation, no HF export."""
