@@ -14,9 +14,13 @@ if __name__ == "__main__":  # only as a script: importing this module must not c
 
 import numpy as np  # noqa: E402
 
-# data=2,fsdp=2,tensor=2 is left out: XLA:CPU (jax 0.10.2) decodes rows 2-4 differently there, with any
-# placement of the same values (see docs/evaluation.md); FSDP + TP and pure DP agree exactly
-MESHES = {"f4t2": dict(data=1, fsdp=4, tensor=2), "data8": dict(data=8, fsdp=1, tensor=1)}
+# d2f2t2 caught a real layout problem: the projector's input had to be pinned to the batch layout
+# (models/projector.py), else the batch shards with data != fsdp got wrong image features
+MESHES = {
+    "d2f2t2": dict(data=2, fsdp=2, tensor=2),
+    "f4t2": dict(data=1, fsdp=4, tensor=2),
+    "data8": dict(data=8, fsdp=1, tensor=1),
+}
 KERNEL = ("llm", "layers_0", "mlp", "up_proj", "kernel")  # ("embed", "mlp"): embed over fsdp, mlp over tensor
 
 

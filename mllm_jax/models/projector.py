@@ -33,7 +33,10 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, x_BxPxF):
         c = self.config
-        h = x_BxPxF
+        # Pin the input's layout too: left to infer it, XLA's SPMD partitioner (jax 0.10.2, XLA:CPU)
+        # computed the wrong rows for the batch shards with data != fsdp on data=2,fsdp=2,tensor=2
+        # (the kernel's out-dim is on fsdp, which also splits the batch).
+        h = constrain(x_BxPxF, ("act_batch", "act_seq", "act_embed"))
         for i in range(1, c.depth + 1):
             # in-dim on the tensor axis, out-dim on fsdp: a logical name may not repeat within one kernel
             h = Dense(c.out_features, ("mlp", "embed"), c.bias, self.dtype, name=f"linear_{i}")(h)
