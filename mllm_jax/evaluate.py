@@ -423,7 +423,7 @@ def _synthetic_args(task: str, pretrained, assets: str, options: Options) -> tup
     """``(model, params, tokenizer, image_spec, model_spec, template)`` as the synthetic evals take them."""
     from transformers import AutoTokenizer
 
-    from mllm_jax import models, setup
+    from mllm_jax import generate, models, setup
     from mllm_jax.families import RECIPES
     from mllm_jax.runconfig import ConfigError
 
@@ -437,7 +437,10 @@ def _synthetic_args(task: str, pretrained, assets: str, options: Options) -> tup
         raise UsageError(str(e)) from None
     model_spec = RECIPES[pretrained.family].model_spec(pretrained.config, tokenizer)
     model = models.build(pretrained.family, pretrained.config)
-    return model, pretrained.params, tokenizer, image_spec, model_spec, template
+    params = pretrained.params
+    if options.mesh is not None:  # on the mesh once, not per batch
+        params = generate.place_params(model, params, options.mesh)
+    return model, params, tokenizer, image_spec, model_spec, template
 
 
 def _run_synthetic(pretrained, assets: str, data: SyntheticSet, options: Options, keep_predictions: bool):
@@ -494,6 +497,7 @@ def _run_synthetic_grounding(
             num_questions=data.num_questions,
             batch_size=options.batch_size,
             max_new_tokens=options.max_new_tokens or SYNTHETIC_TASKS[task],
+            mesh=options.mesh,
         )
     except ValueError as e:  # a model without location tokens
         raise UsageError(f"{task}: {e}") from None
@@ -520,7 +524,10 @@ def _run_synthetic_video(
     tokenizer, template = args[2], args[5]
     items = heldout_clips(data.config, data.num_questions)
     batch, max_new = min(options.batch_size, len(items)), options.max_new_tokens or SYNTHETIC_TASKS[task]
-    answers = {static: video.answer_clips(*args, items, static, batch, max_new) for static in (False, True)}
+    answers = {
+        static: video.answer_clips(*args, items, static, batch, max_new, mesh=options.mesh)
+        for static in (False, True)
+    }
     rows = video.motion_rows(answers[False], items) | video.motion_rows(answers[True], items, "_static")
     lines = [
         {

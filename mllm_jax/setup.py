@@ -317,6 +317,8 @@ class RunSetup:
                 self.synthetic,
                 num_questions=ev["num_grounding"],
                 batch_size=ev.get("batch_size", 128),
+                mesh=generate.mesh_of(params),
+                rules=sharding.rules(self.run.sharding_rules),
             )
         if ev.get("num_clips"):  # motion questions on held-out synthetic clips (data/video.py)
             from mllm_jax.eval import video
@@ -332,6 +334,8 @@ class RunSetup:
                 num_clips=ev["num_clips"],
                 batch_size=ev.get("batch_size", 128),
                 max_new_tokens=ev.get("max_new_tokens", 3),
+                mesh=generate.mesh_of(params),
+                rules=sharding.rules(self.run.sharding_rules),
             )
         if not ev.get("num_questions"):
             return rows

@@ -36,8 +36,11 @@ def generate_answers(
     items,
     batch_size: int,
     max_new_tokens: int,
+    mesh=None,
+    rules=None,
 ) -> list[str]:
-    """The greedy answer text to each item's image + question (location tokens kept, EOS dropped)."""
+    """The greedy answer text to each item's image + question (location tokens kept, EOS dropped);
+    decoded sharded over ``mesh`` when given (``generate.generate``)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts = []
     for start in range(0, len(items), batch_size):
@@ -58,6 +61,8 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             eos_ids=[tokenizer.eos_token_id],
             pad_id=pad,
+            mesh=mesh,
+            rules=rules,
         )
         texts += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in results[: len(chunk)]]
     return texts
@@ -95,6 +100,8 @@ def grounding_predictions(
     num_questions: int,
     batch_size: int = 128,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    mesh=None,
+    rules=None,
 ) -> tuple[dict, dict[str, tuple[list[dict], list[str]]]]:
     """The metrics, and per task its held-out items and generated answers."""
     if num_questions < 1:
@@ -109,7 +116,7 @@ def grounding_predictions(
     answers = {}
     for task in ("grounding", "referring"):
         items = heldout_items(synthetic_config, task, num_questions)
-        answers[task] = (items, generate_answers(*args, items, batch, max_new_tokens))
+        answers[task] = (items, generate_answers(*args, items, batch, max_new_tokens, mesh, rules))
     (g_items, g_texts), (r_items, r_texts) = answers["grounding"], answers["referring"]
     rows = grounding_rows(g_texts, g_items, synthetic_config.image_size)
     rows["eval/referring_accuracy"] = float(np.mean(referring_correct(r_texts, r_items)))
@@ -127,6 +134,8 @@ def synthetic_grounding(
     num_questions: int,
     batch_size: int = 128,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    mesh=None,
+    rules=None,
 ) -> dict:
     """``eval/grounding_accuracy``, ``eval/grounding_mean_iou``, ``eval/grounding_parsed`` and
     ``eval/referring_accuracy`` on ``num_questions`` held-out questions of each task."""
@@ -141,5 +150,7 @@ def synthetic_grounding(
         num_questions=num_questions,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        mesh=mesh,
+        rules=rules,
     )
     return rows

@@ -31,6 +31,8 @@ def answer_clips(
     static: bool,
     batch_size: int,
     max_new_tokens: int,
+    mesh=None,
+    rules=None,
 ) -> list[str]:
     """Greedy answers (first word) for clip ``items`` (``{"frames": uint8[T, H, W, 3], "question"}``),
     each frame its own image in frame order; ``static``: every frame is the first one."""
@@ -59,6 +61,8 @@ def answer_clips(
             max_new_tokens=max_new_tokens,
             eos_ids=[tokenizer.eos_token_id],
             pad_id=pad,
+            mesh=mesh,
+            rules=rules,
         )
         answers += [
             first_word(tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in results[: len(chunk)]
@@ -89,6 +93,8 @@ def synthetic_motion(
     num_clips: int,
     batch_size: int = 128,
     max_new_tokens: int = 3,
+    mesh=None,
+    rules=None,
 ) -> dict:
     """``eval/motion_accuracy`` (+ per type) and ``eval/motion_accuracy_static`` (+ per type) on
     ``num_clips`` held-out clips, the question types alternating."""
@@ -97,7 +103,18 @@ def synthetic_motion(
     rows: dict[str, float] = {}
     for static in (False, True):
         answers = answer_clips(
-            model, params, tokenizer, image_spec, model_spec, template, items, static, batch, max_new_tokens
+            model,
+            params,
+            tokenizer,
+            image_spec,
+            model_spec,
+            template,
+            items,
+            static,
+            batch,
+            max_new_tokens,
+            mesh,
+            rules,
         )
         rows.update(motion_rows(answers, items, "_static" if static else ""))
     return rows

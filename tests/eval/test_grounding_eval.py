@@ -63,7 +63,8 @@ def test_eval_loop_with_a_fake_generate(tokenizer, monkeypatch):
     ]
     calls = []
 
-    def fake_generate(model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id):
+    def fake_generate(model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id, mesh, rules):
+        assert mesh is None and rules is None  # no mesh given: one device
         assert pixels.shape == (batch, 1, SIZE, SIZE, 3) and len(prompts) == batch
         assert max_new_tokens >= 5 and eos_ids == [tokenizer.eos_token_id]
         chunk = chunks[len(calls)]

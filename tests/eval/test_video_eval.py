@@ -56,7 +56,8 @@ def test_eval_loop_with_a_fake_generate(monkeypatch):
     image_id = tok.convert_tokens_to_ids("<image>")
     calls = []
 
-    def fake_generate(model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id):
+    def fake_generate(model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id, mesh, rules):
+        assert mesh is None and rules is None  # no mesh given: one device
         calls.append((len(prompts), pixels.shape))
         out = []
         for prompt, clip in zip(prompts, pixels, strict=True):
