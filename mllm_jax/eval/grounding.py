@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax import generate
 from mllm_jax.data import templates
 from mllm_jax.data.grounding import heldout_items
 from mllm_jax.data.interleaved import vqa_turns
 from mllm_jax.eval import metrics
+from mllm_jax.eval.vqa import decode_chunk
 from mllm_jax.tasks import boxes
 
 # four location tokens and EOS, plus one spare so a too-long answer shows up as a miss, not a hit
@@ -41,7 +41,6 @@ def generate_answers(
 ) -> list[str]:
     """The greedy answer text to each item's image + question (location tokens kept, EOS dropped);
     decoded sharded over ``mesh`` when given (``generate.generate``)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -50,21 +49,10 @@ def generate_answers(
             for it in chunk
         ]
         pixels = np.stack([image_spec(it["image"])[None] for it in chunk])
-        if len(chunk) < batch_size:  # pad the batch so every chunk reuses one compilation
-            prompts += [prompts[-1]] * (batch_size - len(chunk))
-            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(chunk), axis=0)])
-        results = generate.generate(
-            model,
-            params,
-            prompts,
-            pixels,
-            max_new_tokens=max_new_tokens,
-            eos_ids=[tokenizer.eos_token_id],
-            pad_id=pad,
-            mesh=mesh,
-            rules=rules,
+        chunk_texts = decode_chunk(
+            model, params, tokenizer, prompts, pixels, batch_size, max_new_tokens, mesh, rules
         )
-        texts += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in results[: len(chunk)]]
+        texts += [text.strip() for text in chunk_texts]
     return texts
 
 

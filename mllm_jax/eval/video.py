@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax import generate
 from mllm_jax.data import templates
 from mllm_jax.data.video import clip_turns, heldout_clips
-from mllm_jax.eval.vqa import first_word
+from mllm_jax.eval.vqa import decode_chunk, first_word
 
 HEADLINE_TYPE = "direction"
 
@@ -37,7 +36,6 @@ def answer_clips(
     """Greedy answers (first word) for clip ``items`` (``{"frames": uint8[T, H, W, 3], "question"}``),
     each frame its own image in frame order; ``static``: every frame is the first one."""
     answers = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts = [
@@ -49,24 +47,10 @@ def answer_clips(
         pixels_BxTxHxWxC = np.stack(
             [np.stack([image_spec(it["frames"][0] if static else f) for f in it["frames"]]) for it in chunk]
         )
-        if len(chunk) < batch_size:  # pad the batch so every chunk reuses one compilation
-            prompts += [prompts[-1]] * (batch_size - len(chunk))
-            pad_rows = np.repeat(pixels_BxTxHxWxC[-1:], batch_size - len(chunk), axis=0)
-            pixels_BxTxHxWxC = np.concatenate([pixels_BxTxHxWxC, pad_rows])
-        results = generate.generate(
-            model,
-            params,
-            prompts,
-            pixels_BxTxHxWxC,
-            max_new_tokens=max_new_tokens,
-            eos_ids=[tokenizer.eos_token_id],
-            pad_id=pad,
-            mesh=mesh,
-            rules=rules,
+        texts = decode_chunk(
+            model, params, tokenizer, prompts, pixels_BxTxHxWxC, batch_size, max_new_tokens, mesh, rules
         )
-        answers += [
-            first_word(tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in results[: len(chunk)]
-        ]
+        answers += [first_word(text) for text in texts]
     return answers
 
 

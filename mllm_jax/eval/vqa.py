@@ -23,6 +23,30 @@ def first_word(text: str) -> str:
     return words[0].strip(".,?!").lower() if words else ""
 
 
+def decode_chunk(
+    model, params, tokenizer, prompts, pixels, batch_size: int, max_new_tokens: int, mesh=None, rules=None
+) -> list[str]:
+    """Greedy texts (special tokens dropped) for one chunk of at most ``batch_size`` prompts and their
+    pixels. A short chunk is padded with copies of its last row so every chunk reuses one compilation;
+    ``mesh``, ``rules``: decode sharded as training is (``generate.generate``)."""
+    n = len(prompts)
+    if n < batch_size:
+        prompts = prompts + [prompts[-1]] * (batch_size - n)
+        pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - n, axis=0)])
+    results = generate.generate(
+        model,
+        params,
+        prompts,
+        pixels,
+        max_new_tokens=max_new_tokens,
+        eos_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        mesh=mesh,
+        rules=rules,
+    )
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in results[:n]]
+
+
 def answer_questions(
     model,
     params,
@@ -42,7 +66,6 @@ def answer_questions(
     ``supports[i]`` (optional): the solved examples put before item ``i`` (few-shot). ``mesh``, ``rules``:
     decode sharded as training is (``generate.generate``)."""
     answers = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         shots = [supports[start + j] if supports else [] for j in range(len(chunk))]
@@ -59,23 +82,10 @@ def answer_questions(
                 for sup, it in zip(shots, chunk, strict=True)
             ]
         )
-        if len(chunk) < batch_size:  # pad the batch so every chunk reuses one compilation
-            prompts += [prompts[-1]] * (batch_size - len(chunk))
-            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(chunk), axis=0)])
-        results = generate.generate(
-            model,
-            params,
-            prompts,
-            pixels,
-            max_new_tokens=max_new_tokens,
-            eos_ids=[tokenizer.eos_token_id],
-            pad_id=pad,
-            mesh=mesh,
-            rules=rules,
+        texts = decode_chunk(
+            model, params, tokenizer, prompts, pixels, batch_size, max_new_tokens, mesh, rules
         )
-        answers += [
-            first_word(tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in results[: len(chunk)]
-        ]
+        answers += [first_word(text) for text in texts]
     return answers
 
 
