@@ -14,7 +14,7 @@ import numpy as np
 
 from mllm_jax.data import templates
 from mllm_jax.data.video import clip_turns, heldout_clips
-from mllm_jax.eval.vqa import decode_chunk, first_word
+from mllm_jax.eval.vqa import accuracy_rows, decode_chunk, first_word
 
 HEADLINE_TYPE = "direction"
 
@@ -56,13 +56,7 @@ def answer_clips(
 
 def motion_rows(answers: list[str], items, suffix: str = "") -> dict:
     """``eval/motion_accuracy{suffix}`` (direction questions) and one row per question type."""
-    correct = np.array([a == it["answer"] for a, it in zip(answers, items, strict=True)])
-    types = np.array([it["type"] for it in items])
-    headline = types == HEADLINE_TYPE
-    rows = {f"eval/motion_accuracy{suffix}": float(correct[headline].mean()) if headline.any() else 0.0}
-    for t in sorted(set(types.tolist())):
-        rows[f"eval/motion_accuracy{suffix}/{t}"] = float(correct[types == t].mean())
-    return rows
+    return accuracy_rows(answers, items, (HEADLINE_TYPE,), suffix, metric="motion_accuracy")
 
 
 def synthetic_motion(

@@ -89,13 +89,15 @@ def answer_questions(
     return answers
 
 
-def _accuracy_rows(answers, items, headline_types, suffix: str) -> dict:
+def accuracy_rows(answers, items, headline_types, suffix: str, metric: str = "vqa_accuracy") -> dict:
+    """``eval/{metric}{suffix}`` over the items whose type is in ``headline_types``, and
+    ``eval/{metric}{suffix}/<type>`` for every type (exact match of one-word answers)."""
     correct = np.array([a == it["answer"] for a, it in zip(answers, items, strict=True)])
     types = np.array([it["type"] for it in items])
     headline = np.isin(types, headline_types)
-    rows = {f"eval/vqa_accuracy{suffix}": float(correct[headline].mean()) if headline.any() else 0.0}
+    rows = {f"eval/{metric}{suffix}": float(correct[headline].mean()) if headline.any() else 0.0}
     for t in sorted(set(types.tolist())):
-        rows[f"eval/vqa_accuracy{suffix}/{t}"] = float(correct[types == t].mean())
+        rows[f"eval/{metric}{suffix}/{t}"] = float(correct[types == t].mean())
     return rows
 
 
@@ -138,7 +140,7 @@ def synthetic_vqa(
             max_new_tokens,
             **sharded,
         )
-        rows.update(_accuracy_rows(answers, items, headline_types, "_blank" if blank else ""))
+        rows.update(accuracy_rows(answers, items, headline_types, "_blank" if blank else ""))
     for k in shots:
         if k == 0:
             rows["eval/vqa_accuracy_0shot"] = rows["eval/vqa_accuracy"]
@@ -159,5 +161,5 @@ def synthetic_vqa(
             supports,
             **sharded,
         )
-        rows.update(_accuracy_rows(answers, items, headline_types, f"_{k}shot"))
+        rows.update(accuracy_rows(answers, items, headline_types, f"_{k}shot"))
     return rows
