@@ -116,8 +116,9 @@ def bench_jax(config, batch: dict, steps: int, decode_tokens: int, decode_batch:
     import jax.numpy as jnp
     import optax
 
-    from mllm_jax import generate, train
+    from mllm_jax.inference import generate
     from mllm_jax.models.mllm import Llava
+    from mllm_jax.training import train
 
     model = Llava(config, jnp.dtype(dtype))
     params = nn.meta.unbox(
@@ -217,8 +218,7 @@ def main(argv):
     del argv
     import jax
 
-    from mllm_jax import flops
-    from mllm_jax.models import layers
+    from mllm_jax.models import flops, layers
 
     try:
         layers.use_attention(FLAGS.attention)

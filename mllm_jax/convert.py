@@ -24,7 +24,8 @@ flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).
 
 
 def import_hf(hf_dir: str, ckpt_dir: str):
-    from mllm_jax import checkpoint, hf
+    from mllm_jax import hf
+    from mllm_jax.training import checkpoint
 
     pretrained = hf.load_pretrained(hf_dir)
     checkpoint.save_model(
@@ -39,7 +40,8 @@ def import_hf(hf_dir: str, ckpt_dir: str):
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
-    from mllm_jax import checkpoint, hf
+    from mllm_jax import hf
+    from mllm_jax.training import checkpoint
 
     if not checkpoint.is_checkpoint(ckpt_dir):
         raise FileNotFoundError(

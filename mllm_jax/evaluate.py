@@ -71,7 +71,7 @@ def define_flags():
 
 
 def _load_coco(files, image_root, split):
-    from mllm_jax.tasks import loaders
+    from mllm_jax.evaluation import loaders
 
     if split is not None:
         raise UsageError("--split: coco_captions evaluates the whole annotation file")
@@ -79,13 +79,13 @@ def _load_coco(files, image_root, split):
 
 
 def _load_vqav2(files, image_root, split):
-    from mllm_jax.tasks import loaders
+    from mllm_jax.evaluation import loaders
 
     return loaders.load_vqav2(files[0], image_root, files[1] if len(files) > 1 else None, split=split)
 
 
 def _load_referring(files, image_root, split):
-    from mllm_jax.tasks import loaders
+    from mllm_jax.evaluation import loaders
 
     return loaders.load_referring(files[0], image_root, split=split)
 
@@ -108,21 +108,21 @@ def _referring_reference(index, r):
 
 
 def _parse_box(prediction: str, image) -> dict:
-    from mllm_jax.tasks import boxes
+    from mllm_jax.data import boxes
 
     width, height = image.size
     return {"box": boxes.tokens_to_box(prediction, width, height), "width": width, "height": height}
 
 
 def _score_captions(lines) -> dict:
-    from mllm_jax.eval import metrics
+    from mllm_jax.evaluation import metrics
 
     refs = {line["id"]: line["references"] for line in lines}
     return metrics.caption_scores(refs, {line["id"]: line["prediction"] for line in lines})
 
 
 def _vqa_rows(lines, suffix: str = "") -> dict:
-    from mllm_jax.eval import metrics
+    from mllm_jax.evaluation import metrics
 
     preds, answers = [line["prediction"] for line in lines], [line["answers"] for line in lines]
     matches = [metrics.exact_match(line["prediction"], line["answers"]) for line in lines]
@@ -142,7 +142,7 @@ def _score_vqa(lines) -> dict:
 
 
 def _score_grounding(lines) -> dict:
-    from mllm_jax.eval import metrics
+    from mllm_jax.evaluation import metrics
 
     found = [line["box"] for line in lines]
     return {
@@ -155,7 +155,7 @@ def _score_grounding(lines) -> dict:
 class Task:
     """A task read from annotation files: how to load it, ask the model, and score the answers."""
 
-    load: Callable  # (data files, image root, split) -> records (mllm_jax.tasks.loaders)
+    load: Callable  # (data files, image root, split) -> records (mllm_jax.evaluation.loaders)
     files: tuple[int, int]  # how many --data files: (min, max)
     prompt: str  # default template; "{field}" becomes the record's field
     fields: tuple[str, ...]  # the record fields the template must use
@@ -345,7 +345,7 @@ def _open_image(path: str):
 def _pad_columns(arrays, cap: int | None) -> np.ndarray:
     """``[1, T_i]`` arrays -> ``[B, T]``, zero-padded (zero = masked for the Q-Former) to a bucketed T,
     at most ``cap`` (InstructBLIP's Q-Former text has only so many positions)."""
-    from mllm_jax import generate
+    from mllm_jax.inference import generate
 
     longest = max(a.shape[1] for a in arrays)
     t = -(-longest // generate.PROMPT_BUCKET) * generate.PROMPT_BUCKET
@@ -365,7 +365,8 @@ def batch_inputs(inputs: list, size: int, max_columns: int | None = None):
 
 
 def _run_file_task(task: str, pretrained, assets: str, records: list[dict], options: Options):
-    from mllm_jax import generate, models
+    from mllm_jax import models
+    from mllm_jax.inference import generate
 
     spec = TASKS[task]
     template = task_template(task, options.prompt)
@@ -423,16 +424,18 @@ def _synthetic_args(task: str, pretrained, assets: str, options: Options) -> tup
     """``(model, params, tokenizer, image_spec, model_spec, template)`` as the synthetic evals take them."""
     from transformers import AutoTokenizer
 
-    from mllm_jax import generate, models, setup
+    from mllm_jax import models
     from mllm_jax.families import RECIPES
-    from mllm_jax.runconfig import ConfigError
+    from mllm_jax.inference import generate
+    from mllm_jax.training import wiring
+    from mllm_jax.training.runconfig import ConfigError
 
     if pretrained.family not in RECIPES:
         raise UsageError(f"{task} needs an image-text model, not {pretrained.family!r}")
     template = task_template(task, options.prompt)
     tokenizer = AutoTokenizer.from_pretrained(assets, trust_remote_code=False)
     try:
-        image_spec = setup.image_spec_of_assets(assets)
+        image_spec = wiring.image_spec_of_assets(assets)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     model_spec = RECIPES[pretrained.family].model_spec(pretrained.config, tokenizer)
@@ -445,7 +448,7 @@ def _synthetic_args(task: str, pretrained, assets: str, options: Options) -> tup
 
 def _run_synthetic(pretrained, assets: str, data: SyntheticSet, options: Options, keep_predictions: bool):
     from mllm_jax.data import fewshot, templates
-    from mllm_jax.eval import vqa
+    from mllm_jax.evaluation import vqa
 
     args = _synthetic_args(SYNTHETIC, pretrained, assets, options)
     _, _, tokenizer, _, _, template = args
@@ -485,7 +488,7 @@ def _run_synthetic_grounding(
 ):
     from mllm_jax.data import templates
     from mllm_jax.data.interleaved import vqa_turns
-    from mllm_jax.eval import grounding
+    from mllm_jax.evaluation import grounding
 
     task = "synthetic_grounding"
     args = _synthetic_args(task, pretrained, assets, options)
@@ -517,7 +520,7 @@ def _run_synthetic_video(
 ):
     from mllm_jax.data import templates
     from mllm_jax.data.video import clip_turns, heldout_clips
-    from mllm_jax.eval import video
+    from mllm_jax.evaluation import video
 
     task = "synthetic_video"
     args = _synthetic_args(task, pretrained, assets, options)
@@ -580,7 +583,7 @@ def evaluate(
     mesh: str = "",
 ) -> dict:
     """``{"task", "model", "num_examples", **metrics}``; per-example lines go to ``predictions``."""
-    from mllm_jax import checkpoint
+    from mllm_jax.training import checkpoint
 
     options = Options(batch_size, max_new_tokens, prompt, limit, parse_mesh(mesh))
     options.check()
@@ -603,7 +606,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from mllm_jax.hf.common import ConversionError
-    from mllm_jax.runconfig import ConfigError
+    from mllm_jax.training.runconfig import ConfigError
 
     if not FLAGS.model or not FLAGS.task:
         print("error: --model and --task are required", file=sys.stderr)

@@ -127,8 +127,8 @@ def main(argv):
         import jax
 
         jax.distributed.initialize()  # every host runs this same command; JAX finds its peers
-    from mllm_jax import runconfig, train
     from mllm_jax.data.pipeline import DataError
+    from mllm_jax.training import runconfig, train
 
     try:  # nothing below writes to the workdir or compiles a step
         run = runconfig.from_config_dict(FLAGS.config)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from mllm_jax import aot
+from mllm_jax.training import aot
 
 FLAGS = flags.FLAGS
 
@@ -113,7 +113,8 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
     """The plan as a JSON-able dict; ``search``: ``memory_gib``, ``suggest``, ``max_batch``."""
     import jax
 
-    from mllm_jax import flops, sharding
+    from mllm_jax import sharding
+    from mllm_jax.models import flops
     from mllm_jax.models.layers import REMAT_POLICIES
 
     remat = remat or run.model.get("remat", "none")
@@ -246,7 +247,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None or not FLAGS.target:
         _fail("--config and --target are required")
-    from mllm_jax import runconfig
+    from mllm_jax.training import runconfig
 
     try:
         run = runconfig.from_config_dict(FLAGS.config)

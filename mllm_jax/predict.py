@@ -161,8 +161,8 @@ def _idefics(config, assets, prompt, images) -> Inputs:
     ``[text, image, text, ...]`` the processor takes; the images are resized as its image processor
     does. (IdeficsProcessor itself needs torch tensors, which are no runtime dependency here.)"""
 
-    from mllm_jax import setup
     from mllm_jax.data import layouts, templates
+    from mllm_jax.training import wiring
 
     _check_placeholders(prompt, IMAGE_PLACEHOLDER, images)
     tokenizer = _tokenizer(assets)
@@ -179,7 +179,7 @@ def _idefics(config, assets, prompt, images) -> Inputs:
     tokens = templates.encode_text(tokenizer, prompt, spec).tolist()
     if not images:
         return Inputs(tokenizer, tokens, config=config)
-    image_spec = setup.image_spec_of_assets(assets)
+    image_spec = wiring.image_spec_of_assets(assets)
     return Inputs(tokenizer, tokens, np.stack([image_spec(im) for im in images])[None], config=config)
 
 
@@ -210,7 +210,9 @@ def predict(
     top_k: int = 0,
     seed: int = 0,
 ) -> dict:
-    from mllm_jax import checkpoint, generate, models
+    from mllm_jax import models
+    from mllm_jax.inference import generate
+    from mllm_jax.training import checkpoint
 
     sampling = generate.Sampling(temperature, top_k, top_p)
     try:

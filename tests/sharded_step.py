@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mllm_jax import optim, runconfig, train  # noqa: E402
+from mllm_jax.training import optim, runconfig, train  # noqa: E402
 
 MESHES = {"single": None, "d2f2t2": dict(data=2, fsdp=2, tensor=2), "fsdp8": dict(data=1, fsdp=8, tensor=1)}
 EPS = 1e-2

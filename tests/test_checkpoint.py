@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from mllm_jax import checkpoint
+from mllm_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +36,7 @@ KILLED_MID_SAVE = textwrap.dedent(
     import os, signal, sys
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from mllm_jax import checkpoint
+    from mllm_jax.training import checkpoint
 
     ckpt = checkpoint.TrainCheckpointer(sys.argv[1], keep=3, async_save=True)
     params = {"w": jnp.ones((4, 8))}

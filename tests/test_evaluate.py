@@ -1,7 +1,7 @@
 """`python -m mllm_jax.evaluate` on a tiny random LLaVA and tiny COCO / VQAv2 / RefCOCO files.
 
 A random model scores ~0: these tests check the plumbing (the predictions are `predict`'s greedy
-outputs, the printed metrics are `mllm_jax.eval.metrics` of the predictions file), not quality.
+outputs, the printed metrics are `mllm_jax.evaluation.metrics` of the predictions file), not quality.
 """
 
 import json
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from mllm_jax import evaluate, predict
-from mllm_jax.eval import metrics
-from mllm_jax.tasks import boxes
+from mllm_jax.data import boxes
+from mllm_jax.evaluation import metrics
 
 MAX_NEW = 6
 PROMPTS = {
@@ -134,7 +134,7 @@ def run_evaluate(*flags):
 
 
 def rescored(task, lines) -> dict:
-    """The task's metrics computed from the predictions file with mllm_jax.eval.metrics alone."""
+    """The task's metrics computed from the predictions file with mllm_jax.evaluation.metrics alone."""
     if task == "coco_captions":
         return metrics.caption_scores(
             {line["id"]: line["references"] for line in lines},
@@ -213,7 +213,7 @@ def test_metrics_equal_metrics_of_predictions_of_predict(task, data, llava_dir, 
 
 def test_synthetic_vqa_on_our_checkpoint(llava_dir, tmp_path):
     from mllm_jax import convert
-    from mllm_jax.eval import vqa
+    from mllm_jax.evaluation import vqa
 
     ckpt = str(tmp_path / "ckpt")
     convert.import_hf(llava_dir("clip_default"), ckpt)

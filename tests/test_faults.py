@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from test_train import ROOT, main_cmd, read_metrics
 
-from mllm_jax import checkpoint, optim
+from mllm_jax.training import checkpoint, optim
 
 # Two stages with mid-stage checkpoints (async, the default) every 2 steps; global steps 1-10 are
 # `align`, 11-30 `instruct`.
@@ -169,7 +169,8 @@ def test_preempted_at_several_points_the_reruns_end_like_an_uninterrupted_run(re
 # steps this process ran): deterministic where an outside signal can only aim at a window.
 SIGTERM_AFTER_STEP = """
 import os, signal, sys
-from mllm_jax import main, train
+from mllm_jax import main
+from mllm_jax.training import train
 
 after, calls, step = int(sys.argv.pop(1)), [0], train.Trainer.step
 

@@ -30,7 +30,8 @@ def decode_on_meshes() -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mllm_jax import generate, sharding
+    from mllm_jax import sharding
+    from mllm_jax.inference import generate
     from mllm_jax.models.llm import LlmConfig
     from mllm_jax.models.mllm import Llava, LlavaConfig
     from mllm_jax.models.projector import ProjectorConfig

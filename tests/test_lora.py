@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from test_train import ROOT, SMALL, read_metrics
 
-from mllm_jax import checkpoint, lora, optim, runconfig
+from mllm_jax.training import checkpoint, lora, optim, runconfig
 
 # ---------------------------------------------------------------- merge math
 
@@ -131,7 +131,7 @@ def test_config_default_targets_are_the_librarys():
 def test_lora_stage_trains_only_factors_and_trainable_and_compiles_once(tmp_path):
     import sharded_step
 
-    from mllm_jax import train
+    from mllm_jax.training import train
 
     c = sharded_step.llava()
     c.stages.instruct.trainable = ("adapter/.*",)

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from mllm_jax import aot, plan
+from mllm_jax import plan
+from mllm_jax.training import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024**3
@@ -112,12 +113,12 @@ def test_impossible_requests_exit_2_with_one_line(args, message):
 
 SPLASH_HLO = """
 import sys, tempfile
-from mllm_jax import aot
+from mllm_jax.training import aot
 target = aot.parse_target("v5e-8")
 aot.set_platform_env(target)
 sys.path.insert(0, ".")
 from configs import llava
-from mllm_jax import runconfig
+from mllm_jax.training import runconfig
 c = llava.get_config("tiny")
 c.attention, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = sys.argv[1], 2, 2, 2
 with tempfile.TemporaryDirectory() as d:

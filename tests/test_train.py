@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_jax import checkpoint, optim
+from mllm_jax.training import checkpoint, optim
 
 # A model small enough that each compilation takes a few seconds.
 SMALL = [
@@ -286,7 +286,7 @@ def test_train_steps_compile_once(tmp_path):
     """After the first step nothing recompiles: shapes, dtypes and shardings are stable."""
     import sharded_step
 
-    from mllm_jax import runconfig, train
+    from mllm_jax.training import runconfig, train
 
     c = sharded_step.llava()
     run = runconfig.from_config_dict(c)

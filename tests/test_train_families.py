@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_jax import checkpoint, predict
+from mllm_jax import predict
 from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.synthetic import SyntheticConfig
+from mllm_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = [

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm_jax.data.boxes import box_to_tokens
 from mllm_jax.data.interleaved import vqa_turns
 from mllm_jax.data.synthetic import (
     GROUNDING_QUESTION,
@@ -27,7 +28,6 @@ from mllm_jax.data.synthetic import (
     SyntheticConfig,
     make_example,
 )
-from mllm_jax.tasks.boxes import box_to_tokens
 
 Record = dict[str, Any]
 # a salt per task, so the two tasks ask about different objects of the same image

@@ -8,14 +8,13 @@ import chex
 import numpy as np
 import pytest
 
-from mllm_jax.data import grounding, templates
+from mllm_jax.data import boxes, grounding, templates
 from mllm_jax.data.config import DataConfig
 from mllm_jax.data.layouts import IMAGE, ModelSpec
 from mllm_jax.data.sources import SyntheticSource
 from mllm_jax.data.synthetic import SyntheticConfig, make_example, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
-from mllm_jax.eval.metrics import box_iou
-from mllm_jax.tasks import boxes
+from mllm_jax.evaluation.metrics import box_iou
 
 CONFIG = SyntheticConfig()
 SIZE = CONFIG.image_size
@@ -115,14 +114,14 @@ def test_records_train_on_exactly_the_answer_tokens():
 )
 def test_boxes_without_location_tokens_are_a_config_error(override, key, tmp_path):
     from configs import llava
-    from mllm_jax import runconfig, setup
+    from mllm_jax.training import runconfig, wiring
 
     c = llava.get_config("tiny_grounding").to_dict()
     c["model"]["location_tokens"] = False
     c["eval"].update(override.get("eval", {"num_grounding": 0}))
     c["stages"]["instruct"]["data"]["mix"] = override.get("mix", ())
     with pytest.raises(runconfig.ConfigError, match=re.escape(key) + " needs location tokens"):
-        setup.RunSetup(runconfig.from_config_dict(c), str(tmp_path))
+        wiring.RunSetup(runconfig.from_config_dict(c), str(tmp_path))
     c["model"]["location_tokens"] = True  # the fix the message names
-    run = setup.RunSetup(runconfig.from_config_dict(c), str(tmp_path))
+    run = wiring.RunSetup(runconfig.from_config_dict(c), str(tmp_path))
     assert run.config.llm.vocab_size == len(run.tokenizer) > boxes.NUM_BINS

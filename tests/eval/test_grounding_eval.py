@@ -5,14 +5,14 @@ from __future__ import annotations
 import chex
 import pytest
 
-from mllm_jax import generate
+from mllm_jax.data import boxes
 from mllm_jax.data import grounding as data
 from mllm_jax.data.layouts import IMAGE, ModelSpec
 from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
-from mllm_jax.eval import grounding, metrics
-from mllm_jax.tasks import boxes
+from mllm_jax.evaluation import grounding, metrics
+from mllm_jax.inference import generate
 
 CONFIG = SyntheticConfig()
 SIZE = CONFIG.image_size

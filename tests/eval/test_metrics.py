@@ -13,7 +13,7 @@ import reference_vqa_eval
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from mllm_jax.eval import metrics
+from mllm_jax.evaluation import metrics
 
 COLORS = "red green blue white black brown yellow orange".split()
 NOUNS = "dog cat man woman boy girl horse bus train pizza bird kite".split()

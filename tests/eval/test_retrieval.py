@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mllm_jax.eval.retrieval import retrieval_recall
+from mllm_jax.evaluation.retrieval import retrieval_recall
 
 E = np.eye(3, dtype=np.float32)
 

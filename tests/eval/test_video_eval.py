@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mllm_jax import generate
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.data.video import DIRECTIONS, heldout_clips
-from mllm_jax.eval import video
-from mllm_jax.eval.vqa import first_word
+from mllm_jax.evaluation import video
+from mllm_jax.evaluation.vqa import first_word
+from mllm_jax.inference import generate
 
 CONFIG = SyntheticConfig()
 SPEC = ImageSpec(32, mode="resize")

@@ -15,7 +15,6 @@ import torch
 from blip2_fixtures import NUM_QUERY_TOKENS, QFORMER_VOCAB, build_blip2
 from transformers import AutoConfig, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-from mllm_jax.generate import generate
 from mllm_jax.hf import blip2 as hf_blip2
 from mllm_jax.hf import instructblip as hf_instructblip
 from mllm_jax.hf.common import (
@@ -27,6 +26,7 @@ from mllm_jax.hf.common import (
     read_safetensors,
     write_safetensors,
 )
+from mllm_jax.inference.generate import generate
 from mllm_jax.models.blip2 import Blip2
 from mllm_jax.models.eva import EvaTower
 from mllm_jax.models.opt import OptConfig

@@ -7,8 +7,9 @@ import pytest
 from blip2_fixtures import build_blip2, build_opt
 from idefics_fixtures import IDEFICS_VARIANTS, build_idefics
 
-from mllm_jax import checkpoint, hf
+from mllm_jax import hf
 from mllm_jax.hf.common import read_safetensors
+from mllm_jax.training import checkpoint
 
 BUILDERS = {
     "blip2_opt": lambda d: build_blip2(d, text="opt"),

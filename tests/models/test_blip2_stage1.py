@@ -25,7 +25,7 @@ from blip2_fixtures import random_params  # noqa: E402
 
 from mllm_jax.data import synthetic, transforms  # noqa: E402
 from mllm_jax.data.tokenizer import build_tokenizer  # noqa: E402
-from mllm_jax.eval.retrieval import encode_captions, synthetic_retrieval  # noqa: E402
+from mllm_jax.evaluation.retrieval import encode_captions, synthetic_retrieval  # noqa: E402
 from mllm_jax.models import blip2_stage1  # noqa: E402
 from mllm_jax.models.blip2 import Blip2, Blip2Config  # noqa: E402
 from mllm_jax.models.eva import EvaConfig  # noqa: E402

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_jax.generate import generate
+from mllm_jax.inference.generate import generate
 from mllm_jax.models.llm import LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
 from mllm_jax.models.projector import ProjectorConfig

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from mllm_jax.data import boxes
 from mllm_jax.data.tokenizer import build_tokenizer
-from mllm_jax.tasks import boxes
 
 
 def test_token_order_is_y_first_and_bins_round():

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mllm_jax.tasks import loaders
+from mllm_jax.evaluation import loaders
 
 
 def _write(path, obj) -> str:

@@ -147,7 +147,7 @@ class Planner:
         self.drift: list[str] | None = None  # state leaves the step returns with another dtype or shape
 
     def trainer_for(self, remat: str):
-        from mllm_jax import train
+        from mllm_jax.training import train
 
         if remat not in self._trainers:
             run = dataclasses.replace(self.run, model={**self.run.model, "remat": remat})
@@ -155,7 +155,7 @@ class Planner:
         return self._trainers[remat]
 
     def _pick_stage(self, name: str | None):
-        from mllm_jax import optim
+        from mllm_jax.training import optim
 
         names = [s.name for s in self.run.stages]
         if name is not None:
@@ -177,7 +177,8 @@ class Planner:
         import jax.numpy as jnp
         import optax
 
-        from mllm_jax import optim, sharding
+        from mllm_jax import sharding
+        from mllm_jax.training import optim
 
         sds = lambda a, s, dtype=None: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s)  # noqa: E731
         abstract, shardings = trainer._abstract_params()
@@ -205,7 +206,7 @@ class Planner:
     def example(self) -> dict:
         """One example as the data pipeline makes it (keys, dtypes, shapes), from the built-in
         synthetic source with the stage's lengths: the stage's own data need not be on this machine."""
-        from mllm_jax import train
+        from mllm_jax.training import train
 
         if self._example is None:
             d = self.stage.data
@@ -221,7 +222,8 @@ class Planner:
         """The train step as ``Trainer.step`` jits it, compiled for ``per_chip`` sequences per chip."""
         import jax
 
-        from mllm_jax import sharding, train
+        from mllm_jax import sharding
+        from mllm_jax.training import train
 
         trainer = self.trainer_for(remat)
         state, tx, lr_fn = self.abstract_state(trainer)
@@ -312,9 +314,9 @@ def state_bytes(state) -> int:
 
 
 def step_flops(trainer, stage, state, batch_size: int) -> float:
-    """Model FLOPs of one step: 6·N·tokens + attention as ``mllm_jax.flops`` counts them, with the
+    """Model FLOPs of one step: 6·N·tokens + attention as ``mllm_jax.models.flops`` counts them, with the
     vision tower's forward only (2·N) when the stage freezes it, since no gradient flows into it."""
-    from mllm_jax import flops
+    from mllm_jax.models import flops
 
     c, d = trainer.setup.config, stage.data
     per_sequence = trainer.setup.recipe.flops_per_sequence(c, d.max_length, d.max_images)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax.data import templates
+from mllm_jax.data import boxes, templates
 from mllm_jax.data.grounding import heldout_items
 from mllm_jax.data.interleaved import vqa_turns
-from mllm_jax.eval import metrics
-from mllm_jax.eval.vqa import decode_chunk
-from mllm_jax.tasks import boxes
+from mllm_jax.evaluation import metrics
+from mllm_jax.evaluation.vqa import decode_chunk
 
 # four location tokens and EOS, plus one spare so a too-long answer shows up as a miss, not a hit
 MAX_NEW_TOKENS = 6

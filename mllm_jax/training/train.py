@@ -22,8 +22,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from mllm_jax import checkpoint, logger, lora, optim, sharding
-from mllm_jax.runconfig import RunConfig, Stage
+from mllm_jax import sharding
+from mllm_jax.training import checkpoint, logger, lora, optim
+from mllm_jax.training.runconfig import RunConfig, Stage
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -150,13 +151,13 @@ class Trainer:
     """Owns the mesh, model, params and writers of one run; ``run()`` trains every remaining stage."""
 
     def __init__(self, run: RunConfig, workdir: str, devices=None):
-        from mllm_jax import setup  # model, tokenizer and data wiring
+        from mllm_jax.training import wiring  # model, tokenizer and data wiring
 
         self.run_config, self.workdir = run, workdir
         self.mesh = sharding.make_mesh(run.mesh, devices)
         self._step_fns: dict = {}
         self.rules = sharding.rules(run.sharding_rules)
-        self.setup = setup.RunSetup(run, workdir, self.mesh.devices.size)
+        self.setup = wiring.RunSetup(run, workdir, self.mesh.devices.size)
         self.model = self.setup.model
         self.stop_requested = False
         self.skipped_steps = 0  # non-finite steps skipped so far in this run (kept in checkpoints)

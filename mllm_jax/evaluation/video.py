@@ -14,7 +14,7 @@ import numpy as np
 
 from mllm_jax.data import templates
 from mllm_jax.data.video import clip_turns, heldout_clips
-from mllm_jax.eval.vqa import accuracy_rows, decode_chunk, first_word
+from mllm_jax.evaluation.vqa import accuracy_rows, decode_chunk, first_word
 
 HEADLINE_TYPE = "direction"
 

@@ -9,8 +9,8 @@ import os
 import re
 
 from mllm_jax.data.pipeline import DataConfig
-from mllm_jax.lora import LoraConfig
-from mllm_jax.optim import SCHEDULES, OptimConfig
+from mllm_jax.training.lora import LoraConfig
+from mllm_jax.training.optim import SCHEDULES, OptimConfig
 
 DTYPES = ("float32", "bfloat16")
 TOP_LEVEL_KEYS = (
@@ -266,7 +266,7 @@ def check_inputs(run: RunConfig, workdir: str) -> None:
 
     On resume the model comes from the workdir, so ``model.init.*`` is not needed any more, and the
     data of stages the checkpoint has finished is not read again."""
-    from mllm_jax import checkpoint  # checkpoint imports this module
+    from mllm_jax.training import checkpoint  # checkpoint imports this module
 
     done = checkpoint.finished_stages(workdir, [(s.name, s.steps) for s in run.stages])
     if done is None:

@@ -27,14 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mllm_jax import checkpoint, flops, generate, hf, optim, sharding, train
-from mllm_jax.data import pipeline, synthetic, templates, transforms
+from mllm_jax import hf, sharding
+from mllm_jax.data import boxes, pipeline, synthetic, templates, transforms
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.families import DTYPES, RECIPES
-from mllm_jax.models import layers, scan
+from mllm_jax.inference import generate
+from mllm_jax.models import flops, layers, scan
 from mllm_jax.models.layers import check_remat
-from mllm_jax.runconfig import ConfigError, RunConfig, Stage
-from mllm_jax.tasks import boxes
+from mllm_jax.training import checkpoint, optim, train
+from mllm_jax.training.runconfig import ConfigError, RunConfig, Stage
 
 
 class RunSetup:
@@ -289,7 +290,7 @@ class RunSetup:
         if stage.loss == "qformer":
             if not ev.get("num_retrieval", 0):
                 return {}
-            from mllm_jax.eval import retrieval
+            from mllm_jax.evaluation import retrieval
 
             return retrieval.synthetic_retrieval(
                 self.model,
@@ -300,7 +301,7 @@ class RunSetup:
                 num_images=ev["num_retrieval"],
                 text_length=stage.data.text_length,
             )
-        from mllm_jax.eval import grounding, vqa
+        from mllm_jax.evaluation import grounding, vqa
 
         template = ev.get("template") or stage.data.template
         if template not in templates.TEMPLATES and template != "chat":
@@ -321,7 +322,7 @@ class RunSetup:
                 rules=sharding.rules(self.run.sharding_rules),
             )
         if ev.get("num_clips"):  # motion questions on held-out synthetic clips (data/video.py)
-            from mllm_jax.eval import video
+            from mllm_jax.evaluation import video
 
             rows = rows | video.synthetic_motion(
                 self.model,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from mllm_jax import flops
 from mllm_jax.data import pipeline
+from mllm_jax.models import flops
 from mllm_jax.models.blip2 import Blip2, Blip2Config
 from mllm_jax.models.eva import EvaConfig
 from mllm_jax.models.idefics import Idefics, IdeficsConfig
@@ -25,7 +25,7 @@ from mllm_jax.models.projector import ProjectorConfig
 from mllm_jax.models.qformer import QFormerConfig
 from mllm_jax.models.vit import VitConfig
 from mllm_jax.models.xattn import XattnConfig
-from mllm_jax.runconfig import ConfigError
+from mllm_jax.training.runconfig import ConfigError
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # IDEFICS wraps each image in these

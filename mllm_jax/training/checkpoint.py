@@ -29,7 +29,7 @@ from etils import epath
 
 from mllm_jax import hf, models
 from mllm_jax.models import scan
-from mllm_jax.runconfig import ConfigError
+from mllm_jax.training.runconfig import ConfigError
 
 MODEL_CONFIG = "mllm_config.json"
 ASSETS = "hf"
@@ -155,7 +155,7 @@ def _merge_lora(params, factors, meta: dict):
     """What the stage would export had it ended here: ``W + alpha/rank * A @ B``, as numpy."""
     import numpy as np
 
-    from mllm_jax import lora
+    from mllm_jax.training import lora
 
     merged = lora.merge(params, factors, float(meta["alpha"]) / int(meta["rank"]))
     return jax.tree.map(np.asarray, merged)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax import generate
 from mllm_jax.data import templates
 from mllm_jax.data.fewshot import fewshot_turns, heldout_questions, support_questions
+from mllm_jax.inference import generate
 
 HEADLINE_TYPES = ("count", "color", "shape")
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mllm_jax import optim
+from mllm_jax.training import optim
 
 KEY = "lora"  # top-level key of the factors in a stage's trainable tree
 DEFAULT_TARGETS = (r"llm/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",)
@@ -63,7 +63,7 @@ def target_paths(shapes: dict[str, tuple], config: LoraConfig) -> list[str]:
 
 def check_stage(stage_name: str, shapes: dict[str, tuple], config: LoraConfig, trainable: Sequence[str]):
     """One-line ``ConfigError`` for targets that select nothing, a non-kernel, or a trainable param."""
-    from mllm_jax.runconfig import ConfigError  # runconfig imports this module
+    from mllm_jax.training.runconfig import ConfigError  # runconfig imports this module
 
     where = f"config.stages.{stage_name}.lora.targets"
     try:

@@ -1,0 +1,1 @@
+"""Inference: batched, jitted generation with a KV cache."""

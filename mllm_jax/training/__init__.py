@@ -1,0 +1,1 @@
+"""Training: the run config, the train step and loop, optimizer, LoRA, checkpoints, metrics."""
