@@ -17,7 +17,7 @@ from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.training import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = [
     "--config.log_every=1",
     "--config.eval.batch_size=8",

@@ -13,7 +13,7 @@ import pytest
 from mllm_jax import plan
 from mllm_jax.training import aot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 1024**3
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="TPU targets need libtpu (the test extra installs it)"

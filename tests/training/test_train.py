@@ -51,7 +51,7 @@ def run_main(workdir, *flags, check=True):
     return r
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def read_metrics(workdir):
