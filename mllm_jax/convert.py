@@ -63,7 +63,7 @@ def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mllm_jax.hf.common import ConversionError
+    from mllm_jax.errors import ConversionError
 
     src_ours = getattr(FLAGS, "from")
     try:

@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from mllm_jax import predict
-from mllm_jax.predict import UsageError
+from mllm_jax.errors import UsageError
 
 FLAGS = flags.FLAGS
 
@@ -425,10 +425,10 @@ def _synthetic_args(task: str, pretrained, assets: str, options: Options) -> tup
     from transformers import AutoTokenizer
 
     from mllm_jax import models
+    from mllm_jax.errors import ConfigError
     from mllm_jax.families import RECIPES
     from mllm_jax.inference import generate
     from mllm_jax.training import wiring
-    from mllm_jax.training.runconfig import ConfigError
 
     if pretrained.family not in RECIPES:
         raise UsageError(f"{task} needs an image-text model, not {pretrained.family!r}")
@@ -605,8 +605,7 @@ def evaluate(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mllm_jax.hf.common import ConversionError
-    from mllm_jax.training.runconfig import ConfigError
+    from mllm_jax.errors import ConfigError, ConversionError
 
     if not FLAGS.model or not FLAGS.task:
         print("error: --model and --task are required", file=sys.stderr)

@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mllm_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/llava.py:tiny.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go.")
@@ -127,7 +129,7 @@ def main(argv):
         import jax
 
         jax.distributed.initialize()  # every host runs this same command; JAX finds its peers
-    from mllm_jax.data.pipeline import DataError
+    from mllm_jax.errors import DataError
     from mllm_jax.training import runconfig, train
 
     try:  # nothing below writes to the workdir or compiles a step
@@ -138,12 +140,12 @@ def main(argv):
         _fail(e)
     try:
         trainer.run()
-    except runconfig.ConfigError as e:  # a checkpoint that does not fit the model (nothing restored)
+    except errors.ConfigError as e:  # a checkpoint that does not fit the model (nothing restored)
         _fail(e)
-    except train.Preempted as e:
+    except errors.Preempted as e:
         logging.warning("%s", e)
         sys.exit(train.PREEMPTED_EXIT_CODE)
-    except (train.Diverged, DataError) as e:  # the run cannot go on; its checkpoints are intact
+    except (errors.Diverged, DataError) as e:  # the run cannot go on; its checkpoints are intact
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     logging.info("done: %s", FLAGS.workdir)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
+from mllm_jax import errors
 from mllm_jax.training import aot
 
 FLAGS = flags.FLAGS
@@ -119,12 +120,12 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
 
     remat = remat or run.model.get("remat", "none")
     if remat not in REMAT_POLICIES:
-        raise aot.PlanError(f"--remat {remat!r}: one of {sorted(REMAT_POLICIES)}")
+        raise errors.PlanError(f"--remat {remat!r}: one of {sorted(REMAT_POLICIES)}")
     devices = aot.target_devices(target)
     try:
         shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(run.mesh, len(devices)), strict=True))
     except ValueError as e:
-        raise aot.PlanError(f"config.mesh on {target.name}: {e}") from None
+        raise errors.PlanError(f"config.mesh on {target.name}: {e}") from None
     limit = search["memory_gib"] * aot.GIB if search.get("memory_gib") else aot.memory_limit(target)
     with tempfile.TemporaryDirectory() as workdir:
         planner = aot.Planner(run, devices, os.path.join(workdir, "run"), remat, stage, log=_log)
@@ -132,13 +133,13 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
         hosts = len({d.process_index for d in devices})
         micro = st.batch_size * hosts // st.grad_accum  # batch_size is per host (docs/training.md)
         if batch is None and micro % shards:
-            raise aot.PlanError(
+            raise errors.PlanError(
                 f"stages.{st.name}: a micro-batch of {micro} ({hosts} hosts) does not split over data x fsdp "
                 f"= {shards} devices; pass --batch=N (sequences per chip)"
             )
         per_chip = batch if batch is not None else micro // shards
         if per_chip < 1:
-            raise aot.PlanError(f"--batch must be at least 1, got {per_chip}")
+            raise errors.PlanError(f"--batch must be at least 1, got {per_chip}")
         state = planner.abstract_state(planner.trainer)[0]
         memory = planner.measure(remat, per_chip)
         batch_size = per_chip * shards * st.grad_accum
@@ -253,7 +254,7 @@ def main(argv):
         run = runconfig.from_config_dict(FLAGS.config)
     except OSError as e:  # config_flags reports a config file it could not load only when it is read
         _fail(f"--config: {[line for line in str(e).splitlines() if line.strip()][-1].strip()}")
-    except runconfig.ConfigError as e:
+    except errors.ConfigError as e:
         _fail(str(e))
     try:
         target = aot.parse_target(FLAGS.target)
@@ -268,7 +269,7 @@ def main(argv):
             suggest=FLAGS.suggest,
             max_batch=FLAGS.max_batch,
         )
-    except (runconfig.ConfigError, aot.PlanError) as e:
+    except (errors.ConfigError, errors.PlanError) as e:
         _fail(str(e))
     _log(table(plan))
     print(json.dumps(plan))
@@ -309,7 +310,7 @@ def run():
     # JAX reads its platform settings when it starts, so they are set before anything imports it.
     try:
         aot.set_platform_env(aot.parse_target(_flag_value("--target") or ""))
-    except aot.PlanError:
+    except errors.PlanError:
         os.environ["JAX_PLATFORMS"] = "cpu"  # the bad target is reported once flags are parsed
     define_flags()
     app.run(main, flags_parser=parse_flags)

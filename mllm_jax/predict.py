@@ -22,6 +22,8 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from mllm_jax.errors import UsageError
+
 FLAGS = flags.FLAGS
 
 
@@ -37,10 +39,6 @@ def define_flags():
     flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
-
-
-class UsageError(ValueError):
-    """Bad input from the command line: reported in one line, exit code 2."""
 
 
 @dataclasses.dataclass
@@ -246,7 +244,7 @@ def predict(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mllm_jax.hf.common import ConversionError
+    from mllm_jax.errors import ConversionError
 
     if not FLAGS.model or FLAGS.prompt is None:
         print("error: --model and --prompt are required", file=sys.stderr)

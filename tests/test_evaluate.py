@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_jax import evaluate, predict
+from mllm_jax import errors, evaluate, predict
 from mllm_jax.data import boxes
 from mllm_jax.evaluation import metrics
 
@@ -253,9 +253,9 @@ def test_boxes_are_parsed_from_location_tokens_and_scored():
 def test_templates_and_batch_padding():
     for task in evaluate.TASK_NAMES:
         evaluate.task_template(task, None)  # every default passes its own check
-    with pytest.raises(predict.UsageError, match=r"needs a \{question\}"):
+    with pytest.raises(errors.UsageError, match=r"needs a \{question\}"):
         evaluate.task_template("vqav2", "USER : <image> ASSISTANT :")
-    with pytest.raises(predict.UsageError, match=r"\{question\} does not apply"):
+    with pytest.raises(errors.UsageError, match=r"\{question\} does not apply"):
         evaluate.task_template("refcoco", "<image> {question} {expression}")
     assert evaluate.fill("{question} {x}", {"question": "why ?"}, ("question",)) == "why ? {x}"
     inputs = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_jax import predict
+from mllm_jax import errors, predict
 
 MAX_NEW = 8
 
@@ -91,5 +91,5 @@ def test_blip2_prompt_equals_hf_generate(blip2_dir, image_files):
     result = predict.predict(blip2_dir, prompt, image_files[1:2], max_new_tokens=MAX_NEW)
     assert result["token_ids"] == ids
     np.testing.assert_allclose(result["logprobs"], logprobs, atol=1e-3)
-    with pytest.raises(predict.UsageError, match="exactly one --image"):
+    with pytest.raises(errors.UsageError, match="exactly one --image"):
         predict.predict(blip2_dir, prompt, image_files[:2], max_new_tokens=2)

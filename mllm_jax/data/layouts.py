@@ -26,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from mllm_jax.data.transforms import BadExample
+from mllm_jax.errors import BadExample
 
 IMAGE = "<image>"
 

@@ -32,7 +32,8 @@ from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, truncate
 from mllm_jax.data.sources import LlavaJsonSource, Mmc4Source, ShardStream, SyntheticSource, WebDatasetSource
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.data.templates import encode_conversation, encode_document, render_text
-from mllm_jax.data.transforms import BadExample, ImageSpec, load_image
+from mllm_jax.data.transforms import ImageSpec, load_image
+from mllm_jax.errors import BadExample, DataError
 
 __all__ = [
     "SOURCES",
@@ -47,10 +48,6 @@ __all__ = [
 
 SHUFFLE_WINDOW = 1_000  # webdataset: records shuffled within this window on top of the shard order
 MIX_SEED_STRIDE = 1_000_003  # mix component i shuffles with seed + i * stride: independent orders
-
-
-class DataError(ValueError):
-    """The data is unusable (too many bad records): the run stops with this one-line message."""
 
 
 MIN_RECORDS_FOR_FRACTION = 200  # max_skipped_fraction is judged only on this many records or more

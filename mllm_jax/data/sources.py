@@ -34,8 +34,9 @@ from mllm_jax.data.grounding import grounding_record, referring_record
 from mllm_jax.data.interleaved import interleaved_caption, interleaved_vqa, mmc4_document, vqa_turns
 from mllm_jax.data.layouts import IMAGE
 from mllm_jax.data.synthetic import QUESTION_TYPES, SyntheticConfig, make_example, pick_question
-from mllm_jax.data.transforms import BadExample, safe_join
+from mllm_jax.data.transforms import safe_join
 from mllm_jax.data.video import clip_record
+from mllm_jax.errors import BadExample
 
 Record = dict[str, Any]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

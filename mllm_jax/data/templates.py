@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, lay_out, split_images
-from mllm_jax.data.transforms import BadExample
+from mllm_jax.errors import BadExample
 
 ROLES = ("user", "assistant")
 CHAT = "chat"  # template name: the tokenizer's own chat template (tokenizer.apply_chat_template)

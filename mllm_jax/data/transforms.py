@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mllm_jax.errors import BadExample
+
 MODES = ("crop", "resize", "pad")
 
 # HF's defaults for the processor classes we read (CLIP-family vs SigLIP-family).
@@ -23,17 +25,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-
-
-class BadExample(ValueError):
-    """An input example that cannot be used (unreadable image, malformed record, too long, ...).
-
-    Input pipelines skip and count these by ``reason`` instead of crashing a long run on one bad file.
-    """
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ import json
 import os
 from typing import Any
 
-from mllm_jax.data.transforms import BadExample, safe_join
+from mllm_jax.data.transforms import safe_join
+from mllm_jax.errors import BadExample
 
 # VQAv2's test-dev questions ("data_subtype": "test-dev2015") ask about images of the test2015 folder.
 VQA_IMAGE_SPLITS = {"test-dev2015": "test2015"}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from mllm_jax.data import pipeline
+from mllm_jax.errors import ConfigError
 from mllm_jax.models import flops
 from mllm_jax.models.blip2 import Blip2, Blip2Config
 from mllm_jax.models.eva import EvaConfig
@@ -25,7 +26,6 @@ from mllm_jax.models.projector import ProjectorConfig
 from mllm_jax.models.qformer import QFormerConfig
 from mllm_jax.models.vit import VitConfig
 from mllm_jax.models.xattn import XattnConfig
-from mllm_jax.training.runconfig import ConfigError
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # IDEFICS wraps each image in these

@@ -15,8 +15,8 @@ from types import ModuleType
 
 import numpy as np
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import blip2, blip2_retrieval, clip, common, idefics, instructblip, llama, llava, opt
-from mllm_jax.hf.common import ConversionError
 
 # HF model_type (or, where one model_type has several HF classes, architecture) -> (our family,
 # conversion module).

@@ -7,8 +7,9 @@ The Q-Former and top-level helpers here are shared with ``mllm_jax.hf.instructbl
 
 from __future__ import annotations
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import eva, llama, opt
-from mllm_jax.hf.common import ConversionError, Rule, prefixed
+from mllm_jax.hf.common import Rule, prefixed
 from mllm_jax.hf.eva import dense, ln
 from mllm_jax.models.blip2 import Blip2Config
 from mllm_jax.models.opt import OptConfig

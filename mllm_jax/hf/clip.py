@@ -6,7 +6,8 @@ Keys are relative to the vision model root as transformers 5 saves it (``embeddi
 
 from __future__ import annotations
 
-from mllm_jax.hf.common import CONV, LINEAR, SAME, SPLIT3, SPLIT3_LINEAR, ConversionError, Rule
+from mllm_jax.errors import ConversionError
+from mllm_jax.hf.common import CONV, LINEAR, SAME, SPLIT3, SPLIT3_LINEAR, Rule
 from mllm_jax.models.vit import VitConfig
 
 # model_type -> the switches that tell the two towers apart.

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import ml_dtypes
 import numpy as np
 
+from mllm_jax.errors import ConversionError
+
 # safetensors dtype tag <-> numpy dtype (bf16 through ml_dtypes, which JAX uses too).
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -31,10 +33,6 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _TAGS = {v: k for k, v in _DTYPES.items()}
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message says why in one line."""
 
 
 # ---------------------------------------------------------------- safetensors

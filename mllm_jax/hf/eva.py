@@ -8,7 +8,8 @@ EVA's separate ``q_bias`` / ``v_bias``.
 
 from __future__ import annotations
 
-from mllm_jax.hf.common import CONV, LINEAR, SAME, ConversionError, Rule
+from mllm_jax.errors import ConversionError
+from mllm_jax.hf.common import CONV, LINEAR, SAME, Rule
 from mllm_jax.models.eva import EvaConfig
 
 MODEL_TYPES = ("blip_2_vision_model", "instructblip_vision_model")

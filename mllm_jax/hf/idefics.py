@@ -9,8 +9,9 @@ refuses models that differ there, since transformers could not load them.
 
 from __future__ import annotations
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import clip, llama
-from mllm_jax.hf.common import LINEAR, SAME, ConversionError, Rule, prefixed
+from mllm_jax.hf.common import LINEAR, SAME, Rule, prefixed
 from mllm_jax.models.idefics import IdeficsConfig
 from mllm_jax.models.perceiver import PerceiverConfig
 from mllm_jax.models.xattn import XattnConfig

@@ -7,8 +7,9 @@ text feed-forward (``intermediate`` / ``output``) in every layer.
 
 from __future__ import annotations
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import blip2
-from mllm_jax.hf.common import ConversionError, Rule
+from mllm_jax.hf.common import Rule
 from mllm_jax.models.blip2 import Blip2Config
 
 ARCHITECTURE = "InstructBlipForConditionalGeneration"

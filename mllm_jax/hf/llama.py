@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mllm_jax.hf.common import LINEAR, SAME, ConversionError, Rule
+from mllm_jax.errors import ConversionError
+from mllm_jax.hf.common import LINEAR, SAME, Rule
 from mllm_jax.models.llm import ROPE_TYPES, LlmConfig
 
 # model_type -> (architecture, how its attention biases follow from the config).

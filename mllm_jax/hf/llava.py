@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import clip, llama
-from mllm_jax.hf.common import LINEAR, SAME, ConversionError, Rule, prefixed
+from mllm_jax.hf.common import LINEAR, SAME, Rule, prefixed
 from mllm_jax.models.mllm import LlavaConfig
 from mllm_jax.models.projector import ProjectorConfig
 

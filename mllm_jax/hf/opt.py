@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mllm_jax.hf.common import LINEAR, ConversionError, Rule
+from mllm_jax.errors import ConversionError
+from mllm_jax.hf.common import LINEAR, Rule
 from mllm_jax.hf.eva import dense, ln
 from mllm_jax.models.opt import OptConfig
 

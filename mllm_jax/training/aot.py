@@ -16,11 +16,9 @@ import re
 import time
 from collections.abc import Callable
 
+from mllm_jax.errors import PlanError
+
 GIB = 1024**3
-
-
-class PlanError(ValueError):
-    """A request that cannot be planned (bad target, mesh or batch): one line, exit code 2."""
 
 
 # ---------------------------------------------------------------- targets

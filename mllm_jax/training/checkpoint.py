@@ -28,17 +28,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mllm_jax import hf, models
+from mllm_jax.errors import CheckpointMismatch
 from mllm_jax.models import scan
-from mllm_jax.training.runconfig import ConfigError
 
 MODEL_CONFIG = "mllm_config.json"
 ASSETS = "hf"
 CHECKPOINTS = "checkpoints"
 LORA = "lora"  # item of a mid-LoRA-stage step: the factors (see mllm_jax/lora.py)
-
-
-class CheckpointMismatch(ConfigError):
-    """A stored step whose tree or shapes differ from what the config builds (one line, exit code 2)."""
 
 
 def is_checkpoint(path: str) -> bool:

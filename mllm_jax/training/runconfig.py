@@ -9,6 +9,7 @@ import os
 import re
 
 from mllm_jax.data.pipeline import DataConfig
+from mllm_jax.errors import ConfigError
 from mllm_jax.training.lora import LoraConfig
 from mllm_jax.training.optim import SCHEDULES, OptimConfig
 
@@ -53,10 +54,6 @@ STAGE_KEYS = (
 LORA_KEYS = ("rank", "alpha", "targets")
 # what a stage minimises: the LM loss on target tokens, or BLIP-2's stage-1 Q-Former losses
 LOSSES = ("lm", "qformer")
-
-
-class ConfigError(ValueError):
-    """A bad config: reported as one line, exit code 2, before any compilation."""
 
 
 @dataclasses.dataclass(frozen=True)

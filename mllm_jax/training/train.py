@@ -23,18 +23,11 @@ import optax
 from absl import logging
 
 from mllm_jax import sharding
+from mllm_jax.errors import Diverged, Preempted
 from mllm_jax.training import checkpoint, logger, lora, optim
 from mllm_jax.training.runconfig import RunConfig, Stage
 
 PREEMPTED_EXIT_CODE = 143
-
-
-class Preempted(Exception):
-    """Raised after the state was saved in response to SIGTERM."""
-
-
-class Diverged(Exception):
-    """Raised after ``max_bad_steps`` non-finite steps in a row; the last checkpoint is left intact."""
 
 
 # Fault injection for operations tests: global steps (1-based, comma-separated) whose batches get NaN

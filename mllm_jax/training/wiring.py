@@ -27,15 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mllm_jax import hf, sharding
+from mllm_jax import errors, hf, sharding
 from mllm_jax.data import boxes, pipeline, synthetic, templates, transforms
 from mllm_jax.data.tokenizer import build_tokenizer
+from mllm_jax.errors import ConfigError
 from mllm_jax.families import DTYPES, RECIPES
 from mllm_jax.inference import generate
 from mllm_jax.models import flops, layers, scan
 from mllm_jax.models.layers import check_remat
 from mllm_jax.training import checkpoint, optim, train
-from mllm_jax.training.runconfig import ConfigError, RunConfig, Stage
+from mllm_jax.training.runconfig import RunConfig, Stage
 
 
 class RunSetup:
@@ -455,7 +456,7 @@ def _load_hf(path: str, family: str, key: str):
         raise ConfigError(f"{key}={path!r}: no such directory")
     try:
         pretrained = hf.load_pretrained(path)
-    except hf.ConversionError as e:
+    except errors.ConversionError as e:
         raise ConfigError(f"{key}: {e}") from None
     if pretrained.family != family:
         raise ConfigError(f"{key}={path!r} holds a {pretrained.family!r} model; expected {family!r}")

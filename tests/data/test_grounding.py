@@ -8,6 +8,7 @@ import chex
 import numpy as np
 import pytest
 
+from mllm_jax import errors
 from mllm_jax.data import boxes, grounding, templates
 from mllm_jax.data.config import DataConfig
 from mllm_jax.data.layouts import IMAGE, ModelSpec
@@ -120,7 +121,7 @@ def test_boxes_without_location_tokens_are_a_config_error(override, key, tmp_pat
     c["model"]["location_tokens"] = False
     c["eval"].update(override.get("eval", {"num_grounding": 0}))
     c["stages"]["instruct"]["data"]["mix"] = override.get("mix", ())
-    with pytest.raises(runconfig.ConfigError, match=re.escape(key) + " needs location tokens"):
+    with pytest.raises(errors.ConfigError, match=re.escape(key) + " needs location tokens"):
         wiring.RunSetup(runconfig.from_config_dict(c), str(tmp_path))
     c["model"]["location_tokens"] = True  # the fix the message names
     run = wiring.RunSetup(runconfig.from_config_dict(c), str(tmp_path))

@@ -164,7 +164,7 @@ def test_bad_specs_and_documents(tok):
         ModelSpec(5, 1, layout="idefics")
     with pytest.raises(ValueError, match="layout"):
         ModelSpec(5, 1, layout="flamingo")
-    from mllm_jax.data.transforms import BadExample
+    from mllm_jax.errors import BadExample
 
     for bad in ([("text", "a <image> b")], [("video", 1)], ["text"]):
         with pytest.raises(BadExample) as e:

@@ -16,7 +16,7 @@ from mllm_jax.data.templates import (
     render_text,
 )
 from mllm_jax.data.tokenizer import build_tokenizer
-from mllm_jax.data.transforms import BadExample
+from mllm_jax.errors import BadExample
 
 TURNS = [
     ("user", "<image> how many shapes are there ?"),

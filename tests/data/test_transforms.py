@@ -10,7 +10,8 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from mllm_jax.data.transforms import BadExample, ImageSpec, expand_to_square, load_image, safe_join
+from mllm_jax.data.transforms import ImageSpec, expand_to_square, load_image, safe_join
+from mllm_jax.errors import BadExample
 
 SIZES = ((17, 23), (31, 9), (40, 40), (5, 7), (64, 33))  # (H, W): odd, tall, square, upscaled, wide
 

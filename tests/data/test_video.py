@@ -16,7 +16,8 @@ from mllm_jax.data.synthetic import COLOR_RGB, SyntheticConfig, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.data.video import DIRECTIONS, MOTION_TYPES, clip_record, heldout_clips, make_clip
-from mllm_jax.training.runconfig import ConfigError, from_config_dict
+from mllm_jax.errors import ConfigError
+from mllm_jax.training.runconfig import from_config_dict
 
 CONFIG = SyntheticConfig()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -8,12 +8,13 @@ import pytest
 
 from mllm_jax import families
 from mllm_jax.data.layouts import ModelSpec, count_images, truncate
-from mllm_jax.data.pipeline import DataConfig, DataError, Encoder
+from mllm_jax.data.pipeline import DataConfig, Encoder
 from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
 from mllm_jax.data.templates import encode_document
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.data.video import clip_record, make_clip
+from mllm_jax.errors import DataError
 from mllm_jax.models.blip2 import Blip2Config
 from mllm_jax.models.idefics import IdeficsConfig
 from mllm_jax.models.mllm import LlavaConfig

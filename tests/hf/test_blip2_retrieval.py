@@ -14,8 +14,9 @@ from blip2_fixtures import ITC_DIM, NUM_QUERY_TOKENS, QFORMER_VOCAB, build_blip2
 from transformers import AutoConfig, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 from mllm_jax import hf
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import blip2_retrieval
-from mllm_jax.hf.common import ConversionError, hf_to_params, normalize_keys, params_to_hf, read_safetensors
+from mllm_jax.hf.common import hf_to_params, normalize_keys, params_to_hf, read_safetensors
 from mllm_jax.models import blip2_stage1
 from mllm_jax.models.blip2 import Blip2
 

@@ -12,7 +12,8 @@ from hf_fixtures import build_causal_lm, build_vision
 from transformers import AutoModel, AutoModelForCausalLM
 
 from mllm_jax import hf, models
-from mllm_jax.hf.common import ConversionError, read_safetensors, write_safetensors
+from mllm_jax.errors import ConversionError
+from mllm_jax.hf.common import read_safetensors, write_safetensors
 
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import config_to_hf
-from mllm_jax.hf.common import ConversionError
 from mllm_jax.models.blip2 import Blip2, Blip2Config
 from mllm_jax.models.eva import EvaConfig
 from mllm_jax.models.idefics import Idefics, IdeficsConfig

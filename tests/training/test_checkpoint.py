@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from mllm_jax import errors
 from mllm_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -133,7 +134,7 @@ def test_a_matching_target_restores(saved):
 def test_a_mismatching_model_gets_one_line_naming_the_path_and_shapes(saved, change, message):
     directory, params, _ = saved
     ckpt = checkpoint.TrainCheckpointer(directory, async_save=False)
-    with pytest.raises(checkpoint.CheckpointMismatch) as e:
+    with pytest.raises(errors.CheckpointMismatch) as e:
         ckpt.restore(500, "params", _abstract(change(params)))
     ckpt.close()
     assert str(e.value) == message
@@ -143,11 +144,9 @@ def test_optimizer_state_of_other_trainable_params_is_a_mismatch(saved):
     directory, params, _ = saved
     other = optax.adam(1e-3).init({"llm": params["llm"]})  # the stage now trains only llm/*
     ckpt = checkpoint.TrainCheckpointer(directory, async_save=False)
-    with pytest.raises(
-        checkpoint.CheckpointMismatch, match=r"opt_state 0/mu/adapter/linear_1/bias is in the"
-    ):
+    with pytest.raises(errors.CheckpointMismatch, match=r"opt_state 0/mu/adapter/linear_1/bias is in the"):
         ckpt.restore(500, "opt_state", _abstract(other))
-    with pytest.raises(checkpoint.CheckpointMismatch, match="checkpoint step 400 has no 'params'"):
+    with pytest.raises(errors.CheckpointMismatch, match="checkpoint step 400 has no 'params'"):
         ckpt.restore(400, "params", _abstract(params))
     ckpt.close()
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from test_train import ROOT, SMALL, read_metrics
 
+from mllm_jax import errors
 from mllm_jax.training import checkpoint, lora, optim, runconfig
 
 # ---------------------------------------------------------------- merge math
@@ -96,7 +97,7 @@ def test_bad_lora_values_are_one_line_config_errors(lora_dict, message):
 
     c = sharded_step.llava()
     c.stages.instruct.lora = lora_dict
-    with pytest.raises(runconfig.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
         runconfig.from_config_dict(c)
 
 
@@ -106,12 +107,12 @@ def test_targets_must_select_frozen_kernels():
         "instruct", shapes, lora.LoraConfig(rank=2, targets=targets), trainable
     )
     check(lora.DEFAULT_TARGETS)  # q_proj and the stacked up_proj
-    with pytest.raises(runconfig.ConfigError, match="lora.targets.*match no kernel"):
+    with pytest.raises(errors.ConfigError, match="lora.targets.*match no kernel"):
         check(("vision/.*/kernel",))
-    with pytest.raises(runconfig.ConfigError, match="llm/norm/scale of shape"):
+    with pytest.raises(errors.ConfigError, match="llm/norm/scale of shape"):
         check(("llm/norm/.*",))
     with pytest.raises(
-        runconfig.ConfigError,
+        errors.ConfigError,
         match="and config.stages.instruct.trainable both select llm/layers/mlp/up_proj/kernel",
     ):
         check(lora.DEFAULT_TARGETS, ("adapter/.*", "llm/.*"))

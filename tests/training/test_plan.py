@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mllm_jax import plan
+from mllm_jax import errors, plan
 from mllm_jax.training import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -182,7 +182,7 @@ def test_targets_count_chips_as_google_names_slices(name, chips, generation):
     ],
 )
 def test_unknown_targets_are_named(name, message):
-    with pytest.raises(aot.PlanError, match=message):
+    with pytest.raises(errors.PlanError, match=message):
         aot.parse_target(name)
 
 
