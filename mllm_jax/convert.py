@@ -15,6 +15,9 @@ import sys
 
 from absl import app, flags, logging
 
+from mllm_jax.errors import ConversionError
+from mllm_jax.families import store
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("from_hf", None, "HF model directory to import.")
 flags.DEFINE_string("to", None, "Checkpoint directory to write (with --from_hf).")
@@ -24,11 +27,8 @@ flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).
 
 
 def import_hf(hf_dir: str, ckpt_dir: str):
-    from mllm_jax import hf
-    from mllm_jax.training import checkpoint
-
-    pretrained = hf.load_pretrained(hf_dir)
-    checkpoint.save_model(
+    pretrained = store.load_pretrained(hf_dir)
+    store.save_model(
         ckpt_dir,
         pretrained.family,
         pretrained.config,
@@ -40,16 +40,13 @@ def import_hf(hf_dir: str, ckpt_dir: str):
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
-    from mllm_jax import hf
-    from mllm_jax.training import checkpoint
-
-    if not checkpoint.is_checkpoint(ckpt_dir):
+    if not store.is_checkpoint(ckpt_dir):
         raise FileNotFoundError(
-            f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {checkpoint.MODEL_CONFIG})"
+            f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {store.MODEL_CONFIG})"
         )
-    model = checkpoint.load_model(ckpt_dir, step)
-    assets = checkpoint.assets_dir(ckpt_dir)
-    hf.save_pretrained(
+    model = store.load_model(ckpt_dir, step)
+    assets = store.assets_dir(ckpt_dir)
+    store.save_pretrained(
         hf_dir,
         model.family,
         model.config,
@@ -63,8 +60,6 @@ def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mllm_jax.errors import ConversionError
-
     src_ours = getattr(FLAGS, "from")
     try:
         if FLAGS.from_hf and FLAGS.to and not (src_ours or FLAGS.to_hf):

@@ -4,12 +4,12 @@ A rendered sample is a list of parts: text ``(str, learned)`` or ``None`` for an
 A layout turns it into ids the tokenizer never sees (image and fake tokens) plus the text left to
 tokenize, exactly as the family's HF processor lays out the same prompt:
 
-- ``llava``: each image becomes ``tokens_per_image`` image tokens in place (``LlavaProcessor``).
-- ``idefics``: each image becomes ``<fake_token_around_image> <image> <fake_token_around_image>``, with one
+- ``inline`` (LLaVA): each image becomes ``tokens_per_image`` image tokens in place (``LlavaProcessor``).
+- ``wrapped`` (IDEFICS): each image becomes ``<fake_token_around_image> <image> <fake_token_around_image>``, with one
   fake token shared between images that only spaces separate, and the spaces next to an image dropped
   (``IdeficsProcessor`` strips its text items). One image token per image: the model derives which image
   each text token attends to from them (``models.xattn.latest_image_mask``).
-- ``blip2``: all images' ``tokens_per_image`` query tokens go in front of everything, BOS included
+- ``prefix`` (BLIP-2): all images' ``tokens_per_image`` query tokens go in front of everything, BOS included
   (``Blip2Processor``); the text is what remains once each ``<image>`` and the whitespace after it are
   removed (unless that whitespace is all that separates two words), so ``"USER : <image> what ?"``
   reads ``"USER : what ?"``.
@@ -37,19 +37,19 @@ Item = tuple[str | np.ndarray, bool]  # text to tokenize, or final token ids, an
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What the data pipeline needs to know about a model: its image token, the number of feature
-    vectors per image, and the family's ``layout`` (a ``LAYOUTS`` key). ``ModelSpec(id, n)`` is LLaVA's."""
+    vectors per image, and the family's ``layout`` (a ``LAYOUTS`` key). ``ModelSpec(id, n)`` is the inline layout (LLaVA's)."""
 
     image_token_id: int
     tokens_per_image: int = 1
-    layout: str = "llava"
-    around_token_id: int | None = None  # idefics: <fake_token_around_image>
+    layout: str = "inline"
+    around_token_id: int | None = None  # wrapped: <fake_token_around_image>
     frames_per_image: int = 1  # images (video frames) per slot in the sequence: the model's frames_per_media
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {self.layout!r}")
-        if self.layout == "idefics" and self.around_token_id is None:
-            raise ValueError("layout 'idefics' needs around_token_id (the <fake_token_around_image> id)")
+        if self.layout == "wrapped" and self.around_token_id is None:
+            raise ValueError("layout 'wrapped' needs around_token_id (the <fake_token_around_image> id)")
         if self.tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be >= 1, got {self.tokens_per_image}")
         if self.frames_per_image < 1:
@@ -58,7 +58,7 @@ class ModelSpec:
     @property
     def image_tokens(self) -> int:
         """Image-token ids per image in the sequence (IDEFICS: one, whatever the resampler's size)."""
-        return 1 if self.layout == "idefics" else self.tokens_per_image
+        return 1 if self.layout == "wrapped" else self.tokens_per_image
 
 
 def as_spec(model: ModelSpec | int, tokens_per_image: int | None = None) -> ModelSpec:
@@ -104,12 +104,12 @@ def collapse_clips(parts: list[Part], frames: int) -> list[Part]:
     return out
 
 
-def _llava(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
+def _inline(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
     block = np.full(spec.tokens_per_image, spec.image_token_id, np.int32)
     return np.zeros(0, np.int32), [(block, False) if p is None else p for p in parts]
 
 
-def _idefics(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
+def _wrapped(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
     fake, image = spec.around_token_id, spec.image_token_id
     items: list[Item] = []
     last_was_image = False
@@ -130,7 +130,7 @@ def _idefics(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]
     return np.zeros(0, np.int32), items
 
 
-def _blip2(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
+def _prefix(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
     n_images = sum(p is None for p in parts)
     items: list[Item] = []
     after_image = False
@@ -152,7 +152,7 @@ def _blip2(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:
 
 
 # layout -> parts -> (ids before BOS, items after it)
-LAYOUTS = {"llava": _llava, "idefics": _idefics, "blip2": _blip2}
+LAYOUTS = {"inline": _inline, "wrapped": _wrapped, "prefix": _prefix}
 
 
 def lay_out(parts: list[Part], spec: ModelSpec) -> tuple[np.ndarray, list[Item]]:

@@ -199,7 +199,7 @@ def encode_conversation(
 
     ``learn`` is True exactly on answer tokens and the end marker closing each answer (the eos for
     ``vicuna_v1``/``tiny``, the separator for ``plain``, the end-of-turn text for ``chat``). BOS comes
-    first when the tokenizer has one (after the images in the ``blip2`` layout). Images are laid out as
+    first when the tokenizer has one (after the images in the ``prefix`` layout). Images are laid out as
     ``model`` says (a ``ModelSpec``; an image token id with ``tokens_per_image`` means LLaVA's layout).
     Raises ``BadExample`` for malformed turns.
     """

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mllm_jax import sharding
+from mllm_jax import families, sharding
 from mllm_jax.models.llm import LlmConfig, init_cache
 from mllm_jax.models.xattn import latest_image_mask
 
@@ -46,8 +46,8 @@ class Sampling:
 
 
 def llm_config(model) -> LlmConfig:
-    c = model.config
-    return getattr(c, "llm", c)  # composite configs keep the decoder under .llm
+    """The config of the decoder that generates (its positions, heads and KV cache)."""
+    return families.of_module(model).decoder_config(model.config)
 
 
 def choose(logits_BxV, rng, sampling: Sampling):
@@ -70,7 +70,7 @@ def choose(logits_BxV, rng, sampling: Sampling):
 
 def uses_media(model) -> bool:
     """Flamingo-style models read images through cross-attention rather than as tokens."""
-    return hasattr(type(model), "media")
+    return families.of_module(model).reads_media
 
 
 def _generate(
@@ -98,7 +98,7 @@ def _generate(
         last_BxN = jnp.take_along_axis(image_mask, (lengths_B - 1)[:, None, None], axis=1)
         prefill_media, step_media = (media, image_mask), (media, last_BxN)
     embeds = model.apply(variables, tokens_BxT, images, **embed_kwargs, method="embed")
-    stacked = getattr(model, "scan_layers", False)
+    stacked = families.of_module(model).scans_layers(model)
     cache = init_cache(llm_config(model), b, t + max_new_tokens, embeds.dtype, stacked)
     if batch_sharding is not None:  # the KV cache is decoding's largest buffer: split it like the batch
         batch_axes = batch_sharding.spec[0]
@@ -164,12 +164,7 @@ def param_shardings(model, params, mesh, rules):
     """Training's layout of ``params`` on ``mesh``: each leaf's logical axes from an abstract init, as
     ``train.Trainer`` derives them (a dimension its mesh axes do not divide is replicated); leaves that
     are on ``mesh`` already keep their sharding, and leaves the init does not make are replicated."""
-    c = model.config
-    v = getattr(c, "vision", None)
-    args = (jnp.zeros((1, 8), jnp.int32),)
-    if v is not None:
-        n = getattr(c, "frames_per_media", 1)  # one media item (a whole clip where frames merge)
-        args += (jnp.zeros((1, n, v.image_size, v.image_size, v.num_channels)),)
+    args = families.of_module(model).example_inputs(model.config)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
     abstract = nn.meta.unbox(boxed)
     laid_out = sharding.fit_to_shapes(sharding.shardings_of(boxed, mesh, rules), abstract)

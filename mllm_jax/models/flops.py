@@ -1,4 +1,5 @@
-"""Model FLOPs and device peaks for MFU, counted as MaxText does: 6 x params x tokens for the
+"""Model FLOPs of the parts (each family adds them up in ``Family.flops_per_sequence``) and device
+peaks for MFU, counted as MaxText does: 6 x params x tokens for the
 matmuls of forward + backward, plus causal attention; recomputation (remat) is not counted."""
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.models.llm import LlmConfig
-from mllm_jax.models.mllm import LlavaConfig
 from mllm_jax.models.opt import OptConfig
 
 # Dense bf16 peak per chip (FLOP/s), by jax device_kind.
@@ -49,15 +49,14 @@ def llm_flops_per_token(c: LlmConfig, seq_len: int) -> float:
     return 6.0 * llm_params(c) + attention
 
 
-def llava_flops_per_sequence(c: LlavaConfig, seq_len: int, images: int = 1) -> float:
-    """Training FLOPs of one sequence of ``seq_len`` tokens with ``images`` images, counting the vision
-    tower and projector as trained (an upper bound for stages that freeze them)."""
-    vision = 6.0 * vit_params(c.vision) * c.vision.num_positions * images
-    projector_params = c.projector.in_features * c.projector.out_features + (c.projector.depth - 1) * (
-        c.projector.out_features**2
-    )
-    projector = 6.0 * projector_params * c.tokens_per_image * images
-    return seq_len * llm_flops_per_token(c.llm, seq_len) + vision + projector
+def decoder_flops(c: LlmConfig | OptConfig, seq_len: int) -> float:
+    """Training FLOPs of the decoder over one sequence of ``seq_len`` tokens."""
+    return seq_len * llm_flops_per_token(c, seq_len)
+
+
+def vision_flops(c, images: int) -> float:
+    """Training FLOPs of a ViT over ``images`` images (counted as trained: an upper bound)."""
+    return 6.0 * vit_params(c) * c.num_positions * images
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,47 +75,3 @@ def peak_flops_per_device() -> float:
         f(a).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / sorted(times)[len(times) // 2]
-
-
-def idefics_flops_per_sequence(c, seq_len: int, images: int = 1) -> float:
-    """Flamingo/IDEFICS: the decoder, the vision tower and perceiver per image, and the gated
-    cross-attention blocks (queries over the text, keys/values over every image's media tokens)."""
-    vision = 6.0 * vit_params(c.vision) * c.vision.num_positions * images
-    p = c.perceiver
-    inner = p.num_heads * p.head_dim
-    context = c.vision.num_positions + p.num_latents
-    perceiver = 0.0
-    if c.use_resampler:
-        per_block = (
-            2 * p.embed_dim * inner * (p.num_latents + context) + 2 * p.embed_dim * p.mlp_dim * p.num_latents
-        )
-        perceiver = 6.0 * p.depth * per_block * images
-    x = c.xattn
-    inner = x.num_heads * x.head_dim
-    media = c.tokens_per_image * images
-    per_xattn = (
-        2 * x.hidden_size * inner * seq_len  # q and o over the text
-        + 2 * x.kv_dim * inner * media  # k and v over the media
-        + 3 * x.hidden_size * x.intermediate_size * seq_len  # the gated dense branch
-        + 2 * seq_len * media * inner  # scores and weighted sum
-    )
-    return (
-        seq_len * llm_flops_per_token(c.llm, seq_len)
-        + vision
-        + perceiver
-        + 6.0 * c.num_xattn_layers * per_xattn
-    )
-
-
-def blip2_flops_per_sequence(c, seq_len: int, images: int = 1) -> float:
-    """BLIP-2: the decoder, the EVA tower, and the Q-Former's queries (self-attention, feed-forward and
-    cross-attention to the image every ``cross_attention_frequency`` layers)."""
-    vision = 6.0 * vit_params(c.vision) * c.vision.num_positions * images
-    q = c.qformer
-    n_cross = sum(q.has_cross_attention(i) for i in range(q.num_layers))
-    per_query = q.num_layers * (4 * q.hidden_size**2 + 2 * q.hidden_size * q.intermediate_size)
-    per_query += n_cross * 2 * q.hidden_size**2  # cross-attention q and o
-    kv = n_cross * 2 * q.encoder_hidden_size * q.hidden_size * c.vision.num_positions
-    projection = q.hidden_size * c.llm.hidden_size * c.num_query_tokens
-    qformer = 6.0 * (per_query * c.num_query_tokens + kv + projection) * images
-    return seq_len * llm_flops_per_token(c.llm, seq_len) + vision + qformer

@@ -1,14 +1,5 @@
-"""Our checkpoint directory: an orbax CheckpointManager plus what is needed to use and export it.
-
-```
-DIR/
-  mllm_config.json      {"family": ..., "config": {...}}     our model config (frozen dataclasses)
-  hf/                   config.json of the HF model it came from (export base), tokenizer, processor
-  checkpoints/<step>/   orbax items: "params" (and, from training, optimizer state, data state, ...)
-```
-
-A training workdir has the same layout, so ``predict``, ``convert`` and ``config.model.init`` accept
-either.
+"""A run's training state in its workdir (``families.store`` has the directory layout): params,
+optimizer state, LoRA factors, data position and stage, one orbax step each.
 
 Integrity: orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>``
 only once every item is on disk (on GCS, where renames are not atomic, it writes ``commit_success.txt``
@@ -20,68 +11,14 @@ stored tree and shapes with it and reports the first difference in one line (``C
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mllm_jax import hf, models
 from mllm_jax.errors import CheckpointMismatch
-from mllm_jax.models import scan
-
-MODEL_CONFIG = "mllm_config.json"
-ASSETS = "hf"
-CHECKPOINTS = "checkpoints"
-LORA = "lora"  # item of a mid-LoRA-stage step: the factors (see mllm_jax/lora.py)
-
-
-def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_CONFIG))
-
-
-def assets_dir(path: str) -> str:
-    return os.path.join(path, ASSETS)
-
-
-def write_model_config(directory: str, family: str, config):
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, MODEL_CONFIG + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"family": family, "config": models.config_to_dict(config)}, f, indent=2)
-    os.replace(tmp, os.path.join(directory, MODEL_CONFIG))
-
-
-def read_model_config(directory: str):
-    with open(os.path.join(directory, MODEL_CONFIG)) as f:
-        d = json.load(f)
-    family = d["family"]
-    if family not in models.FAMILIES:
-        raise ValueError(f"{directory}: unknown model family {family!r}")
-    return family, models.config_from_dict(models.FAMILIES[family][0], d["config"])
-
-
-def manager(
-    directory: str, max_to_keep: int | None = None, async_save: bool = False, write: bool = True
-) -> ocp.CheckpointManager:
-    """Readers (``write=False``) create nothing on disk; writers also clear unfinished steps left by a
-    killed run (orbax would only clear a step's temporary dir when that same step is saved again)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        create=write,
-        cleanup_tmp_directories=write,
-    )
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, CHECKPOINTS)), options=options)
-
-
-def latest_step(directory: str) -> int | None:
-    """Newest complete step under ``directory/checkpoints`` (unfinished writes are not steps), or None."""
-    if not os.path.isdir(os.path.join(directory, CHECKPOINTS)):
-        return None
-    with manager(directory, write=False) as m:
-        return m.latest_step()
+from mllm_jax.families.store import LORA, is_checkpoint, latest_step, manager
 
 
 def finished_stages(directory: str, stages: list[tuple[str, int]]) -> tuple[str, ...] | None:
@@ -97,73 +34,6 @@ def finished_stages(directory: str, stages: list[tuple[str, int]]) -> tuple[str,
         return ()  # the trainer reports this checkpoint's stage itself
     index = names.index(meta["stage"])
     return tuple(names[: index + int(meta.get("stage_step", 0) >= stages[index][1])])
-
-
-def save_model(
-    directory: str,
-    family: str,
-    config,
-    params,
-    *,
-    hf_config: dict | None = None,
-    assets_from: str | None = None,
-    step: int = 0,
-):
-    """Save params as an orbax checkpoint with our config and the HF assets beside it."""
-    write_model_config(directory, family, config)
-    assets = assets_dir(directory)
-    os.makedirs(assets, exist_ok=True)
-    if assets_from and os.path.abspath(assets_from) != os.path.abspath(assets):
-        hf.copy_assets(assets_from, assets)
-    if hf_config is not None:
-        with open(os.path.join(assets, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
-    with manager(directory) as m:
-        m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-        m.wait_until_finished()
-
-
-def load_model(directory: str, step: int | None = None) -> hf.Pretrained:
-    """Params of the newest (or given) step, our config and the HF config the model came from."""
-    family, config = read_model_config(directory)
-    with manager(directory, write=False) as m:
-        step = m.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no complete checkpoint under {CHECKPOINTS}/")
-        restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-        params = restored["params"]
-        if os.path.isdir(os.path.join(str(m.directory), str(step), LORA)):  # mid-LoRA-stage step
-            extra = m.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), lora=ocp.args.StandardRestore())
-            )
-            params = _merge_lora(params, extra[LORA], extra["meta"][LORA])
-    hf_config_path = os.path.join(assets_dir(directory), "config.json")
-    hf_config = {}
-    if os.path.exists(hf_config_path):
-        with open(hf_config_path) as f:
-            hf_config = json.load(f)
-    if scan.is_stacked(params):  # trained with scan_layers: hand out the standard per-layer layout
-        params = scan.unstack_layers(params)
-    return hf.Pretrained(family, config, params, hf_config)
-
-
-def _merge_lora(params, factors, meta: dict):
-    """What the stage would export had it ended here: ``W + alpha/rank * A @ B``, as numpy."""
-    import numpy as np
-
-    from mllm_jax.training import lora
-
-    merged = lora.merge(params, factors, float(meta["alpha"]) / int(meta["rank"]))
-    return jax.tree.map(np.asarray, merged)
-
-
-def load_any(path: str) -> tuple[hf.Pretrained, str]:
-    """A model from our checkpoint dir or a HF dir; returns it with its assets directory."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path!r}: no such directory")
-    if is_checkpoint(path):
-        return load_model(path), assets_dir(path)
-    return hf.load_pretrained(path), path
 
 
 # ---------------------------------------------------------------- training state

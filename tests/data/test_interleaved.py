@@ -34,7 +34,7 @@ def tok():
 
 def _idefics(tok) -> ModelSpec:
     image, fake = tok.convert_tokens_to_ids(["<image>", FAKE])
-    return ModelSpec(image, 4, layout="idefics", around_token_id=fake)
+    return ModelSpec(image, 4, layout="wrapped", around_token_id=fake)
 
 
 def _png(value: int) -> bytes:

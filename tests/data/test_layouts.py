@@ -38,8 +38,8 @@ def _specs(tok) -> dict[str, ModelSpec]:
     image, fake = tok.convert_tokens_to_ids(["<image>", FAKE])
     return {
         "llava": ModelSpec(image, Q),
-        "idefics": ModelSpec(image, 64, layout="idefics", around_token_id=fake),
-        "blip2": ModelSpec(image, Q, layout="blip2"),
+        "idefics": ModelSpec(image, 64, layout="wrapped", around_token_id=fake),
+        "blip2": ModelSpec(image, Q, layout="prefix"),
     }
 
 
@@ -161,7 +161,7 @@ def test_truncate_never_keeps_part_of_an_image(tok):
 
 def test_bad_specs_and_documents(tok):
     with pytest.raises(ValueError, match="around_token_id"):
-        ModelSpec(5, 1, layout="idefics")
+        ModelSpec(5, 1, layout="wrapped")
     with pytest.raises(ValueError, match="layout"):
         ModelSpec(5, 1, layout="flamingo")
     from mllm_jax.errors import BadExample

@@ -35,8 +35,8 @@ def _spec(tok, family: str, frames: int) -> ModelSpec:
     image, fake = tok.convert_tokens_to_ids(["<image>", FAKE])
     layouts = {
         "llava": ModelSpec(image, Q, frames_per_image=frames),
-        "idefics": ModelSpec(image, 64, layout="idefics", around_token_id=fake, frames_per_image=frames),
-        "blip2": ModelSpec(image, Q, layout="blip2", frames_per_image=frames),
+        "idefics": ModelSpec(image, 64, layout="wrapped", around_token_id=fake, frames_per_image=frames),
+        "blip2": ModelSpec(image, Q, layout="prefix", frames_per_image=frames),
     }
     return layouts[family]
 

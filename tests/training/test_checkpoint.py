@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from mllm_jax import errors
+from mllm_jax.families import store
 from mllm_jax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,10 +57,10 @@ def test_a_step_killed_while_being_written_is_never_the_newest(tmp_path):
     workdir = str(tmp_path / "run")
     r = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, workdir], cwd=ROOT, capture_output=True)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
-    entries = os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))
+    entries = os.listdir(os.path.join(workdir, store.CHECKPOINTS))
     assert "1" in entries and any(e.startswith("2.orbax-checkpoint-tmp") for e in entries), entries
 
-    assert checkpoint.latest_step(workdir) == 1
+    assert store.latest_step(workdir) == 1
     ckpt = checkpoint.TrainCheckpointer(workdir, keep=3, async_save=False)
     assert ckpt.latest_step() == 1
     restored = ckpt.restore(1, "params", {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)})
@@ -69,16 +70,16 @@ def test_a_step_killed_while_being_written_is_never_the_newest(tmp_path):
     ckpt.save(2, {"w": 3 * jnp.ones((4, 8))}, {"stage": "align", "stage_step": 2}, wait=True)
     assert ckpt.latest_step() == 2
     ckpt.close()
-    assert sorted(os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))) == ["1", "2"]
+    assert sorted(os.listdir(os.path.join(workdir, store.CHECKPOINTS))) == ["1", "2"]
 
 
 def test_the_trainer_clears_leftover_unfinished_steps(tmp_path):
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
     ckpt.save(3, {"w": jnp.ones(2)}, {"stage": "align"}, wait=True)
     ckpt.close()
-    leftover = tmp_path / checkpoint.CHECKPOINTS / "9.orbax-checkpoint-tmp"
+    leftover = tmp_path / store.CHECKPOINTS / "9.orbax-checkpoint-tmp"
     (leftover / "params").mkdir(parents=True)  # the layout a killed writer leaves
-    assert checkpoint.latest_step(str(tmp_path)) == 3
+    assert store.latest_step(str(tmp_path)) == 3
     assert leftover.exists()  # reading never deletes anything
     ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
     assert ckpt.latest_step() == 3
@@ -154,8 +155,8 @@ def test_optimizer_state_of_other_trainable_params_is_a_mismatch(saved):
 def test_readers_create_nothing(tmp_path):
     from mllm_jax.models.mllm import LlavaConfig
 
-    checkpoint.write_model_config(str(tmp_path), "llava", LlavaConfig())
-    assert checkpoint.latest_step(str(tmp_path)) is None
+    store.write_model_config(str(tmp_path), "llava", LlavaConfig())
+    assert store.latest_step(str(tmp_path)) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        checkpoint.load_model(str(tmp_path))
-    assert os.listdir(tmp_path) == [checkpoint.MODEL_CONFIG]
+        store.load_model(str(tmp_path))
+    assert os.listdir(tmp_path) == [store.MODEL_CONFIG]

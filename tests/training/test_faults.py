@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 from test_train import ROOT, main_cmd, read_metrics
 
-from mllm_jax.training import checkpoint, optim
+from mllm_jax.families import store
+from mllm_jax.training import optim
 
 # Two stages with mid-stage checkpoints (async, the default) every 2 steps; global steps 1-10 are
 # `align`, 11-30 `instruct`.
@@ -91,7 +92,7 @@ def rows(workdir):
 def writing(workdir, after: int, before: int) -> bool:
     """A step in (after, before) is being written (orbax's temporary directory is there)."""
     try:
-        names = os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))
+        names = os.listdir(os.path.join(workdir, store.CHECKPOINTS))
     except FileNotFoundError:
         return False
     steps = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
@@ -114,7 +115,7 @@ def reference(env, tmp_path_factory):
 
 def test_preempted_at_several_points_the_reruns_end_like_an_uninterrupted_run(reference, env, tmp_path):
     workdir = str(tmp_path / "interrupted")
-    ckpt = lambda: checkpoint.latest_step(workdir)  # noqa: E731
+    ckpt = lambda: store.latest_step(workdir)  # noqa: E731
 
     # 1. SIGTERM during a step of `align`: saved at the next step boundary, exit 143
     proc = launch(workdir, *CHAIN, env=env)
@@ -148,7 +149,7 @@ def test_preempted_at_several_points_the_reruns_end_like_an_uninterrupted_run(re
     signal_when(proc, lambda: writing(workdir, third, end), signal.SIGKILL, "a second checkpoint write")
     code, err = finish(proc)
     assert code == -signal.SIGKILL
-    names = os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))
+    names = os.listdir(os.path.join(workdir, store.CHECKPOINTS))
     half_written = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
     assert ckpt() == max(int(n) for n in names if n.isdigit()) and all(s > ckpt() for s in half_written)
 
@@ -191,7 +192,7 @@ def test_sigterm_in_the_last_step_of_a_stage_keeps_its_evaluation(reference, env
     cmd = [sys.executable, "-c", SIGTERM_AFTER_STEP, str(ALIGN), *main_cmd(workdir, *CHAIN)[3:]]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert r.returncode == 143, r.stderr[-3000:]
-    assert checkpoint.latest_step(workdir) == ALIGN
+    assert store.latest_step(workdir) == ALIGN
     code, err = run(workdir, *CHAIN, env=env)
     assert code == 0, err[-3000:]
     evals = [r["step"] for r in read_metrics(workdir) if "eval/vqa_accuracy" in r]
@@ -199,7 +200,7 @@ def test_sigterm_in_the_last_step_of_a_stage_keeps_its_evaluation(reference, env
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_and_stays_intact(reference, env):
-    before = checkpoint.latest_step(reference)
+    before = store.latest_step(reference)
     code, err = run(reference, *CHAIN, "--config.model.scan_layers=True", env=env)
     assert code == 2, err[-3000:]
     assert re.fullmatch(
@@ -207,8 +208,8 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_and_stays_intact(r
         r"in the checkpoint",
         error_line(err),
     ), error_line(err)
-    assert checkpoint.latest_step(reference) == before
-    assert optim.flatten(checkpoint.load_model(reference).params)
+    assert store.latest_step(reference) == before
+    assert optim.flatten(store.load_model(reference).params)
 
 
 # ---------------------------------------------------------------- bad data and NaN steps
@@ -280,7 +281,7 @@ def test_corrupt_images_are_skipped_and_counted_and_a_nan_step_changes_nothing(d
     assert [r["train/skipped_steps"] for r in got] == [0] * 4 + [1] * 8
     assert not math.isfinite(got[4]["loss"])
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(got) if i != 4)
-    params = {s: optim.flatten(checkpoint.load_model(workdir, s).params) for s in (4, 5, 6)}
+    params = {s: optim.flatten(store.load_model(workdir, s).params) for s in (4, 5, 6)}
     for path, value in params[4].items():
         np.testing.assert_array_equal(params[5][path], value, err_msg=path)
     assert any(not np.array_equal(params[6][p], v) for p, v in params[5].items())
@@ -297,11 +298,11 @@ def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(
     assert code == 1, err[-3000:]
     line = error_line(err)
     assert "2 non-finite steps in a row" in line and "max_bad_steps" in line, line
-    assert checkpoint.latest_step(workdir) == 2
-    assert sorted(os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))) == ["2"]
+    assert store.latest_step(workdir) == 2
+    assert sorted(os.listdir(os.path.join(workdir, store.CHECKPOINTS))) == ["2"]
     # step 2 as the run without the NaN streak saved it, bit for bit
-    kept = optim.flatten(checkpoint.load_model(workdir).params)
-    for path, value in optim.flatten(checkpoint.load_model(dirty_run, 2).params).items():
+    kept = optim.flatten(store.load_model(workdir).params)
+    for path, value in optim.flatten(store.load_model(dirty_run, 2).params).items():
         np.testing.assert_array_equal(kept[path], value, err_msg=path)
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from test_train import ROOT, SMALL, read_metrics
 
 from mllm_jax import errors
+from mllm_jax.families import store
 from mllm_jax.training import checkpoint, lora, optim, runconfig
 
 # ---------------------------------------------------------------- merge math
@@ -251,7 +252,7 @@ def test_lora_run_freezes_the_base_and_checkpoints_what_it_needs(lora_run):
             np.testing.assert_array_equal(mid[path], value, err_msg=path)
     assert _raw_meta(lora_run, MID)["lora"] == {"rank": 16, "alpha": 32.0}
     # readers (predict, convert, evaluate) get the merged model of a mid-stage step
-    loaded = optim.flatten(checkpoint.load_model(lora_run, MID).params)
+    loaded = optim.flatten(store.load_model(lora_run, MID).params)
     for path in targets:
         want = lora.merge_kernel(mid[path], factors[path + "/a"], factors[path + "/b"], 32.0 / 16)
         np.testing.assert_allclose(loaded[path], want, rtol=1e-6, atol=1e-6)

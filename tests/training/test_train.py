@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_jax.training import checkpoint, optim
+from mllm_jax.families import store
+from mllm_jax.training import optim
 
 # A model small enough that each compilation takes a few seconds.
 SMALL = [
@@ -116,7 +117,7 @@ def test_llava_json_trains_through_the_public_command_and_exports(llava_json, tm
     evals = [r for r in rows if "eval/vqa_accuracy" in r]
     assert [r["stage"] for r in evals] == ["align", "instruct"]
     assert {"eval/vqa_accuracy_blank", "eval/vqa_accuracy/count", "eval/vqa_accuracy/color"} <= set(evals[-1])
-    assert checkpoint.latest_step(workdir) == 5
+    assert store.latest_step(workdir) == 5
     out = str(tmp_path / "hf")
     r = subprocess.run(
         [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"],
@@ -150,7 +151,7 @@ def test_stage_trains_only_its_trainable_params(tmp_path):
         "--config.stages.align.trainable=('adapter/.*',)",
         "--config.eval.num_questions=0",
     )
-    trained = optim.flatten(checkpoint.load_model(workdir).params)
+    trained = optim.flatten(store.load_model(workdir).params)
     initial = optim.flatten(_initial_params(workdir))
     assert trained.keys() == initial.keys()
     for path in trained:
@@ -164,10 +165,10 @@ def _initial_params(workdir):
     import jax
     import jax.numpy as jnp
 
-    from mllm_jax import models
+    from mllm_jax import families
 
-    family, config = checkpoint.read_model_config(workdir)
-    model = models.build(family, config)
+    family, config = store.read_model_config(workdir)
+    model = families.build(family, config)
     tokens = jnp.zeros((1, 8), jnp.int32)
     images = jnp.zeros((1, 1, config.vision.image_size, config.vision.image_size, 3))
     return nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens, images)["params"])
@@ -196,7 +197,7 @@ def test_sigterm_saves_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
-    stopped_at = checkpoint.latest_step(interrupted)
+    stopped_at = store.latest_step(interrupted)
     assert stopped_at is not None and stopped_at < 24
     run_main(interrupted, *flags)
     a, b = read_metrics(straight), read_metrics(interrupted)
@@ -227,7 +228,6 @@ def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
     from hf_fixtures import build_causal_lm, build_vision
     from transformers import LlavaForConditionalGeneration
 
-    from mllm_jax import hf
 
     vision_dir = build_vision(str(tmp_path / "clip"), "clip", seed=1)
     llm_dir = build_causal_lm(str(tmp_path / "llama"), seed=2, image_token=False)
@@ -260,9 +260,9 @@ def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
         cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    trained = checkpoint.load_model(workdir)
+    trained = store.load_model(workdir)
     assert trained.config.llm.vocab_size == 64  # 52 words + <image>, rounded up to 64
-    vision, llm = hf.load_pretrained(vision_dir), hf.load_pretrained(llm_dir)
+    vision, llm = store.load_pretrained(vision_dir), store.load_pretrained(llm_dir)
     for name, source in (("vision", vision.params), ("llm", llm.params)):
         flat, ours = optim.flatten(source), optim.flatten(trained.params[name])
         for path_, value in flat.items():
@@ -275,8 +275,8 @@ def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
             else:
                 assert np.array_equal(np.asarray(ours[path_]), np.asarray(value)), (name, path_)
     out = str(tmp_path / "hf")
-    hf.save_pretrained(
-        out, "llava", trained.config, trained.params, trained.hf_config, checkpoint.assets_dir(workdir)
+    store.save_pretrained(
+        out, "llava", trained.config, trained.params, trained.hf_config, store.assets_dir(workdir)
     )
     _, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -15,7 +15,7 @@ from PIL import Image
 from mllm_jax import predict
 from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.synthetic import SyntheticConfig
-from mllm_jax.training import checkpoint
+from mllm_jax.families import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = [
@@ -86,7 +86,7 @@ def test_flamingo_trains_evaluates_few_shot_and_exports(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["train/skipped_steps"] == 0 for r in train_rows)
     [ev] = [r for r in rows if "eval/vqa_accuracy" in r]  # eval.stages: after instruct only
     assert {"eval/vqa_accuracy_blank", "eval/vqa_accuracy_0shot", "eval/vqa_accuracy_4shot"} <= set(ev)
-    assert checkpoint.latest_step(workdir) == 5
+    assert store.latest_step(workdir) == 5
 
     out = str(tmp_path / "hf")
     export(workdir, out)
@@ -212,7 +212,7 @@ def test_flamingo_trains_on_clips_and_refuses_export(tmp_path):
     assert [r["stage"] for r in train_rows] == ["align"] * 2 + ["instruct"] * 2
     assert all(np.isfinite(r["loss"]) and r["train/skipped_steps"] == 0 for r in train_rows)
     assert any("eval/motion_accuracy" in r for r in rows)
-    family, config = checkpoint.read_model_config(workdir)
+    family, config = store.read_model_config(workdir)
     assert (family, config.frames_per_clip, config.perceiver.max_frames) == ("idefics", 4, 4)
     r = subprocess.run(
         [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={tmp_path / 'hf'}"],

@@ -1,0 +1,67 @@
+"""What a family that ``main`` trains adds to ``Family``: sizing from ``config.model`` (from scratch or
+from pretrained parts), the tokens it adds, the processor saved with a run, where images sit in the
+sequence, FLOPs, and the stage losses it supports."""
+
+from __future__ import annotations
+
+from mllm_jax.data.layouts import ModelSpec
+from mllm_jax.errors import ConfigError, ConversionError
+from mllm_jax.families.base import Family
+
+
+class TrainableFamily(Family):
+    trains = True
+    special_tokens: tuple[str, ...] = ()  # added to the tokenizer when missing
+    vision_family: str = "vit"  # the family of a `model.init.vision` directory
+    image_mode: str = "resize"  # how its HF image processor fits images to the tower (ImageSpec.mode)
+    nested_text_config: bool = True  # the HF config holds the decoder's fields under "text_config"
+    # new tokens (<image>) grow the LLM's tables (LLaVA); False: they go to a separate table (IDEFICS)
+    grows_vocab: bool = False
+    losses: tuple[str, ...] = ("lm",)  # the stage losses (config.stages.*.loss) it supports
+    starts_from_parts: bool = False  # a pretrained tower + LLM (model.init.vision/llm) can start it
+
+    def scratch(self, m: dict, tokenizer):
+        """The model config from the sizes in ``config.model`` and the tokenizer."""
+        raise NotImplementedError
+
+    def from_parts(self, m: dict, vision, llm, tokenizer):
+        """The model config around a pretrained vision tower and LLM (``model.init.vision/llm``), for
+        the families that ``starts_from_parts``."""
+        raise NotImplementedError
+
+    def processor(self, config, tokenizer, image_processor, qformer_tokenizer=None):
+        """The HF processor saved with a run, so that its checkpoints load in transformers."""
+        raise NotImplementedError
+
+    def model_spec(self, config, tokenizer) -> ModelSpec:
+        """What the data pipeline needs to lay out images in the token sequence."""
+        raise NotImplementedError
+
+    def flops_per_sequence(self, config, seq_len: int, images: int = 1) -> float:
+        raise NotImplementedError
+
+    def config_to_hf(self, config, base: dict | None = None) -> dict:
+        if self.frames_per_media(config) > 1:
+            # IDEFICS with frame embeddings, or a clip pooled into one block: transformers has neither
+            raise ConversionError(
+                f"{self.name} with frames_per_clip={config.frames_per_clip} merges each clip into one media "
+                "item (frame embeddings, or video_pool='mean'): transformers has no equivalent, so it is not "
+                "exported"
+            )
+        return super().config_to_hf(config, base)
+
+
+def llm_sizes(m: dict, tokenizer) -> dict:
+    """``model.llm`` with the vocab size: the tokenizer's, unless the config names a larger one (the
+    7B/13B presets name LLaMA's 32000, so that they build at their real size with no tokenizer dir)."""
+    sizes = {"vocab_size": len(tokenizer), **m["llm"]}
+    if sizes["vocab_size"] < len(tokenizer):
+        raise ConfigError(
+            f"config.model.llm.vocab_size {sizes['vocab_size']} < the tokenizer's {len(tokenizer)} tokens"
+        )
+    return sizes
+
+
+def video_settings(m: dict) -> dict:
+    """LLaVA / BLIP-2 clip settings (``model.frames_per_clip`` / ``model.video_pool``; absent: images)."""
+    return dict(frames_per_clip=int(m.get("frames_per_clip", 1)), video_pool=m.get("video_pool", "concat"))
