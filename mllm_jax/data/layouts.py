@@ -5,9 +5,9 @@ A layout turns it into ids the tokenizer never sees (image and fake tokens) plus
 tokenize, exactly as the family's HF processor lays out the same prompt:
 
 - ``inline`` (LLaVA): each image becomes ``tokens_per_image`` image tokens in place (``LlavaProcessor``).
-- ``wrapped`` (IDEFICS): each image becomes ``<fake_token_around_image> <image> <fake_token_around_image>``, with one
-  fake token shared between images that only spaces separate, and the spaces next to an image dropped
-  (``IdeficsProcessor`` strips its text items). One image token per image: the model derives which image
+- ``wrapped`` (IDEFICS): each image becomes ``<fake_token_around_image> <image>
+  <fake_token_around_image>``, with one fake token shared between images that only spaces separate, and
+  the spaces next to an image dropped (``IdeficsProcessor`` strips its text items). One image token per image: the model derives which image
   each text token attends to from them (``models.xattn.latest_image_mask``).
 - ``prefix`` (BLIP-2): all images' ``tokens_per_image`` query tokens go in front of everything, BOS included
   (``Blip2Processor``); the text is what remains once each ``<image>`` and the whitespace after it are
@@ -37,7 +37,8 @@ Item = tuple[str | np.ndarray, bool]  # text to tokenize, or final token ids, an
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What the data pipeline needs to know about a model: its image token, the number of feature
-    vectors per image, and the family's ``layout`` (a ``LAYOUTS`` key). ``ModelSpec(id, n)`` is the inline layout (LLaVA's)."""
+    vectors per image, and the family's ``layout`` (a ``LAYOUTS`` key). ``ModelSpec(id, n)`` is the inline
+    layout (LLaVA's)."""
 
     image_token_id: int
     tokens_per_image: int = 1

@@ -29,10 +29,11 @@ from absl import flags, logging
 from mllm_jax.data.config import SOURCES, DataConfig
 from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, truncate
-from mllm_jax.data.sources import LlavaJsonSource, Mmc4Source, ShardStream, SyntheticSource, WebDatasetSource
+from mllm_jax.data.sources import LlavaJsonSource, Mmc4Source, SyntheticSource
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.data.templates import encode_conversation, encode_document, render_text
 from mllm_jax.data.transforms import ImageSpec, load_image
+from mllm_jax.data.webdataset import ShardStream, WebDatasetSource
 from mllm_jax.errors import BadExample, DataError
 
 __all__ = [

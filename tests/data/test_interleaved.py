@@ -16,11 +16,12 @@ from PIL import Image
 from mllm_jax.data.fewshot import fewshot_turns, heldout_questions, support_questions
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.data.pipeline import DataConfig, make_iterator
-from mllm_jax.data.sources import Mmc4Source, SyntheticSource, WebDatasetSource
+from mllm_jax.data.sources import Mmc4Source, SyntheticSource
 from mllm_jax.data.synthetic import QUESTION_TYPES, SyntheticConfig, make_example, vocabulary
 from mllm_jax.data.templates import encode_conversation, encode_prompt
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
+from mllm_jax.data.webdataset import WebDatasetSource
 
 FAKE = "<fake_token_around_image>"
 SPEC = ImageSpec(8, mode="resize")

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_jax.data.sources import (
-    LlavaJsonSource,
-    SyntheticSource,
-    WebDatasetSource,
-    expand_braces,
-    list_shards,
-)
+from mllm_jax.data.sources import LlavaJsonSource, SyntheticSource
 from mllm_jax.data.synthetic import QUESTION_TYPES, SyntheticConfig, make_example
+from mllm_jax.data.webdataset import WebDatasetSource, expand_braces, list_shards
 
 LLAVA_RECORDS = [
     {
