@@ -7,8 +7,9 @@ tokenize, exactly as the family's HF processor lays out the same prompt:
 - ``inline`` (LLaVA): each image becomes ``tokens_per_image`` image tokens in place (``LlavaProcessor``).
 - ``wrapped`` (IDEFICS): each image becomes ``<fake_token_around_image> <image>
   <fake_token_around_image>``, with one fake token shared between images that only spaces separate, and
-  the spaces next to an image dropped (``IdeficsProcessor`` strips its text items). One image token per image: the model derives which image
-  each text token attends to from them (``models.xattn.latest_image_mask``).
+  the spaces next to an image dropped (``IdeficsProcessor`` strips its text items). One image token per
+  image: the model derives which image each text token attends to from them
+  (``models.xattn.latest_image_mask``).
 - ``prefix`` (BLIP-2): all images' ``tokens_per_image`` query tokens go in front of everything, BOS included
   (``Blip2Processor``); the text is what remains once each ``<image>`` and the whitespace after it are
   removed (unless that whitespace is all that separates two words), so ``"USER : <image> what ?"``
