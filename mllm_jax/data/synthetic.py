@@ -41,6 +41,10 @@ POSITION_QUESTION = "is the {a} left or right of the {b} ?"
 # grounding.py: a box's four location tokens (tasks/boxes.py) are the answer, or stand in the question
 GROUNDING_QUESTION = "where is the {name} ?"
 REFERRING_QUESTION = "what is at {box} ?"
+# clips (video.py): direction -> (column step, row step) on the cell grid, and the motion questions
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DIRECTION_QUESTION = "which way does the {color} {shape} move ?"
+MOVING_COLOR_QUESTION = "what color is the moving shape ?"
 
 
 def _circle(yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -223,11 +227,8 @@ def pick_question(questions: list[dict], qtype: str, index: int) -> dict:
 def vocabulary(config: SyntheticConfig) -> list[str]:
     """Every word of any caption, question or answer, plus the chat-template words; sorted."""
     templates = (COUNT_QUESTION, COLOR_QUESTION, SHAPE_QUESTION, POSITION_QUESTION, "a and , .")
-    templates += (GROUNDING_QUESTION, REFERRING_QUESTION)
+    templates += (GROUNDING_QUESTION, REFERRING_QUESTION, DIRECTION_QUESTION, MOVING_COLOR_QUESTION)
     words = {w for t in templates for w in t.split() if "{" not in w}
-    words.update(config.colors, config.shapes, ("left", "right"), CHAT_WORDS)
+    words.update(config.colors, config.shapes, ("left", "right"), CHAT_WORDS, DIRECTIONS)
     words.update(NUMBER_WORDS[config.min_shapes : config.max_shapes + 1])
-    from mllm_jax.data import video  # video.py builds on this module
-
-    words.update(video.words())
     return sorted(words)

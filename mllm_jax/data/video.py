@@ -20,20 +20,19 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_jax.data.layouts import IMAGE
-from mllm_jax.data.synthetic import COLOR_RGB, SHAPE_MASKS, SPLITS, SyntheticConfig, _scene_split
+from mllm_jax.data.synthetic import (
+    COLOR_RGB,
+    DIRECTION_QUESTION,
+    DIRECTIONS,
+    MOVING_COLOR_QUESTION,
+    SHAPE_MASKS,
+    SPLITS,
+    SyntheticConfig,
+    _scene_split,
+)
 
-# direction -> (column step, row step) on the cell grid
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MOTION_TYPES = ("direction", "moving_color")
-DIRECTION_QUESTION = "which way does the {color} {shape} move ?"
-MOVING_COLOR_QUESTION = "what color is the moving shape ?"
 _STREAM = 17  # keeps clip sampling independent of the still images of the same index
-
-
-def words() -> set[str]:
-    """Every word of a clip question or answer (``synthetic.vocabulary`` includes them)."""
-    templates = (DIRECTION_QUESTION, MOVING_COLOR_QUESTION)
-    return {w for t in templates for w in t.split() if "{" not in w} | set(DIRECTIONS)
 
 
 def clip_grid(config: SyntheticConfig) -> int:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from mllm_jax import families, sharding
-from mllm_jax.data import boxes, pipeline, synthetic
+from mllm_jax.data import boxes, pipeline
 from mllm_jax.errors import ConfigError
 from mllm_jax.evaluation.stage import evaluate_stage
 from mllm_jax.families import DTYPES, base, store
@@ -37,9 +37,7 @@ class RunSetup:
 
         self.run, self.workdir = run, workdir
         self.assets = store.assets_dir(workdir)
-        self.synthetic = (
-            synthetic.SyntheticConfig(**run.synthetic) if run.synthetic else synthetic.SyntheticConfig()
-        )
+        self.synthetic = run.synthetic
         self.skipped: collections.Counter = collections.Counter()
         m = run.model
         # BLIP-2 stage 1: captions for the Q-Former in its own tokenizer (BERT's), else the LLM's
@@ -209,7 +207,7 @@ def _check_location_tokens(run: RunConfig, tokenizer) -> None:
     """Boxes in the data or the evaluation need the location tokens (else they would read as <unk>)."""
     if boxes.LOCATION_TOKENS[0] in tokenizer.get_vocab():
         return
-    users = ["config.eval.num_grounding"] if run.eval.get("num_grounding") else []
+    users = ["config.eval.num_grounding"] if run.eval.num_grounding else []
     for stage in run.stages:
         for i, (_, d) in enumerate(stage.data.components()):
             if d.source == "synthetic" and d.task in ("grounding", "referring"):

@@ -107,4 +107,4 @@ def test_families_set_frames_per_image_from_the_model(tok):
         "idefics": (IdeficsConfig(image_token_id=image, frames_per_clip=T), T),
     }
     for family, (config, frames) in cases.items():
-        assert families.RECIPES[family].model_spec(config, tok).frames_per_image == frames, family
+        assert families.FAMILIES[family].model_spec(config, tok).frames_per_image == frames, family
