@@ -11,7 +11,9 @@ from mllm_jax.data.layouts import IMAGE, ModelSpec
 from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
-from mllm_jax.evaluation import grounding, metrics
+from mllm_jax.evaluation import metrics
+from mllm_jax.evaluation import synthetic_grounding as grounding
+from mllm_jax.evaluation.decoder import Decoder
 from mllm_jax.inference import generate
 
 CONFIG = SyntheticConfig()
@@ -63,8 +65,10 @@ def test_eval_loop_with_a_fake_generate(tokenizer, monkeypatch):
     ]
     calls = []
 
-    def fake_generate(model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id, mesh, rules):
-        assert mesh is None and rules is None  # no mesh given: one device
+    def fake_generate(
+        model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id, embed_kwargs, mesh, rules
+    ):
+        assert mesh is None and rules is None and not embed_kwargs  # no mesh given: one device
         assert pixels.shape == (batch, 1, SIZE, SIZE, 3) and len(prompts) == batch
         assert max_new_tokens >= 5 and eos_ids == [tokenizer.eos_token_id]
         chunk = chunks[len(calls)]
@@ -80,9 +84,8 @@ def test_eval_loop_with_a_fake_generate(tokenizer, monkeypatch):
         return out
 
     monkeypatch.setattr(generate, "generate", fake_generate)
-    rows, per_task = grounding.grounding_predictions(
-        None, None, tokenizer, image_spec, spec, "tiny", CONFIG, num_questions=n, batch_size=batch
-    )
+    decoder = Decoder(None, None, tokenizer, image_spec, spec, "tiny", batch, grounding.MAX_NEW_TOKENS)
+    rows, per_task = grounding.grounding_answers(decoder, CONFIG, n)
     assert len(calls) == len(chunks) == 2 * 3
     # right answers at positions 0, 2 of each batch: items 0, 2, 4 of 5
     assert rows["eval/grounding_accuracy"] == pytest.approx(3 / 5)
@@ -98,15 +101,13 @@ def test_eval_loop_with_a_fake_generate(tokenizer, monkeypatch):
         "eval/referring_accuracy",
     }
     calls.clear()  # the metrics-only entry point runs the same loop
-    assert (
-        grounding.synthetic_grounding(None, None, tokenizer, image_spec, spec, "tiny", CONFIG, n, batch)
-        == rows
-    )
+    assert grounding.grounding_metrics(decoder, CONFIG, n) == rows
 
 
 def test_a_tokenizer_without_location_tokens_is_refused():
     tok = build_tokenizer(vocabulary(CONFIG))
     spec = ModelSpec(tok.convert_tokens_to_ids(IMAGE), 4)
     image_spec = ImageSpec(size=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3, mode="resize")
+    decoder = Decoder(None, None, tok, image_spec, spec, "tiny", batch_size=2)
     with pytest.raises(ValueError, match="location tokens"):
-        grounding.synthetic_grounding(None, None, tok, image_spec, spec, "tiny", CONFIG, 2, 2)
+        grounding.grounding_metrics(decoder, CONFIG, 2)

@@ -11,8 +11,9 @@ from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.data.video import DIRECTIONS, heldout_clips
-from mllm_jax.evaluation import video
-from mllm_jax.evaluation.vqa import first_word
+from mllm_jax.evaluation import synthetic_video as video
+from mllm_jax.evaluation.decoder import Decoder
+from mllm_jax.evaluation.synthetic_vqa import first_word
 from mllm_jax.inference import generate
 
 CONFIG = SyntheticConfig()
@@ -56,8 +57,10 @@ def test_eval_loop_with_a_fake_generate(monkeypatch):
     image_id = tok.convert_tokens_to_ids("<image>")
     calls = []
 
-    def fake_generate(model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id, mesh, rules):
-        assert mesh is None and rules is None  # no mesh given: one device
+    def fake_generate(
+        model, params, prompts, pixels, *, max_new_tokens, eos_ids, pad_id, embed_kwargs, mesh, rules
+    ):
+        assert mesh is None and rules is None and not embed_kwargs  # no mesh given: one device
         calls.append((len(prompts), pixels.shape))
         out = []
         for prompt, clip in zip(prompts, pixels, strict=True):
@@ -68,9 +71,8 @@ def test_eval_loop_with_a_fake_generate(monkeypatch):
         return out
 
     monkeypatch.setattr(generate, "generate", fake_generate)
-    rows = video.synthetic_motion(
-        None, None, tok, SPEC, ModelSpec(image_id, TPI), "tiny", CONFIG, num_clips=10, batch_size=4
-    )
+    decoder = Decoder(None, None, tok, SPEC, ModelSpec(image_id, TPI), "tiny", batch_size=4)
+    rows = video.motion_metrics(decoder, CONFIG, num_clips=10)
     # 3 chunks of 10 padded to 4 rows each, moving then static
     assert calls == [(4, (4, CONFIG.num_frames, 32, 32, 3))] * 6
     items = heldout_clips(CONFIG, 10)
@@ -85,23 +87,13 @@ def test_eval_loop_with_a_fake_generate(monkeypatch):
     assert rows["eval/motion_accuracy/moving_color"] == pytest.approx(red)
 
 
-SMALL = [  # a shrunken tiny_video: each compilation takes seconds
-    "--config.model.vision.num_layers=1",
-    "--config.model.vision.hidden_size=32",
-    "--config.model.vision.intermediate_size=64",
-    "--config.model.llm.num_layers=1",
-    "--config.model.llm.hidden_size=32",
-    "--config.model.llm.intermediate_size=64",
-    "--config.model.llm.head_dim=8",
+VIDEO_FLAGS = [  # tiny_video's own eval and a few steps
     "--config.stages.align.steps=2",
     "--config.stages.instruct.steps=3",
-    "--config.stages.align.batch_size=4",
-    "--config.stages.instruct.batch_size=4",
     "--config.eval.num_questions=0",
     "--config.eval.num_clips=4",
     "--config.eval.batch_size=4",
     "--config.eval.stages=('instruct',)",
-    "--config.tensorboard=False",
 ]
 
 
@@ -115,6 +107,7 @@ def test_trained_workdir_through_evaluate_predict_and_the_hf_export(tmp_path):
 
     import torch
     from PIL import Image
+    from training.test_train import SMALL as TRAIN_SMALL  # its small model: compilations take seconds
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mllm_jax import predict
@@ -127,7 +120,8 @@ def test_trained_workdir_through_evaluate_predict_and_the_hf_export(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
-    run("mllm_jax.main", "--config=configs/llava.py:tiny_video", f"--workdir={workdir}", *SMALL)
+    small = [f for f in TRAIN_SMALL if not f.startswith("--config.eval.")]
+    run("mllm_jax.main", "--config=configs/llava.py:tiny_video", f"--workdir={workdir}", *small, *VIDEO_FLAGS)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         (logged,) = [row for row in map(json.loads, f) if "eval/motion_accuracy" in row]
     assert logged["stage"] == "instruct" and "eval/motion_accuracy_static" in logged

@@ -15,44 +15,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from mllm_jax.data import boxes, templates
+from mllm_jax.data import boxes
 from mllm_jax.data.grounding import heldout_items
 from mllm_jax.data.interleaved import vqa_turns
+from mllm_jax.errors import UsageError
 from mllm_jax.evaluation import metrics
-from mllm_jax.evaluation.vqa import decode_chunk
+from mllm_jax.evaluation.decoder import Decoder
 
 # four location tokens and EOS, plus one spare so a too-long answer shows up as a miss, not a hit
 MAX_NEW_TOKENS = 6
+TASKS = ("grounding", "referring")
 
 
-def generate_answers(
-    model,
-    params,
-    tokenizer,
-    image_spec,
-    model_spec,
-    template: str,
-    items,
-    batch_size: int,
-    max_new_tokens: int,
-    mesh=None,
-    rules=None,
-) -> list[str]:
-    """The greedy answer text to each item's image + question (location tokens kept, EOS dropped);
-    decoded sharded over ``mesh`` when given (``generate.generate``)."""
-    texts = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [
-            templates.encode_prompt(template, tokenizer, vqa_turns(it)[:1], model_spec).tolist()
-            for it in chunk
-        ]
-        pixels = np.stack([image_spec(it["image"])[None] for it in chunk])
-        chunk_texts = decode_chunk(
-            model, params, tokenizer, prompts, pixels, batch_size, max_new_tokens, mesh, rules
-        )
-        texts += [text.strip() for text in chunk_texts]
-    return texts
+def question_turns(item: dict) -> list[tuple[str, str]]:
+    return vqa_turns(item)[:1]
+
+
+def answer_items(decoder: Decoder, items) -> list[str]:
+    """The greedy answer text to each item's image + question (location tokens kept, EOS dropped)."""
+    return decoder.answer(items, question_turns, lambda it: decoder.image_spec(it["image"])[None])
 
 
 def grounding_boxes(texts, items, image_size: int) -> tuple[list, list[float]]:
@@ -75,69 +56,45 @@ def referring_correct(texts, items) -> list[bool]:
     return [" ".join(t.split()) == it["answer"] for t, it in zip(texts, items, strict=True)]
 
 
-def grounding_predictions(
-    model,
-    params,
-    tokenizer,
-    image_spec,
-    model_spec,
-    template,
-    synthetic_config,
-    *,
-    num_questions: int,
-    batch_size: int = 128,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    mesh=None,
-    rules=None,
+def grounding_answers(
+    decoder: Decoder, synthetic_config, num_questions: int
 ) -> tuple[dict, dict[str, tuple[list[dict], list[str]]]]:
     """The metrics, and per task its held-out items and generated answers."""
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
-    missing = [
-        t for t in (boxes.LOCATION_TOKENS[0], boxes.LOCATION_TOKENS[-1]) if t not in tokenizer.get_vocab()
-    ]
+    vocab = decoder.tokenizer.get_vocab()
+    missing = [t for t in (boxes.LOCATION_TOKENS[0], boxes.LOCATION_TOKENS[-1]) if t not in vocab]
     if missing:
         raise ValueError(f"the tokenizer lacks the location tokens {missing} (config.model.location_tokens)")
-    batch = min(batch_size, num_questions)
-    args = (model, params, tokenizer, image_spec, model_spec, template)
     answers = {}
-    for task in ("grounding", "referring"):
+    for task in TASKS:
         items = heldout_items(synthetic_config, task, num_questions)
-        answers[task] = (items, generate_answers(*args, items, batch, max_new_tokens, mesh, rules))
+        answers[task] = (items, answer_items(decoder, items))
     (g_items, g_texts), (r_items, r_texts) = answers["grounding"], answers["referring"]
     rows = grounding_rows(g_texts, g_items, synthetic_config.image_size)
     rows["eval/referring_accuracy"] = float(np.mean(referring_correct(r_texts, r_items)))
     return rows, answers
 
 
-def synthetic_grounding(
-    model,
-    params,
-    tokenizer,
-    image_spec,
-    model_spec,
-    template,
-    synthetic_config,
-    num_questions: int,
-    batch_size: int = 128,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    mesh=None,
-    rules=None,
-) -> dict:
+def grounding_metrics(decoder: Decoder, synthetic_config, num_questions: int) -> dict:
     """``eval/grounding_accuracy``, ``eval/grounding_mean_iou``, ``eval/grounding_parsed`` and
     ``eval/referring_accuracy`` on ``num_questions`` held-out questions of each task."""
-    rows, _ = grounding_predictions(
-        model,
-        params,
-        tokenizer,
-        image_spec,
-        model_spec,
-        template,
-        synthetic_config,
-        num_questions=num_questions,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        mesh=mesh,
-        rules=rules,
-    )
-    return rows
+    return grounding_answers(decoder, synthetic_config, num_questions)[0]
+
+
+def predictions(decoder: Decoder, synthetic_config, num_questions: int) -> tuple[dict, list[dict]]:
+    """The metrics and one line per question, grounding then referring (``evaluate
+    --task=synthetic_grounding``); a model without location tokens is a usage error."""
+    try:
+        rows, answers = grounding_answers(decoder, synthetic_config, num_questions)
+    except ValueError as e:
+        raise UsageError(f"synthetic_grounding: {e}") from None
+    lines = []
+    for kind, (items, texts) in answers.items():
+        found, ious = grounding_boxes(texts, items, synthetic_config.image_size)
+        for item, text, box, iou in zip(items, texts, found, ious, strict=True):
+            prompt = decoder.prompt_text(question_turns(item))
+            line = {"id": len(lines), "type": kind, "question": item["question"], "prompt": prompt}
+            line |= {"prediction": text, "answers": [item["answer"]], "target_box": list(item["box"])}
+            lines.append(line | ({"box": box, "iou": iou} if kind == "grounding" else {}))
+    return rows, lines

@@ -1,0 +1,80 @@
+"""The evaluation training runs after a stage (and every ``eval.every`` steps), on the built-in held-out
+synthetic data, chosen by the run's ``config.eval`` keys:
+
+- a Q-Former stage (``loss="qformer"``): image -> text retrieval recall (``num_retrieval`` images);
+- a generative stage, in the stage's (or ``eval.template``'s) conversation template: grounding and
+  referring (``num_grounding``), motion questions on clips (``num_clips``), then VQA (``num_questions``,
+  with ``types`` as the headline and few-shot ``shots``), each decoded in batches of ``batch_size``
+  on the mesh the params are laid out on.
+
+``eval.stages`` limits it to the named stages. Training calls ``evaluate_stage`` with the parts it
+holds; nothing here depends on a model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mllm_jax.data import templates
+from mllm_jax.evaluation import retrieval, synthetic_grounding, synthetic_video, synthetic_vqa
+from mllm_jax.evaluation.decoder import Decoder
+
+
+def evaluate_stage(
+    model,
+    params,
+    tokenizer,
+    image_spec,
+    model_spec,
+    synthetic_config,
+    eval_config: Mapping,
+    stage,
+    *,
+    mesh=None,
+    rules=None,
+) -> dict:
+    """The ``eval/...`` rows after ``stage`` (a ``runconfig.Stage``: its ``name``, ``loss``,
+    ``data.template`` and ``data.text_length`` are read) per ``eval_config`` (``config.eval``). ``mesh``:
+    decode sharded over it (the trainer's, which the params are laid out on); ``rules``: the run's
+    ``sharding.rules(...)``. Empty when nothing applies."""
+    ev = eval_config
+    if ev.get("stages") and stage.name not in ev["stages"]:
+        return {}
+    if stage.loss == "qformer":
+        if not ev.get("num_retrieval", 0):
+            return {}
+        return retrieval.synthetic_retrieval(
+            model,
+            params,
+            tokenizer,
+            image_spec,
+            synthetic_config,
+            num_images=ev["num_retrieval"],
+            text_length=stage.data.text_length,
+        )
+    template = ev.get("template") or stage.data.template
+    if template not in templates.TEMPLATES and template != templates.CHAT:
+        return {}
+    decoder = Decoder(
+        model,
+        params,
+        tokenizer,
+        image_spec,
+        model_spec,
+        template,
+        batch_size=ev.get("batch_size", 128),
+        max_new_tokens=ev.get("max_new_tokens", 3),
+        mesh=mesh,
+        rules=rules,
+    ).placed()
+    rows = {}
+    if ev.get("num_grounding"):  # boxes as location tokens (config.model.location_tokens)
+        boxes = decoder.replace(max_new_tokens=synthetic_grounding.MAX_NEW_TOKENS)
+        rows |= synthetic_grounding.grounding_metrics(boxes, synthetic_config, ev["num_grounding"])
+    if ev.get("num_clips"):  # motion questions on held-out synthetic clips (data/video.py)
+        rows |= synthetic_video.motion_metrics(decoder, synthetic_config, ev["num_clips"])
+    if ev.get("num_questions"):
+        types = tuple(ev.get("types", synthetic_vqa.HEADLINE_TYPES))
+        shots = tuple(ev.get("shots", ()))
+        rows |= synthetic_vqa.vqa_metrics(decoder, synthetic_config, ev["num_questions"], types, shots)
+    return rows
