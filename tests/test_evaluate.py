@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_jax import errors, evaluate, predict
+from mllm_jax import errors, predict
 from mllm_jax.data import boxes
-from mllm_jax.evaluation import metrics
+from mllm_jax.evaluation import decoder, file_task, metrics, run, synthetic_vqa
+from mllm_jax.families import Inputs
 
 MAX_NEW = 6
 PROMPTS = {
@@ -26,6 +27,7 @@ PROMPTS = {
     "refcoco": "USER : <image> where is {expression} ? ASSISTANT :",
 }
 SIZES = ((20, 24), (32, 16), (16, 16))
+HEADLINE = synthetic_vqa.HEADLINE_TYPES
 
 
 def first_line(text: str) -> str:
@@ -170,7 +172,7 @@ METRIC_RANGES = {  # task -> {key: (low, high)}
     },
     "refcoco": {"grounding_accuracy": (0, 1), "parsed_boxes": (0, 1)},
 }
-# The CLI is run in a subprocess for vqav2; the others call evaluate() in-process, which shares the
+# The CLI is run in a subprocess for vqav2; the others call run.evaluate() in-process, which shares the
 # compiled generate across tasks (each subprocess compiles again).
 VIA_CLI = {"vqav2"}
 
@@ -186,7 +188,7 @@ def test_metrics_equal_metrics_of_predictions_of_predict(task, data, llava_dir, 
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout)  # stdout holds only the metrics; logs went to stderr
     else:
-        result = evaluate.evaluate(model_dir, task, **kwargs)
+        result = run.evaluate(model_dir, task, **kwargs)
     assert set(result) == {"task", "model", "num_examples", *METRIC_RANGES[task]}
     assert (result["task"], result["model"], result["num_examples"]) == (task, model_dir, 3)
     for key, (low, high) in METRIC_RANGES[task].items():
@@ -213,12 +215,11 @@ def test_metrics_equal_metrics_of_predictions_of_predict(task, data, llava_dir, 
 
 def test_synthetic_vqa_on_our_checkpoint(llava_dir, tmp_path):
     from mllm_jax import convert
-    from mllm_jax.evaluation import vqa
 
     ckpt = str(tmp_path / "ckpt")
     convert.import_hf(llava_dir("clip_default"), ckpt)
     out = str(tmp_path / "synthetic.jsonl")
-    result = evaluate.evaluate(ckpt, "synthetic_vqa", limit=6, batch_size=3, predictions=out)
+    result = run.evaluate(ckpt, "synthetic_vqa", limit=6, batch_size=3, predictions=out)
     assert result["num_examples"] == 6
     with open(out) as f:
         lines = [json.loads(line) for line in f]
@@ -228,7 +229,9 @@ def test_synthetic_vqa_on_our_checkpoint(llava_dir, tmp_path):
         f"eval/vqa_accuracy/{t}" for t in types
     } <= set(result)
     headline = [
-        line["prediction"] == line["answers"][0] for line in lines if line["type"] in vqa.HEADLINE_TYPES
+        line["prediction"] == line["answers"][0]
+        for line in lines
+        if line["type"] in synthetic_vqa.HEADLINE_TYPES
     ]
     assert result["eval/vqa_accuracy"] == pytest.approx(np.mean(headline))
     for t in types:
@@ -238,7 +241,7 @@ def test_synthetic_vqa_on_our_checkpoint(llava_dir, tmp_path):
 
 
 def test_boxes_are_parsed_from_location_tokens_and_scored():
-    spec = evaluate.TASKS["refcoco"]
+    spec = run.TASKS["refcoco"]
     image = Image.new("RGB", (40, 20))
     target = [4.0, 2.0, 20.0, 10.0]
     hit = spec.parse("it is at " + boxes.box_to_tokens(target, 40, 20) + " .", image)
@@ -251,20 +254,19 @@ def test_boxes_are_parsed_from_location_tokens_and_scored():
 
 
 def test_templates_and_batch_padding():
-    for task in evaluate.TASK_NAMES:
-        evaluate.task_template(task, None)  # every default passes its own check
+    for task in run.TASK_NAMES:
+        run.task_template(task, None)  # every default passes its own check
     with pytest.raises(errors.UsageError, match=r"needs a \{question\}"):
-        evaluate.task_template("vqav2", "USER : <image> ASSISTANT :")
+        run.task_template("vqav2", "USER : <image> ASSISTANT :")
     with pytest.raises(errors.UsageError, match=r"\{question\} does not apply"):
-        evaluate.task_template("refcoco", "<image> {question} {expression}")
-    assert evaluate.fill("{question} {x}", {"question": "why ?"}, ("question",)) == "why ? {x}"
+        run.task_template("refcoco", "<image> {question} {expression}")
+    assert file_task.fill("{question} {x}", {"question": "why ?"}, ("question",)) == "why ? {x}"
     inputs = [
-        predict.Inputs(
-            None, [1, 2, 3], np.full((1, 1, 4, 4, 3), i, np.float32), {"mask": np.ones((1, n), np.int32)}
-        )
+        Inputs(None, [1, 2, 3], np.full((1, 1, 4, 4, 3), i, np.float32), {"mask": np.ones((1, n), np.int32)})
         for i, n in ((0, 3), (1, 40))
     ]
-    tokens, pixels, kwargs = evaluate.batch_inputs(inputs, 3)
+    # columns padded to one bucket per batch, then rows to the batch size with copies of the last
+    tokens, pixels, kwargs = decoder.pad_rows(3, *file_task.stack_inputs(inputs))
     assert tokens == [[1, 2, 3]] * 3
     assert pixels.shape == (3, 1, 4, 4, 3) and pixels[:, 0, 0, 0, 0].tolist() == [0, 1, 1]
     assert kwargs["mask"].shape == (3, 64) and kwargs["mask"].sum(1).tolist() == [3, 40, 40]
@@ -307,7 +309,7 @@ def test_bad_input_exits_2_with_one_line(case, message, data, llava_dir, tmp_pat
 def test_synthetic_grounding_on_a_run_with_location_tokens(tmp_path):
     """A shrunken `tiny_grounding` run: its tokenizer and embeddings hold the location tokens, the HF
     export carries them, and `evaluate --task=synthetic_grounding` reports what training logged."""
-    from test_train import ROOT, SMALL
+    from training.test_train import ROOT, SMALL
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from mllm_jax import convert
@@ -336,7 +338,7 @@ def test_synthetic_grounding_on_a_run_with_location_tokens(tmp_path):
     assert model.config.text_config.vocab_size >= len(tokenizer) > boxes.NUM_BINS
 
     predictions = str(tmp_path / "grounding.jsonl")
-    result = evaluate.evaluate(workdir, "synthetic_grounding", limit=n, batch_size=n, predictions=predictions)
+    result = run.evaluate(workdir, "synthetic_grounding", limit=n, batch_size=n, predictions=predictions)
     with open(predictions) as f:
         lines = [json.loads(line) for line in f]
     found = [line for line in lines if line["type"] == "grounding"]

@@ -1,0 +1,33 @@
+"""The tasks ``python -m mllm_jax.evaluate`` knows: name -> evaluator.
+
+Every evaluator has ``max_new_tokens`` (its default), ``read(files, image_root, split, limit)`` -> its
+examples, ``count(examples)``, ``template(prompt)`` -> the checked prompt template, and ``run(pretrained,
+assets, examples, options, keep_predictions)`` -> ``(metrics, prediction lines)``.
+"""
+
+from __future__ import annotations
+
+from mllm_jax.evaluation import (
+    coco_captions,
+    refcoco,
+    synthetic_grounding,
+    synthetic_video,
+    synthetic_vqa,
+    vqav2,
+)
+from mllm_jax.evaluation.synthetic_task import SyntheticTask
+
+TASKS = {
+    task.name: task
+    for task in (
+        coco_captions.TASK,
+        vqav2.TASK,
+        refcoco.TASK,
+        SyntheticTask("synthetic_vqa", synthetic_vqa.MAX_NEW_TOKENS, synthetic_vqa.predictions),
+        SyntheticTask(
+            "synthetic_grounding", synthetic_grounding.MAX_NEW_TOKENS, synthetic_grounding.predictions
+        ),
+        SyntheticTask("synthetic_video", synthetic_video.MAX_NEW_TOKENS, synthetic_video.predictions),
+    )
+}
+TASK_NAMES = tuple(TASKS)
