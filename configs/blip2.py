@@ -7,13 +7,10 @@ and ``:vicuna-7b`` (InstructBLIP Vicuna-7b sizes).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for configs/
-from configs import common  # noqa: E402
+from mllm_jax.training import presets
+from mllm_jax.training.presets import data, stage
 
 
 def model(**overrides) -> ml_collections.ConfigDict:
@@ -71,33 +68,32 @@ def model(**overrides) -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    c = common.base()
+    c = presets.base()
     c.model = model()
-    c.synthetic = ml_collections.ConfigDict(dict(image_size=32, min_shapes=1, max_shapes=3, seed=0))
     c.stage_order = ("qformer", "generate")
     # Stage 1: the Q-Former (and, as nothing is pretrained in tiny, the vision tower) against captions
     # with ITC + ITM + ITG; the LLM is not used.
-    c.stages.qformer = common.stage(
+    c.stages.qformer = stage(
         steps=400,
         batch_size=32,
         trainable=(r"vision/.*", r"adapter/.*"),
         learning_rate=2e-3,
         warmup_steps=50,
         loss="qformer",
-        data=common.data(task="caption", max_length=32, text_length=20),
+        data=data(task="caption", max_length=32, text_length=20),
     )
     # Stage 2: generation through the LLM (trained too: it is not pretrained in tiny), the vision tower
     # frozen as in BLIP-2. Captions in the mix make the LLM read colors and shapes from the queries: on
     # VQA alone it learned the answer priors and counts, but color and shape stayed at chance (0.24,
     # 0.22 after 2000 steps with the tower trainable); with the mix, 1500 steps reach 0.78 and 0.72.
-    c.stages.generate = common.stage(
+    c.stages.generate = stage(
         steps=1500,
         batch_size=32,
         trainable=(r"adapter/.*", r"llm/.*"),
         learning_rate=2e-3,
         warmup_steps=50,
         end_lr_ratio=0.05,
-        data=common.data(
+        data=data(
             task="vqa",
             max_length=32,
             mix=({"weight": 0.3, "task": "caption"}, {"weight": 0.7, "task": "vqa"}),
@@ -111,7 +107,7 @@ def tiny() -> ml_collections.ConfigDict:
 
 
 def _real(preset: str) -> ml_collections.ConfigDict:
-    c = common.base()
+    c = presets.base()
     c.dtype = "bfloat16"
     c.mesh.fsdp = -1
     c.mesh.data = 1
@@ -135,7 +131,7 @@ def _real(preset: str) -> ml_collections.ConfigDict:
     c.stage_order = ("qformer", "generate")
     # BLIP-2 stage 1: Q-Former + heads against the frozen ViT on image-text pairs (ITC + ITM + ITG),
     # lr 1e-4, weight decay 0.05; stage 2: Q-Former + projection into the frozen LLM with the LM loss.
-    c.stages.qformer = common.stage(
+    c.stages.qformer = stage(
         steps=250_000,
         batch_size=1024,
         trainable=(r"adapter/.*",),
@@ -144,7 +140,7 @@ def _real(preset: str) -> ml_collections.ConfigDict:
         weight_decay=0.05,
         end_lr_ratio=0.05,
         loss="qformer",
-        data=common.data(
+        data=data(
             source="webdataset",
             path="pairs/{00000..09999}.tar",
             template="plain",
@@ -152,7 +148,7 @@ def _real(preset: str) -> ml_collections.ConfigDict:
             text_length=32,
         ),
     )
-    c.stages.generate = common.stage(
+    c.stages.generate = stage(
         steps=80_000,
         batch_size=512,
         trainable=(r"adapter/.*",),
@@ -160,9 +156,7 @@ def _real(preset: str) -> ml_collections.ConfigDict:
         warmup_steps=2000,
         weight_decay=0.05,
         end_lr_ratio=0.05,
-        data=common.data(
-            source="webdataset", path="pairs/{00000..09999}.tar", template="plain", max_length=64
-        ),
+        data=data(source="webdataset", path="pairs/{00000..09999}.tar", template="plain", max_length=64),
     )
     if qformer_text:
         # InstructBLIP starts from a BLIP-2 stage-1 Q-Former and instruction-tunes (Q-Former + projection);
@@ -170,7 +164,7 @@ def _real(preset: str) -> ml_collections.ConfigDict:
         # model.qformer_tokenizer; max_txt_len 128 as in LAVIS), as InstructBlipProcessor gives it.
         c.stage_order = ("generate",)
         del c.stages["qformer"]
-        c.stages.generate.data = common.data(
+        c.stages.generate.data = data(
             source="llava_json",
             path="llava_v1_5_mix665k.json",
             image_root="images",
@@ -221,7 +215,6 @@ PRESET_LLMS = {"opt-2.7b": ("opt", OPT_2_7B, False), "vicuna-7b": ("llm", VICUNA
 PRESETS = {"tiny": tiny, "opt-2.7b": lambda: _real("opt-2.7b"), "vicuna-7b": lambda: _real("vicuna-7b")}
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/blip2.py; presets: {sorted(PRESETS)}")
-    return PRESETS[preset]()
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """``PRESET[,MODIFIER]...`` (mllm_jax/training/presets.py); this file has no modifiers yet."""
+    return presets.get_config(arg, PRESETS, file="configs/blip2.py")

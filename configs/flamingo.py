@@ -8,19 +8,16 @@ sizes: LLaMA-65B; config only).
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for configs/
-from configs import common  # noqa: E402
+from mllm_jax.training import presets
+from mllm_jax.training.presets import data, stage
 
 # Flamingo freezes the vision tower and the LM: it trains the perceiver and the gated blocks (`adapter`)
 # and the new token rows (`llm/additional_*`, IDEFICS's decoupled embeddings).
 FLAMINGO_TRAINABLE = (r"adapter/.*", r"llm/additional_.*")
 # Gates (tanh(alpha)) take no weight decay: decayed towards 0 they close the path from the images.
-NO_DECAY = common.NO_DECAY + (r".*alpha_.*",)
+NO_DECAY = presets.NO_DECAY + (r".*alpha_.*",)
 
 
 def model(**overrides) -> ml_collections.ConfigDict:
@@ -97,7 +94,7 @@ def model(**overrides) -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    c = common.base()
+    c = presets.base()
     c.model = model()
     # Measured on 2 cores: from scratch, a resampler (8 latents, depth 1) kept the model at the blank-image
     # baseline for the whole budget (VQA 0.26 after 2300 steps), while the vision tokens straight into the
@@ -107,7 +104,6 @@ def tiny() -> ml_collections.ConfigDict:
     # start them open a little (measured while planning: 0.1 works, 0 does not).
     c.model.xattn.alpha_init = "constant"
     c.model.xattn.alpha_init_value = 0.1
-    c.synthetic = ml_collections.ConfigDict(dict(image_size=32, min_shapes=1, max_shapes=3, seed=0))
     everything = (r"vision/.*", r"adapter/.*", r"llm/.*")  # nothing is pretrained in tiny
     # Up to 3 images a sample (documents of 2-3 image+text turns) in 64 tokens; few-shot prompts at
     # evaluation are longer (4-shot: 5 images, ~85 tokens), which the model has to generalise to.
@@ -117,16 +113,16 @@ def tiny() -> ml_collections.ConfigDict:
     # question and answer, ...): each text is about the latest image, as in few-shot prompts
     captions = dict(weight=0.5, task="interleaved_caption")
     docs = dict(weight=0.5, task="interleaved")
-    c.stages.align = common.stage(
+    c.stages.align = stage(
         steps=200,
         batch_size=32,
         trainable=everything,
         learning_rate=3e-3,
         warmup_steps=50,
         no_decay=NO_DECAY,
-        data=common.data(max_length=length, max_images=images, mix=(pairs, captions)),
+        data=data(max_length=length, max_images=images, mix=(pairs, captions)),
     )
-    c.stages.instruct = common.stage(
+    c.stages.instruct = stage(
         steps=600,
         batch_size=32,
         trainable=everything,
@@ -134,7 +130,7 @@ def tiny() -> ml_collections.ConfigDict:
         warmup_steps=50,
         end_lr_ratio=0.05,
         no_decay=NO_DECAY,
-        data=common.data(max_length=length, max_images=images, mix=(dict(weight=0.5, task="vqa"), docs)),
+        data=data(max_length=length, max_images=images, mix=(dict(weight=0.5, task="vqa"), docs)),
     )
     # Flamingo keeps the vision tower frozen; in tiny it learns in stage 1 only (from scratch), which
     # also spares stage 2 its backward pass.
@@ -150,7 +146,7 @@ def tiny() -> ml_collections.ConfigDict:
 
 
 def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collections.ConfigDict:
-    c = common.base()
+    c = presets.base()
     c.dtype = "bfloat16"
     c.mesh.fsdp = -1
     c.mesh.data = 1
@@ -170,7 +166,7 @@ def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collectio
     # or --config.model.init.hf=DIR of HuggingFaceM4/idefics-9b to continue from IDEFICS.
     # Stage 1 (Flamingo pre-training): perceiver + gated blocks + new tokens on MMC4-style documents
     # mixed with image-text pairs; stage 2: instruction tuning (IDEFICS-instruct style).
-    c.stages.pretrain = common.stage(
+    c.stages.pretrain = stage(
         steps=20_000,
         batch_size=512,
         trainable=FLAMINGO_TRAINABLE,
@@ -178,7 +174,7 @@ def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collectio
         warmup_steps=2000,
         weight_decay=0.1,
         no_decay=NO_DECAY,
-        data=common.data(
+        data=data(
             max_length=512,
             max_images=5,
             mix=(
@@ -188,14 +184,14 @@ def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collectio
             template="plain",
         ),
     )
-    c.stages.instruct = common.stage(
+    c.stages.instruct = stage(
         steps=5000,
         batch_size=128,
         trainable=FLAMINGO_TRAINABLE,
         learning_rate=2e-5,
         warmup_steps=150,
         no_decay=NO_DECAY,
-        data=common.data(
+        data=data(
             source="llava_json",
             path="llava_v1_5_mix665k.json",
             image_root="images",
@@ -259,7 +255,6 @@ PRESETS = {
 }
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/flamingo.py; presets: {sorted(PRESETS)}")
-    return PRESETS[preset]()
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """``PRESET[,MODIFIER]...`` (mllm_jax/training/presets.py); this file has no modifiers yet."""
+    return presets.get_config(arg, PRESETS, file="configs/flamingo.py")

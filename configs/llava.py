@@ -1,18 +1,18 @@
 """LLaVA configs: ``configs/llava.py:tiny`` (CPU demo, built-in synthetic data, from scratch),
 ``configs/llava.py:7b`` and ``:13b`` (LLaVA-1.5 recipe: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu).
+Modifiers compose with a preset (mllm_jax/training/presets.py): ``:tiny,lora`` (LoRA in stage 2),
+``:tiny,video`` (4-frame clips), ``:tiny,grounding`` (boxes as location tokens); ``task=video`` and
+``task=grounding`` are the same as the last two.
 
     python -m mllm_jax.main --config=configs/llava.py:tiny --workdir=/tmp/llava_tiny
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for configs/
-from configs import common  # noqa: E402
+from mllm_jax.training import presets
+from mllm_jax.training.presets import data, stage
 
 VICUNA_SYSTEM_TEMPLATE = "vicuna_v1"
 
@@ -67,28 +67,27 @@ def model(**overrides) -> ml_collections.ConfigDict:
 
 
 def tiny() -> ml_collections.ConfigDict:
-    c = common.base()
+    c = presets.base()  # synthetic: the built-in data's defaults (32x32 images, 1-3 shapes)
     c.model = model()
-    c.synthetic = ml_collections.ConfigDict(dict(image_size=32, min_shapes=1, max_shapes=3, seed=0))
     everything = (r"vision/.*", r"adapter/.*", r"llm/.*")  # nothing is pretrained in tiny
     # Measured on 2 cores: captions are learned (loss ~0) within 300 steps; VQA accuracy keeps rising
     # while the cosine schedule decays. 16 image tokens (8x8 patches of 32x32 images) per image.
-    c.stages.align = common.stage(
+    c.stages.align = stage(
         steps=300,
         batch_size=32,
         trainable=everything,
         learning_rate=3e-3,
         warmup_steps=50,
-        data=common.data(task="caption", max_length=36),
+        data=data(task="caption", max_length=36),
     )
-    c.stages.instruct = common.stage(
+    c.stages.instruct = stage(
         steps=2400,
         batch_size=32,
         trainable=everything,
         learning_rate=2e-3,
         warmup_steps=50,
         end_lr_ratio=0.05,
-        data=common.data(task="vqa", max_length=36),
+        data=data(task="vqa", max_length=36),
     )
     c.log_every = 100
     c.checkpoint_every = 500
@@ -97,43 +96,38 @@ def tiny() -> ml_collections.ConfigDict:
     return c
 
 
-def tiny_lora() -> ml_collections.ConfigDict:
-    """``tiny`` with LLaVA's LoRA recipe in stage 2: the projector trains fully, the LLM only through
-    rank-16 adapters on its attention and MLP projections (merged at the end of the stage), the vision
-    tower stays frozen. LoRA's updates start at zero, so it takes a higher learning rate."""
-    c = tiny()
+def lora(c: ml_collections.ConfigDict):
+    """LLaVA's LoRA recipe in stage 2 (tuned on ``tiny``): the projector trains fully, the LLM only
+    through rank-16 adapters on its attention and MLP projections (merged at the end of the stage), the
+    vision tower stays frozen. LoRA's updates start at zero, so it takes a higher learning rate."""
     c.stages.instruct.trainable = (r"adapter/.*",)
     c.stages.instruct.lora.rank = 16
     c.stages.instruct.lora.alpha = 32.0
     c.stages.instruct.learning_rate = 3e-3
-    return c
 
 
-def tiny_video() -> ml_collections.ConfigDict:
-    """``tiny`` plus short clips (mllm_jax/data/video.py): each clip is ``num_frames`` consecutive images
-    (one ``<image>`` block per frame); stage 2 mixes the one-image VQA with motion questions."""
-    c = tiny()
+def video(c: ml_collections.ConfigDict):
+    """Short clips (mllm_jax/data/video.py), tuned on ``tiny``: each clip is ``num_frames`` consecutive
+    images (one ``<image>`` block per frame); stage 2 mixes the one-image VQA with motion questions."""
     frames = 4
     c.synthetic.num_frames = frames
     # Measured on 2 cores: direction accuracy jumps from ~0.5 to > 0.9 between ~600 and ~900 instruct
     # steps (1.0 after 1000); a step reads 4 images and 80 tokens, so stage 2 is shorter than tiny's.
     c.stages.instruct.steps = 1000
     # every example of the mix is padded to the clip's shapes: 4 x 16 image tokens + the question
-    c.stages.instruct.data = common.data(
+    c.stages.instruct.data = data(
         max_length=80,
         max_images=frames,
         mix=(dict(weight=0.4, task="vqa"), dict(weight=0.6, task="video")),
     )
     c.eval.num_clips = 256
     c.eval.stages = ("instruct",)  # the captions-only align stage cannot answer questions yet
-    return c
 
 
-def tiny_grounding() -> ml_collections.ConfigDict:
-    """``tiny`` plus boxes as location tokens (docs/evaluation.md, Grounding): the instruct stage mixes
-    the VQA questions with grounding ("where is the red circle ?" -> 4 location tokens) and referring
+def grounding(c: ml_collections.ConfigDict):
+    """Boxes as location tokens (docs/evaluation.md, Grounding): the instruct stage mixes the VQA
+    questions with grounding ("where is the red circle ?" -> 4 location tokens) and referring
     ("what is at <loc..>x4 ?" -> "red circle"); both are evaluated on held-out images."""
-    c = tiny()
     c.model.location_tokens = True
     c.stages.instruct.data.mix = (
         dict(weight=0.4, task="vqa"),
@@ -141,11 +135,10 @@ def tiny_grounding() -> ml_collections.ConfigDict:
         dict(weight=0.3, task="referring"),
     )
     c.eval.num_grounding = 256
-    return c
 
 
 def _real(llm: dict) -> ml_collections.ConfigDict:
-    c = common.base()
+    c = presets.base()
     c.dtype = "bfloat16"
     c.mesh.fsdp = -1
     c.mesh.data = 1
@@ -176,13 +169,13 @@ def _real(llm: dict) -> ml_collections.ConfigDict:
     c.model.init.llm = ""
     # LLaVA-1.5: stage 1 projector only on 558K pairs, lr 1e-3, batch 256; stage 2 projector + LLM on the
     # 665K mix, lr 2e-5, batch 128; both one epoch with 3% warmup and cosine decay.
-    c.stages.align = common.stage(
+    c.stages.align = stage(
         steps=2180,
         batch_size=256,
         trainable=(r"adapter/.*",),
         learning_rate=1e-3,
         warmup_steps=65,
-        data=common.data(
+        data=data(
             source="llava_json",
             path="blip_laion_cc_sbu_558k.json",
             image_root="images",
@@ -190,13 +183,13 @@ def _real(llm: dict) -> ml_collections.ConfigDict:
             max_length=2048,
         ),
     )
-    c.stages.instruct = common.stage(
+    c.stages.instruct = stage(
         steps=5200,
         batch_size=128,
         trainable=(r"adapter/.*", r"llm/.*"),
         learning_rate=2e-5,
         warmup_steps=156,
-        data=common.data(
+        data=data(
             source="llava_json",
             path="llava_v1_5_mix665k.json",
             image_root="images",
@@ -234,17 +227,16 @@ LLAMA_13B = dict(
     tie_embeddings=False,
 )
 
-PRESETS = {
-    "tiny": tiny,
-    "tiny_grounding": tiny_grounding,
-    "tiny_lora": tiny_lora,
-    "tiny_video": tiny_video,
-    "7b": lambda: _real(LLAMA_7B),
-    "13b": lambda: _real(LLAMA_13B),
+PRESETS = {"tiny": tiny, "7b": lambda: _real(LLAMA_7B), "13b": lambda: _real(LLAMA_13B)}
+MODIFIERS = {
+    "lora": lora,
+    "video": video,
+    "grounding": grounding,
+    "task=video": video,
+    "task=grounding": grounding,
 }
+ALIASES = {"tiny_lora": "tiny,lora", "tiny_video": "tiny,video", "tiny_grounding": "tiny,grounding"}
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/llava.py; presets: {sorted(PRESETS)}")
-    return PRESETS[preset]()
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    return presets.get_config(arg, PRESETS, MODIFIERS, ALIASES, "configs/llava.py")

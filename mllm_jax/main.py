@@ -12,10 +12,12 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mllm_jax import errors
+from mllm_jax.training import inputs, runconfig, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/llava.py:tiny.", lock_config=True)
@@ -50,8 +52,9 @@ def parse_flags(argv):
     except flags.Error as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         message = lines[0]
-        if "Traceback" in str(e):  # the config file raised: its own last line says why
-            message = f"{message.split(': Error')[0]}: {lines[-1]}"
+        if "Traceback" in str(e):  # the config file raised: its own last line says why (less its type)
+            why = re.sub(r"^[\w.]*Error: ", "", lines[-1])
+            message = f"{message.split(': Error')[0]}: {why}"
         unknown = re.search(r"flag '(--)?(config\.[\w.]+)'", message)
         if unknown and FLAGS["config"].present and FLAGS.config is not None:
             close = difflib.get_close_matches(unknown.group(2), _config_keys(FLAGS.config), n=1)
@@ -126,15 +129,10 @@ def main(argv):
         print("error: --config and --workdir are required", file=sys.stderr)
         sys.exit(2)
     if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and multi_host()):
-        import jax
-
         jax.distributed.initialize()  # every host runs this same command; JAX finds its peers
-    from mllm_jax.errors import DataError
-    from mllm_jax.training import runconfig, train
-
     try:  # nothing below writes to the workdir or compiles a step
         run = runconfig.from_config_dict(FLAGS.config)
-        runconfig.check_inputs(run, FLAGS.workdir)
+        inputs.check_inputs(run, FLAGS.workdir)
         trainer = train.Trainer(run, FLAGS.workdir)
     except (ValueError, OSError) as e:  # also what transformers raises for a directory it cannot load
         _fail(e)
@@ -145,7 +143,7 @@ def main(argv):
     except errors.Preempted as e:
         logging.warning("%s", e)
         sys.exit(train.PREEMPTED_EXIT_CODE)
-    except (errors.Diverged, DataError) as e:  # the run cannot go on; its checkpoints are intact
+    except (errors.Diverged, errors.DataError) as e:  # the run cannot go on; its checkpoints are intact
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     logging.info("done: %s", FLAGS.workdir)

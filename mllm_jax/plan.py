@@ -13,6 +13,7 @@ TPU targets need libtpu (``pip install -e ".[tpu]"``), used here only as a compi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -123,7 +124,8 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
         raise errors.PlanError(f"--remat {remat!r}: one of {sorted(REMAT_POLICIES)}")
     devices = aot.target_devices(target)
     try:
-        shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(run.mesh, len(devices)), strict=True))
+        sizes = sharding.mesh_shape(dataclasses.asdict(run.mesh), len(devices))
+        shape = dict(zip(sharding.MESH_AXES, sizes, strict=True))
     except ValueError as e:
         raise errors.PlanError(f"config.mesh on {target.name}: {e}") from None
     limit = search["memory_gib"] * aot.GIB if search.get("memory_gib") else aot.memory_limit(target)

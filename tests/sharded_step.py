@@ -32,7 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's mllm_jax
 
 import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mllm_jax.training import optim, runconfig, train  # noqa: E402
+from mllm_jax.training import optim, presets, runconfig, train  # noqa: E402
 
 MESHES = {"single": None, "d2f2t2": dict(data=2, fsdp=2, tensor=2), "fsdp8": dict(data=1, fsdp=8, tensor=1)}
 EPS = 1e-2
@@ -51,19 +50,16 @@ SMALL_VIT = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4
 SMALL_LLM = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4)
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+def _load(name: str, arg: str = "tiny"):
+    c = presets.load(os.path.join(ROOT, "configs", f"{name}.py") + f":{arg}")
     c.tensorboard = False
     c.eval.num_questions = 0
     c.eval.num_retrieval = 0
     return c
 
 
-def llava():
-    c = _load("llava")
+def llava(arg: str = "tiny"):
+    c = _load("llava", arg)
     c.model.vision.update(SMALL_VIT)
     c.model.llm.update(SMALL_LLM, num_kv_heads=2, head_dim=8)
     return c

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mllm_jax import schema
+from mllm_jax.errors import ConfigError
 from mllm_jax.training import optim
 
 KEY = "lora"  # top-level key of the factors in a stage's trainable tree
@@ -31,6 +33,14 @@ class LoraConfig:
     rank: int = 0  # 0: off
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes (full match) on param paths
+
+    def check(self, where: str):
+        """Value checks; whether the targets select kernels is checked against the model (``check_stage``)."""
+        schema.positive(self.rank, where + "rank", allow_zero=True)
+        schema.number(self.alpha, where + "alpha")
+        schema.regexes(self.targets, where + "targets")
+        if self.rank and not self.targets:
+            raise ConfigError(f"{where}targets is empty: name the kernels to adapt")
 
     @property
     def enabled(self) -> bool:
@@ -63,8 +73,6 @@ def target_paths(shapes: dict[str, tuple], config: LoraConfig) -> list[str]:
 
 def check_stage(stage_name: str, shapes: dict[str, tuple], config: LoraConfig, trainable: Sequence[str]):
     """One-line ``ConfigError`` for targets that select nothing, a non-kernel, or a trainable param."""
-    from mllm_jax.training.runconfig import ConfigError  # runconfig imports this module
-
     where = f"config.stages.{stage_name}.lora.targets"
     try:
         paths = target_paths(shapes, config)

@@ -14,21 +14,34 @@ from collections.abc import Sequence
 import optax
 from flax import traverse_util
 
+from mllm_jax import schema
+
 SCHEDULES = ("cosine", "linear", "constant")
+# params without weight decay by default: biases, norm scales, embedding tables
+NO_DECAY = (r".*bias", r".*scale", r".*embedding", r".*class_embedding", r".*probe")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 1e-3
-    schedule: str = "cosine"
+    """A stage's optimizer; its keys are the stage's own (``stages.<name>.learning_rate``)."""
+
+    learning_rate: float = 1e-3  # peak, after warmup
+    schedule: str = "cosine"  # a SCHEDULES entry, after warmup
     warmup_steps: int = 0
     end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio
     weight_decay: float = 0.0
-    no_decay: tuple[str, ...] = (r".*bias", r".*scale", r".*embedding", r".*class_embedding", r".*probe")
+    # params without weight decay (regexes on param paths); Flamingo adds its tanh gates
+    no_decay: tuple[str, ...] = NO_DECAY
     b1: float = 0.9
     b2: float = 0.999
-    eps: float = 1e-8
+    eps: float = dataclasses.field(default=1e-8, metadata={"key": False})  # not a config key
     clip_norm: float = 1.0  # 0: off
+
+    def check(self, where: str):
+        schema.one_of(self.schedule, SCHEDULES, where + "schedule")
+        schema.number(self.learning_rate, where + "learning_rate")
+        schema.positive(self.warmup_steps, where + "warmup_steps", allow_zero=True)
+        schema.regexes(self.no_decay, where + "no_decay")
 
 
 def flatten(tree) -> dict[str, object]:

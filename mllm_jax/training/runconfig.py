@@ -1,308 +1,148 @@
-"""The ml_collections config of a run, checked and turned into frozen dataclasses before anything
-compiles. Every problem is a ``ConfigError`` with one line that names the key."""
+"""The schema of a run's config: every key and its default, once, as frozen dataclasses.
+
+``from_config_dict`` checks the ml_collections config of a run against it and freezes it before anything
+compiles; every problem is a ``ConfigError`` with one line that names the key. ``presets.base()`` (what
+config files start from) is the same defaults as a ConfigDict. The pieces live next to what reads them:
+``DataConfig`` (data/config.py), ``OptimConfig`` (optim.py: a stage's optimizer keys sit at the stage's
+level), ``LoraConfig`` (lora.py), ``SyntheticConfig`` (data/synthetic.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-import re
+from collections.abc import Mapping
 
-from mllm_jax.data.pipeline import DataConfig
+from mllm_jax import schema
+from mllm_jax.data.config import DataConfig
+from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.errors import ConfigError
+from mllm_jax.models import layers
 from mllm_jax.training.lora import LoraConfig
-from mllm_jax.training.optim import SCHEDULES, OptimConfig
+from mllm_jax.training.optim import OptimConfig
 
 DTYPES = ("float32", "bfloat16")
-TOP_LEVEL_KEYS = (
-    "seed",
-    "dtype",
-    "param_dtype",
-    "mesh",
-    "sharding_rules",
-    "stage_order",
-    "stages",
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "async_checkpoints",
-    "tensorboard",
-    "eval",
-    "model",
-    "synthetic",
-    "max_bad_steps",
-    "attention",
-)
-STAGE_KEYS = (
-    "steps",
-    "batch_size",
-    "grad_accum",
-    "trainable",
-    "learning_rate",
-    "schedule",
-    "warmup_steps",
-    "end_lr_ratio",
-    "weight_decay",
-    "clip_norm",
-    "b1",
-    "b2",
-    "data",
-    "loss",
-    "no_decay",
-    "lora",
-)
-LORA_KEYS = ("rank", "alpha", "targets")
 # what a stage minimises: the LM loss on target tokens, or BLIP-2's stage-1 Q-Former losses
 LOSSES = ("lm", "qformer")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Devices per mesh axis; -1: all the devices the other axes leave (docs/training.md, Sharding)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation on the built-in held-out data after each stage (and every ``every`` steps)."""
+
+    every: int = 0  # stage steps between evaluations inside a stage (0: at its end only)
+    num_questions: int = 256  # held-out built-in VQA questions (0: off)
+    batch_size: int = 128
+    max_new_tokens: int = 3
+    shots: tuple[int, ...] = ()  # few-shot VQA: e.g. (0, 4, 8) -> eval/vqa_accuracy_{k}shot
+    num_retrieval: int = 0  # held-out images for image-text retrieval after a Q-Former stage (0: off)
+    num_grounding: int = 0  # held-out grounding + referring questions each (0: off; location tokens)
+    num_clips: int = 0  # held-out synthetic clips asked motion questions (0: off; eval/motion_accuracy)
+    stages: tuple[str, ...] = ()  # evaluate after these stages only (empty: after every stage)
+    template: str = ""  # the prompt template of the questions ("": the stage's data.template)
+    types: tuple[str, ...] = ("count", "color", "shape")  # question types eval/vqa_accuracy averages
+
+    def check(self, where: str):
+        for key in ("every", "num_questions", "num_retrieval", "num_grounding", "num_clips"):
+            schema.positive(getattr(self, key), where + key, allow_zero=True)
+        for key in ("batch_size", "max_new_tokens"):
+            schema.positive(getattr(self, key), where + key)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
-    name: str
-    steps: int
-    batch_size: int
-    grad_accum: int
-    trainable: tuple[str, ...]
-    optim: OptimConfig
-    data: DataConfig
-    loss: str = "lm"
-    lora: LoraConfig = LoraConfig()
+    """One training stage: its steps, batch, trainable param paths (regexes), optimizer and data."""
+
+    name: str = dataclasses.field(default="", metadata={"key": False})  # its key in config.stages
+    steps: int = 100
+    batch_size: int = 32  # per host; divides by grad_accum
+    grad_accum: int = 1
+    trainable: tuple[str, ...] = (r"adapter/.*",)
+    # learning_rate, schedule, ... are keys of the stage itself
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig, metadata={"flat": True})
+    loss: str = "lm"  # a LOSSES entry: "qformer" is BLIP-2 stage 1 (ITC + ITM + ITG)
+    # low-rank adapters on the targets, merged into them at the end of the stage (rank 0: off)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    data: DataConfig = dataclasses.field(metadata={"missing": "each stage names its data"})
+
+    def check(self, where: str):
+        for key in ("steps", "batch_size", "grad_accum"):
+            schema.positive(getattr(self, key), where + key)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"{where}batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        schema.regexes(self.trainable, where + "trainable")
+        if not self.trainable:
+            raise ConfigError(f"{where}trainable is empty: name the param paths to train (e.g. 'adapter/.*')")
+        schema.one_of(self.loss, LOSSES, where + "loss")
 
 
-@dataclasses.dataclass(frozen=True)
+def _stages(d: dict, where: str, built: dict) -> tuple[Stage, ...]:
+    """``config.stages`` in ``stage_order``; stages the order leaves out are not read."""
+    order, stages = built["stage_order"], d.get("stages", {})
+    if not order:
+        raise ConfigError(f"{where}stage_order is empty")
+    if not isinstance(stages, Mapping):
+        raise ConfigError(f"{where}stages must be a group of stages, got {stages!r}")
+    for name in order:
+        if name not in stages:
+            raise ConfigError(
+                f"{where}stage_order names stage {name!r}, but {where}stages has {sorted(stages)}"
+            )
+    return tuple(schema.from_dict(Stage, stages[name], f"{where}stages.{name}.", name=name) for name in order)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    seed: int
-    dtype: str
-    param_dtype: str
-    mesh: dict
-    sharding_rules: dict
-    stages: tuple[Stage, ...]
-    log_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    async_checkpoints: bool
-    tensorboard: bool
-    eval: dict
-    model: dict
-    synthetic: dict
-    max_bad_steps: int = 20
-    attention: str = "xla"  # layers.ATTENTION_CHOICES: the kernel every step is traced with
+    seed: int = 0  # param init; stage i's data shuffle uses seed + 1000 * i
+    dtype: str = "float32"  # compute dtype (bfloat16 on TPU); params stay in param_dtype
+    param_dtype: str = "float32"
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding_rules: dict = dataclasses.field(default_factory=dict)  # logical name -> mesh axis overrides
+    stage_order: tuple[str, ...] = ("align", "instruct")
+    stages: tuple[Stage, ...] = dataclasses.field(metadata={"build": _stages, "entries": Stage})
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    async_checkpoints: bool = True
+    tensorboard: bool = True
+    max_bad_steps: int = 20  # stop after this many non-finite (skipped) steps in a row
+    # the kernel every step is traced with: "xla" | "cudnn" (NVIDIA, bf16) | "splash" (Pallas, TPU only)
+    attention: str = "xla"
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    # the family's model keys (configs/<family>.py model()); read by the family's config
+    model: dict = dataclasses.field(metadata={"missing": ""})
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)  # the built-in data
+
+    def check(self, where: str):
+        for key in ("dtype", "param_dtype"):
+            schema.one_of(getattr(self, key), DTYPES, where + key)
+        _check_clips(self.stages, self.synthetic)
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+            schema.positive(getattr(self, key), where + key)
+        schema.one_of(self.attention, layers.ATTENTION_CHOICES, where + "attention")
 
 
-def _unknown(keys, known, where: str):
-    for key in keys:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {where}{close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {where}{key!r}{hint}")
-
-
-def _positive(value, key: str, allow_zero: bool = False):
-    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
-        raise ConfigError(
-            f"config.{key} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}"
-        )
-
-
-def _stage(name: str, d: dict) -> Stage:
-    where = f"stages.{name}."
-    _unknown(d, STAGE_KEYS, where)
-    for key in ("steps", "batch_size", "grad_accum"):
-        _positive(d.get(key, 1), where + key)
-    if d["batch_size"] % d.get("grad_accum", 1):
-        raise ConfigError(
-            f"config.{where}batch_size {d['batch_size']} is not divisible by grad_accum {d['grad_accum']}"
-        )
-    if d.get("schedule", "cosine") not in SCHEDULES:
-        raise ConfigError(f"config.{where}schedule must be one of {SCHEDULES}, got {d['schedule']!r}")
-    if not d.get("learning_rate", 0) > 0:
-        raise ConfigError(f"config.{where}learning_rate must be > 0, got {d.get('learning_rate')!r}")
-    trainable = d.get("trainable", ())
-    trainable = (trainable,) if isinstance(trainable, str) else trainable
-    if not isinstance(trainable, tuple | list) or not all(isinstance(p, str) for p in trainable):
-        raise ConfigError(f"config.{where}trainable must be a tuple of regexes, got {trainable!r}")
-    trainable = tuple(trainable)
-    if not trainable:
-        raise ConfigError(
-            f"config.{where}trainable is empty: name the param paths to train (e.g. 'adapter/.*')"
-        )
-    for pattern in trainable:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"config.{where}trainable: {pattern!r} is not a regex ({e})") from None
-    if d.get("loss", "lm") not in LOSSES:
-        raise ConfigError(f"config.{where}loss must be one of {LOSSES}, got {d['loss']!r}")
-    optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
-    optim = OptimConfig(
-        **{k: (tuple(v) if k == "no_decay" else v) for k, v in d.items() if k in optim_fields}
-    )
-    data = dict(d.get("data", {}))
-    data_fields = [f.name for f in dataclasses.fields(DataConfig)]
-    _unknown(data, data_fields, where + "data.")
-    if "data" not in d:
-        raise ConfigError(f"config.{where}data is missing: each stage names its data")
-    try:
-        data_config = DataConfig(**data)
-    except (ValueError, TypeError) as e:  # its messages name the key from "data." on
-        raise ConfigError(f"config.{where}{e}") from None
-    return Stage(
-        name,
-        d["steps"],
-        d["batch_size"],
-        d.get("grad_accum", 1),
-        trainable,
-        optim,
-        data_config,
-        d.get("loss", "lm"),
-        _lora(where + "lora.", dict(d.get("lora", {}))),
-    )
-
-
-def _lora(where: str, d: dict) -> LoraConfig:
-    """``stages.<name>.lora``; whether the targets select kernels is checked against the model
-    (``lora.check_stage``)."""
-    _unknown(d, LORA_KEYS, where)
-    c = LoraConfig(**d)
-    _positive(c.rank, where + "rank", allow_zero=True)
-    if isinstance(c.alpha, bool) or not isinstance(c.alpha, int | float) or not c.alpha > 0:
-        raise ConfigError(f"config.{where}alpha must be > 0, got {c.alpha!r}")
-    targets = (c.targets,) if isinstance(c.targets, str) else c.targets
-    if not isinstance(targets, tuple | list) or not all(isinstance(p, str) for p in targets):
-        raise ConfigError(f"config.{where}targets must be a tuple of regexes, got {targets!r}")
-    for pattern in targets:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"config.{where}targets: {pattern!r} is not a regex ({e})") from None
-    if c.rank and not targets:
-        raise ConfigError(f"config.{where}targets is empty: name the kernels to adapt")
-    return dataclasses.replace(c, targets=tuple(targets), alpha=float(c.alpha))
-
-
-def _check_clips(stages: tuple[Stage, ...], synthetic: dict) -> None:
+def _check_clips(stages: tuple[Stage, ...], synthetic: SyntheticConfig) -> None:
     """The synthetic ``video`` task puts a clip's frames in the image slots: it needs one per frame."""
-    from mllm_jax.data.synthetic import SyntheticConfig
-
-    frames = synthetic.get("num_frames", SyntheticConfig.num_frames)
     for stage in stages:
         for _, data in stage.data.components():
-            if data.source == "synthetic" and data.task == "video" and data.max_images < frames:
+            if data.source == "synthetic" and data.task == "video" and data.max_images < synthetic.num_frames:
                 raise ConfigError(
                     f"config.stages.{stage.name}.data.max_images={data.max_images}: task 'video' needs "
-                    f"max_images >= synthetic.num_frames ({frames})"
+                    f"max_images >= synthetic.num_frames ({synthetic.num_frames})"
                 )
-
-
-def _attention(choice) -> str:
-    from mllm_jax.models.layers import ATTENTION_CHOICES
-
-    if choice not in ATTENTION_CHOICES:
-        raise ConfigError(f"config.attention must be one of {tuple(ATTENTION_CHOICES)}, got {choice!r}")
-    return choice
 
 
 def from_config_dict(config) -> RunConfig:
     """Check a ConfigDict (or plain dict) and freeze it."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    _unknown(d, TOP_LEVEL_KEYS, "")
-    if "model" not in d:
-        raise ConfigError("config.model is missing")
-    for key in ("dtype", "param_dtype"):
-        if d.get(key, "float32") not in DTYPES:
-            raise ConfigError(f"config.{key} must be one of {DTYPES}, got {d.get(key)!r}")
-    order = d.get("stage_order", ())
-    order = (order,) if isinstance(order, str) else tuple(order)
-    if not order:
-        raise ConfigError("config.stage_order is empty")
-    stages_d = d.get("stages", {})
-    for name in order:
-        if name not in stages_d:
-            raise ConfigError(
-                f"config.stage_order names stage {name!r}, but config.stages has {sorted(stages_d)}"
-            )
-    stages = tuple(_stage(name, stages_d[name]) for name in order)
-    _check_clips(stages, dict(d.get("synthetic", {})))
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-        _positive(d.get(key, 1), key)
-    mesh = dict(d.get("mesh", {}))
-    _unknown(mesh, ("data", "fsdp", "tensor"), "mesh.")
-    ev = dict(d.get("eval", {}))
-    _positive(ev.get("every", 0), "eval.every", allow_zero=True)
-    _positive(ev.get("num_grounding", 0), "eval.num_grounding", allow_zero=True)
-    return RunConfig(
-        seed=int(d.get("seed", 0)),
-        dtype=d.get("dtype", "float32"),
-        param_dtype=d.get("param_dtype", "float32"),
-        mesh=mesh,
-        sharding_rules=dict(d.get("sharding_rules", {})),
-        stages=stages,
-        log_every=d.get("log_every", 50),
-        checkpoint_every=d.get("checkpoint_every", 500),
-        keep_checkpoints=d.get("keep_checkpoints", 2),
-        async_checkpoints=bool(d.get("async_checkpoints", True)),
-        tensorboard=bool(d.get("tensorboard", True)),
-        eval=ev,
-        model=dict(d["model"]),
-        synthetic=dict(d.get("synthetic", {})),
-        max_bad_steps=d.get("max_bad_steps", 20),
-        attention=_attention(d.get("attention", "xla")),
-    )
-
-
-# ---------------------------------------------------------------- what the run reads from disk
-
-FILE_SOURCES = ("llava_json", "mmc4")  # data.path is one file; webdataset's is a shard dir or pattern
-MODEL_DIRS = ("hf", "vision", "llm", "checkpoint")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def check_inputs(run: RunConfig, workdir: str) -> None:
-    """Every file and directory the run will read exists, checked before anything is written or
-    compiled, so a typo in a path is one line rather than a crash after the first stage trained.
-
-    On resume the model comes from the workdir, so ``model.init.*`` is not needed any more, and the
-    data of stages the checkpoint has finished is not read again."""
-    from mllm_jax.training import checkpoint  # checkpoint imports this module
-
-    done = checkpoint.finished_stages(workdir, [(s.name, s.steps) for s in run.stages])
-    if done is None:
-        _check_model_dirs(run.model)
-    for stage in run.stages[len(done or ()) :]:
-        for i, (_, data) in enumerate(stage.data.components()):
-            where = f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "")
-            _check_data(data, where)
-
-
-def _check_model_dirs(model: dict) -> None:
-    init = model.get("init", {})
-    for key in MODEL_DIRS:
-        path = init.get(key, "")
-        if path and not os.path.isdir(path):
-            raise ConfigError(f"config.model.init.{key}={path!r}: no such directory")
-    if init.get("checkpoint") and not os.path.isfile(os.path.join(init["checkpoint"], "mllm_config.json")):
-        raise ConfigError(
-            f"config.model.init.checkpoint={init['checkpoint']!r} is not one of our checkpoints or "
-            "workdirs (no mllm_config.json); a HF directory goes in config.model.init.hf"
-        )
-    for key in ("tokenizer", "qformer_tokenizer"):  # "builtin": the synthetic word-level vocabulary
-        path = model.get(key) or ""
-        if path in ("", "builtin"):
-            continue
-        if not os.path.isdir(path):
-            raise ConfigError(f"config.model.{key}={path!r}: no such directory (nothing is downloaded)")
-        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            raise ConfigError(
-                f"config.model.{key}={path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)"
-            )
-
-
-def _check_data(data, where: str) -> None:
-    from mllm_jax.data.sources import list_shards
-
-    if data.source in FILE_SOURCES and not os.path.isfile(data.path):
-        raise ConfigError(f"{where}path={data.path!r}: no such file")
-    if data.source == "webdataset" and not list_shards(data.path):
-        raise ConfigError(f"{where}path={data.path!r}: no .tar shards there")
-    if data.source in FILE_SOURCES and data.image_root and not os.path.isdir(data.image_root):
-        raise ConfigError(f"{where}image_root={data.image_root!r}: no such directory")
+    return schema.from_dict(RunConfig, config)

@@ -147,7 +147,7 @@ class Trainer:
         from mllm_jax.training import wiring  # model, tokenizer and data wiring
 
         self.run_config, self.workdir = run, workdir
-        self.mesh = sharding.make_mesh(run.mesh, devices)
+        self.mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), devices)
         self._step_fns: dict = {}
         self.rules = sharding.rules(run.sharding_rules)
         self.setup = wiring.RunSetup(run, workdir, self.mesh.devices.size)
@@ -287,7 +287,7 @@ class Trainer:
         logging.info(
             "stage %s: steps %d..%d, trainable %s", stage.name, start, stage.steps, list(stage.trainable)
         )
-        eval_every = run.eval.get("every", 0)
+        eval_every = run.eval.every
         inject = _injected_nan_steps()
         bad_streak, pending = 0, None
         window_t0, window_tokens, window_steps = time.time(), 0, 0

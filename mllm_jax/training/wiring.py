@@ -8,6 +8,7 @@ tokenizer. What differs between families is asked of ``mllm_jax.families``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -163,7 +164,7 @@ class RunSetup:
             self.image_spec,
             self.model_spec,
             self.synthetic,
-            self.run.eval,
+            dataclasses.asdict(self.run.eval),  # evaluate_stage reads a mapping
             stage,
             mesh=generate.mesh_of(params),
             rules=sharding.rules(self.run.sharding_rules),

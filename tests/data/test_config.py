@@ -60,11 +60,11 @@ def test_mix_survives_config_files_and_overrides(tmp_path):
     path.write_text(
         textwrap.dedent(
             f"""
-            from configs import common
+            from mllm_jax.training import presets
 
             def get_config():
-                c = common.base()
-                c.stages.align = common.stage(data=common.data(max_images=2, mix={MIX!r}))
+                c = presets.base()
+                c.stages.align = presets.stage(data=presets.data(max_images=2, mix={MIX!r}))
                 return c
             """
         )

@@ -1,0 +1,62 @@
+"""What a run reads from disk exists: checked before anything is written or compiled (``main``)."""
+
+from __future__ import annotations
+
+import os
+
+from mllm_jax.data.webdataset import list_shards
+from mllm_jax.errors import ConfigError
+from mllm_jax.training import checkpoint
+from mllm_jax.training.runconfig import RunConfig
+
+FILE_SOURCES = ("llava_json", "mmc4")  # data.path is one file; webdataset's is a shard dir or pattern
+MODEL_DIRS = ("hf", "vision", "llm", "checkpoint")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_inputs(run: RunConfig, workdir: str) -> None:
+    """Every file and directory the run will read exists, checked before anything is written or
+    compiled, so a typo in a path is one line rather than a crash after the first stage trained.
+
+    On resume the model comes from the workdir, so ``model.init.*`` is not needed any more, and the
+    data of stages the checkpoint has finished is not read again."""
+    done = checkpoint.finished_stages(workdir, [(s.name, s.steps) for s in run.stages])
+    if done is None:
+        _check_model_dirs(run.model)
+    for stage in run.stages[len(done or ()) :]:
+        for i, (_, data) in enumerate(stage.data.components()):
+            where = f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "")
+            _check_data(data, where)
+
+
+def _check_model_dirs(model: dict) -> None:
+    init = model.get("init", {})
+    for key in MODEL_DIRS:
+        path = init.get(key, "")
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"config.model.init.{key}={path!r}: no such directory")
+    if init.get("checkpoint") and not os.path.isfile(os.path.join(init["checkpoint"], "mllm_config.json")):
+        raise ConfigError(
+            f"config.model.init.checkpoint={init['checkpoint']!r} is not one of our checkpoints or "
+            "workdirs (no mllm_config.json); a HF directory goes in config.model.init.hf"
+        )
+    for key in ("tokenizer", "qformer_tokenizer"):  # "builtin": the synthetic word-level vocabulary
+        path = model.get(key) or ""
+        if path in ("", "builtin"):
+            continue
+        if not os.path.isdir(path):
+            raise ConfigError(f"config.model.{key}={path!r}: no such directory (nothing is downloaded)")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise ConfigError(
+                f"config.model.{key}={path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+            )
+
+
+def _check_data(data, where: str) -> None:
+
+    if data.source in FILE_SOURCES and not os.path.isfile(data.path):
+        raise ConfigError(f"{where}path={data.path!r}: no such file")
+    if data.source == "webdataset" and not list_shards(data.path):
+        raise ConfigError(f"{where}path={data.path!r}: no .tar shards there")
+    if data.source in FILE_SOURCES and data.image_root and not os.path.isdir(data.image_root):
+        raise ConfigError(f"{where}image_root={data.image_root!r}: no such directory")

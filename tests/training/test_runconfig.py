@@ -1,0 +1,175 @@
+"""The run's config schema (runconfig.py) and the presets of configs/*.py: every preset gives the config
+it gave before the schema (presets_before.json, the ConfigDicts of the old preset functions), modifiers
+compose, and mistakes are one line naming the key."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+
+import pytest
+
+from mllm_jax import schema
+from mllm_jax.data.synthetic import SyntheticConfig
+from mllm_jax.errors import ConfigError
+from mllm_jax.training import presets, runconfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def load(spec: str):
+    return presets.load(os.path.join(CONFIGS, spec))
+
+
+def _decode(o):
+    if isinstance(o, dict):
+        return (
+            tuple(_decode(x) for x in o["__tuple__"])
+            if set(o) == {"__tuple__"}
+            else {k: _decode(v) for k, v in o.items()}
+        )
+    return [_decode(x) for x in o] if isinstance(o, list) else o
+
+
+with open(os.path.join(os.path.dirname(__file__), "presets_before.json")) as f:
+    BEFORE = _decode(json.load(f))  # "llava:tiny" -> get_config("tiny").to_dict() before the schema
+# keys the schema added, each holding what the code used when the key was absent
+NEW_KEYS = {
+    "eval": {"template": "", "types": ("count", "color", "shape")},
+    "synthetic": schema.to_config_dict(SyntheticConfig).to_dict(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_every_preset_gives_the_config_it_gave_before(name):
+    family, preset = name.split(":")
+    before, now = BEFORE[name], load(f"{family}.py:{preset}").to_dict()
+    expected = {**before, "eval": {**before["eval"], **NEW_KEYS["eval"]}}
+    expected["synthetic"] = {**NEW_KEYS["synthetic"], **before.get("synthetic", {})}
+    assert now == expected
+    assert runconfig.from_config_dict(now) == runconfig.from_config_dict(before)
+
+
+@pytest.mark.parametrize(
+    "old, composed",
+    [
+        ("tiny_lora", "tiny,lora"),
+        ("tiny_video", "tiny,video"),
+        ("tiny_video", "tiny,task=video"),
+        ("tiny_grounding", "tiny,grounding"),
+        ("tiny_grounding", "tiny,task=grounding"),
+    ],
+)
+def test_old_preset_names_are_compositions(old, composed):
+    assert load(f"llava.py:{old}").to_dict() == load(f"llava.py:{composed}").to_dict()
+
+
+def test_modifiers_compose_left_to_right():
+    c = load("llava.py:tiny,lora,task=grounding")
+    assert c.stages.instruct.lora.rank == 16 and c.model.location_tokens and c.eval.num_grounding == 256
+    assert load("llava.py:7b,lora").stages.instruct.lora.rank == 16  # not only on tiny
+    assert presets.parse(" tiny , lora,task=video") == ("tiny", ("lora", "task=video"))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("llava.py:huge", "unknown preset 'huge' for configs/llava.py; presets: ['13b', '7b', 'tiny', "),
+        ("llava.py:tiny,lroa", "unknown modifier 'lroa' for configs/llava.py; modifiers: ['grounding', "),
+        ("llava.py:tiny,task=ocr", "unknown modifier 'task=ocr' for configs/llava.py"),
+        ("blip2.py:tiny,lora", "unknown modifier 'lora' for configs/blip2.py; modifiers: []"),
+        ("flamingo.py:tiny,", "config argument 'tiny,': expected PRESET[,MODIFIER[=VALUE]]..."),
+    ],
+)
+def test_unknown_presets_and_modifiers_name_the_choices(spec, message):
+    with pytest.raises(ConfigError) as e:
+        load(spec)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_config_files_import_only_the_library():
+    for name in sorted(os.listdir(CONFIGS)):
+        if name.endswith(".py"):
+            source = open(os.path.join(CONFIGS, name)).read()
+            assert "sys.path" not in source, name
+            modules = [
+                a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names
+            ]
+            modules += [n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)]
+            assert {m.split(".")[0] for m in modules} <= {"__future__", "ml_collections", "mllm_jax"}, name
+
+
+def test_builders_are_the_schema_defaults():
+    assert presets.stage().to_dict() == schema.to_config_dict(runconfig.Stage).to_dict()
+    assert presets.stage(steps=7, data=presets.data(task="caption")).data.task == "caption"
+    with pytest.raises(ConfigError, match="Stage has no key 'stepz'"):
+        presets.stage(stepz=3)
+    run = runconfig.from_config_dict(load("blip2.py:tiny"))
+    assert runconfig.from_config_dict(schema.to_config_dict(run)) == run  # a run writes back as it reads
+
+
+def _tiny(**changes):
+    c = load("llava.py:tiny").to_dict()
+    for path, value in changes.items():
+        *parents, key = path.split("__")
+        node = c
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[key]
+        else:
+            node[key] = value
+    return c
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(stages__align__stepz=3),
+            "unknown config key stages.align.'stepz'; did you mean stages.align.'steps'?",
+        ),
+        (dict(stages__align__steps=0), "config.stages.align.steps must be a positive integer, got 0"),
+        (
+            dict(stages__align__batch_size=30, stages__align__grad_accum=4),
+            "config.stages.align.batch_size 30 is not divisible by grad_accum 4",
+        ),
+        (dict(stages__align__schedule="cos"), "config.stages.align.schedule must be one of ('cosine', "),
+        (dict(stages__align__learning_rate=0.0), "config.stages.align.learning_rate must be > 0, got 0.0"),
+        (dict(stages__align__trainable=()), "config.stages.align.trainable is empty: name the param paths"),
+        (dict(stages__align__trainable=("(",)), "config.stages.align.trainable: '(' is not a regex"),
+        (dict(stages__align__loss="ctc"), "config.stages.align.loss must be one of ('lm', 'qformer')"),
+        (
+            dict(stages__align__data=KeyError),
+            "config.stages.align.data is missing: each stage names its data",
+        ),
+        (dict(stages__align__data__source="laion"), "config.stages.align.data.source must be one of"),
+        (dict(stages__align__data__sorce="x"), "unknown config key stages.align.data.'sorce'; did you mean"),
+        (dict(stages__instruct__lora__rank=-1), "config.stages.instruct.lora.rank must be a non-negative"),
+        (dict(dtype="fp16"), "config.dtype must be one of ('float32', 'bfloat16'), got 'fp16'"),
+        (dict(stage_order=()), "config.stage_order is empty"),
+        (dict(stage_order=("pretrain",)), "config.stage_order names stage 'pretrain', but config.stages has"),
+        (dict(model=KeyError), "config.model is missing"),
+        (dict(mesh__pipeline=2), "unknown config key mesh.'pipeline'"),
+        (dict(eval__every=-1), "config.eval.every must be a non-negative integer, got -1"),
+        (dict(eval__num_grounding=-1), "config.eval.num_grounding must be a non-negative integer"),
+        (dict(synthetic__frames=2), "unknown config key synthetic.'frames'"),
+        (dict(attention="flash"), "config.attention must be one of ('xla', 'cudnn', 'splash'), got 'flash'"),
+        (dict(log_every=0), "config.log_every must be a positive integer, got 0"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(changes, message):
+    with pytest.raises(ConfigError) as e:
+        runconfig.from_config_dict(_tiny(**changes))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_the_typed_run():
+    run = runconfig.from_config_dict(_tiny(stage_order="instruct", stages__instruct__trainable="adapter/.*"))
+    (stage,) = run.stages
+    assert stage.name == "instruct" and stage.trainable == ("adapter/.*",)  # a string is a 1-tuple
+    assert stage.optim.learning_rate == 2e-3 and stage.optim.eps == 1e-8  # eps is not a config key
+    assert run.mesh == runconfig.MeshConfig(data=-1) and run.eval.num_questions == 384
+    assert run.synthetic == SyntheticConfig() and isinstance(run.model, dict)
