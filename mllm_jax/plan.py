@@ -1,14 +1,15 @@
 """Plan a run before renting it: ``python -m mllm_jax.plan --config=configs/llava.py:7b --target=v5e-8``.
 
-Compiles the real train step (``train.make_train_step`` with the Trainer's shardings: params by logical
-axes, optimizer state like its params, the batch over data x fsdp) ahead of time for a TPU slice or for
-N simulated CPU devices (``cpu-N``), from abstract shapes only: no weight is ever allocated, so a 7B plan
-runs on a laptop. Prints one JSON object on stdout and a table on stderr: per-chip memory from XLA's
-``memory_analysis()``, whether it fits, the step's model FLOPs, and suggestions (the least-recompute
-remat policy and the largest per-chip batch that fit), each one checked by compiling it.
+Compiles the real train step (the one ``train.Trainer`` runs, built by training/step.py: params by
+logical axes, optimizer state and LoRA factors like their params, the batch over data x fsdp) ahead of
+time for a TPU slice or for N simulated CPU devices (``cpu-N``), from abstract shapes only: no weight is
+ever allocated, so a 7B plan runs on a laptop. Prints one JSON object on stdout and a table on stderr:
+per-chip memory from XLA's ``memory_analysis()``, whether it fits, the step's model FLOPs, and
+suggestions (the least-recompute remat policy and the largest per-chip batch that fit), each one
+checked by compiling it.
 
-TPU targets need libtpu (``pip install -e ".[tpu]"``), used here only as a compiler under
-``JAX_PLATFORMS=cpu``: a plan never touches a TPU, so it can run next to a training job.
+TPU targets need libtpu (``pip install -e ".[tpu]"``), used here only as a compiler under the CPU
+platform: a plan never touches a TPU, so it can run next to a training job.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mllm_jax import errors
-from mllm_jax.training import aot
+from mllm_jax import errors, sharding
+from mllm_jax.models import flops
+from mllm_jax.models.layers import REMAT_POLICIES
+from mllm_jax.training import aot, runconfig
 
 FLAGS = flags.FLAGS
 
@@ -113,12 +117,6 @@ def least_recompute(fits: Callable[[str], bool], policies, first: str | None = N
 
 def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=None, remat=None, **search):
     """The plan as a JSON-able dict; ``search``: ``memory_gib``, ``suggest``, ``max_batch``."""
-    import jax
-
-    from mllm_jax import sharding
-    from mllm_jax.models import flops
-    from mllm_jax.models.layers import REMAT_POLICIES
-
     remat = remat or run.model.get("remat", "none")
     if remat not in REMAT_POLICIES:
         raise errors.PlanError(f"--remat {remat!r}: one of {sorted(REMAT_POLICIES)}")
@@ -142,7 +140,7 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
         per_chip = batch if batch is not None else micro // shards
         if per_chip < 1:
             raise errors.PlanError(f"--batch must be at least 1, got {per_chip}")
-        state = planner.abstract_state(planner.trainer)[0]
+        state = planner.abstract_state()[0]
         memory = planner.measure(remat, per_chip)
         batch_size = per_chip * shards * st.grad_accum
         model_flops = aot.step_flops(planner.trainer, st, state, batch_size)
@@ -185,10 +183,8 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
 
 
 def suggest(planner: aot.Planner, remat: str, per_chip: int, limit: float, max_batch: int) -> dict:
-    from mllm_jax.models.layers import REMAT_POLICIES
-
     policies = [p for p in RECOMPUTE_ORDER if p in REMAT_POLICIES]
-    need = aot.state_bytes(planner.abstract_state(planner.trainer)[0])
+    need = aot.state_bytes(planner.abstract_state()[0])
     if need > limit:  # params and optimizer state alone do not fit: no batch or policy will
         return {
             "remat": None,
@@ -250,8 +246,6 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}")
     if FLAGS.config is None or not FLAGS.target:
         _fail("--config and --target are required")
-    from mllm_jax.training import runconfig
-
     try:
         run = runconfig.from_config_dict(FLAGS.config)
     except OSError as e:  # config_flags reports a config file it could not load only when it is read
@@ -305,15 +299,15 @@ def parse_flags(argv):
                 m = re.match(r"--(config(?:\.\w+)*)(=|$)", arg)
                 if m and m.group(1).split(".")[-1] == key.group(1):
                     _fail(f"unknown config key {m.group(1)}")
-        _fail(re.sub(r"^\w+Error: ", "", lines[-1] if "Traceback" in str(e) else lines[0]))
+        _fail(re.sub(r"^[\w.]*Error: ", "", lines[-1] if "Traceback" in str(e) else lines[0]))
 
 
 def run():
-    # JAX reads its platform settings when it starts, so they are set before anything imports it.
+    # JAX's backends read the platform settings when they start, so they are set before any device query.
     try:
         aot.set_platform_env(aot.parse_target(_flag_value("--target") or ""))
     except errors.PlanError:
-        os.environ["JAX_PLATFORMS"] = "cpu"  # the bad target is reported once flags are parsed
+        aot.set_platform_env(None)  # the bad target is reported once flags are parsed
     define_flags()
     app.run(main, flags_parser=parse_flags)
 

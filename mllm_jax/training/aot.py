@@ -1,10 +1,11 @@
 """Ahead-of-time compilation of a run's train step for a target it is not running on: a TPU slice
 (through libtpu's topology descriptions, on this CPU) or N simulated CPU devices.
 
-``Planner`` builds the step exactly as ``train.Trainer`` runs it (``make_train_step``, params sharded by
-their logical axes, optimizer state like its params, the batch over data x fsdp) from abstract shapes
-only (``jax.eval_shape``, ``ShapeDtypeStruct`` with shardings), so no weight is ever allocated, and
-reads XLA's per-chip ``memory_analysis()``. ``mllm_jax.plan`` is the command around it.
+``Planner`` compiles the step ``train.Trainer`` runs, through the Trainer itself (``stage_state`` and
+``step_fn``, both step.py: params sharded by their logical axes, optimizer state and LoRA factors like
+their params, the batch over data x fsdp), from abstract shapes only (``ShapeDtypeStruct``s with
+shardings), so no weight is ever allocated, and reads XLA's per-chip ``memory_analysis()``.
+``mllm_jax.plan`` is the command around it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import re
 import time
 from collections.abc import Callable
 
+import jax
+import numpy as np
+
+from mllm_jax import sharding
 from mllm_jax.errors import PlanError
+from mllm_jax.models import flops
+from mllm_jax.training import optim, step, train
 
 GIB = 1024**3
 
@@ -72,11 +79,14 @@ def parse_target(name: str) -> Target:
     return Target(name, "tpu", chips, gen)
 
 
-def set_platform_env(target: Target):
-    """Before JAX starts. This process only compiles, on the CPU platform. ALLOW_MULTIPLE_LIBTPU_LOAD
-    keeps libtpu from taking /tmp/libtpu_lockfile, which another JAX process (a test run, a training job)
-    may hold; the TPU_* values spare it a GCE metadata query and the warnings it prints without one."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
+def set_platform_env(target: Target | None):
+    """Before JAX's backends start (its first device query). This process only compiles, on the CPU
+    platform. ALLOW_MULTIPLE_LIBTPU_LOAD keeps libtpu from taking /tmp/libtpu_lockfile, which another
+    JAX process (a test run, a training job) may hold; the TPU_* values spare it a GCE metadata query
+    and the warnings it prints without one. ``None``: the CPU only (a bad target, reported later)."""
+    jax.config.update("jax_platforms", "cpu")  # JAX read JAX_PLATFORMS when it was imported
+    if target is None:
+        return
     if target.platform == "cpu":
         # Nothing compiled here ever runs: skip LLVM's optimisations (buffer sizes are fixed before them).
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
@@ -89,15 +99,13 @@ def set_platform_env(target: Target):
 
 
 def target_devices(target: Target) -> list:
-    import jax
-
     if target.platform == "cpu":
         jax.config.update("jax_num_cpu_devices", target.chips)
         if jax.device_count() != target.chips:
             raise PlanError(f"--target {target.name}: JAX started with {jax.device_count()} CPU devices")
         return jax.devices()
     try:
-        import libtpu  # noqa: F401
+        import libtpu  # noqa: F401  (optional: the tpu extra)
     except ImportError:
         raise PlanError(f"--target {target.name} needs libtpu: pip install -e '.[tpu]'") from None
     from jax.experimental import topologies
@@ -127,16 +135,12 @@ def memory_limit(target: Target) -> float:
 
 
 class Planner:
-    """Compiles one stage's train step on the target's devices, as ``train.Trainer`` would run it,
-    for any remat policy and per-chip batch; every result is kept in ``trials``."""
+    """Compiles one stage's train step on the target's devices, as ``train.Trainer`` runs it, for any
+    remat policy and per-chip batch; every result is kept in ``trials``."""
 
     def __init__(self, run, devices: list, workdir: str, remat: str, stage_name: str | None, log=None):
         self.run, self.devices, self.workdir = run, devices, workdir
         self.log: Callable[[str], None] = log or (lambda message: None)
-        from mllm_jax.models import layers
-
-        # the run's attention kernel is chosen for the target's chips, not for this CPU host
-        layers.ATTENTION_IMPLEMENTATION["platform"] = devices[0].platform
         self._trainers: dict = {}
         self._example: dict | None = None
         self.trainer = self.trainer_for(remat)
@@ -144,23 +148,21 @@ class Planner:
         self.trials: dict = {}  # (remat, per-chip batch) -> memory
         self.drift: list[str] | None = None  # state leaves the step returns with another dtype or shape
 
-    def trainer_for(self, remat: str):
-        from mllm_jax.training import train
-
+    def trainer_for(self, remat: str) -> train.Trainer:
+        """A Trainer of the run with ``remat`` on the target's devices (the attention kernel is chosen
+        for their platform, not for this CPU host)."""
         if remat not in self._trainers:
             run = dataclasses.replace(self.run, model={**self.run.model, "remat": remat})
             self._trainers[remat] = train.Trainer(run, self.workdir, devices=self.devices)
         return self._trainers[remat]
 
     def _pick_stage(self, name: str | None):
-        from mllm_jax.training import optim
-
         names = [s.name for s in self.run.stages]
         if name is not None:
             if name not in names:
                 raise PlanError(f"--stage {name!r}: the config's stages are {names}")
             return self.run.stages[names.index(name)]
-        flat = optim.flatten(self.trainer._abstract_params()[0])
+        flat = optim.flatten(self.trainer.abstract_params())
 
         def weight(stage) -> tuple[int, int]:  # ties: the one with more tokens per step
             trainable = sum(math.prod(v.shape) for k, v in flat.items() if optim.matches(k, stage.trainable))
@@ -168,44 +170,15 @@ class Planner:
 
         return max(reversed(self.run.stages), key=weight)
 
-    def abstract_state(self, trainer):
-        """``Trainer.stage_state`` as ShapeDtypeStructs: params in ``param_dtype`` with the Trainer's
-        shardings, the optimizer state of the trainable ones sharded like them, scalars replicated."""
-        import jax
-        import jax.numpy as jnp
-        import optax
-
-        from mllm_jax import sharding
-        from mllm_jax.training import optim
-
-        sds = lambda a, s, dtype=None: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s)  # noqa: E731
-        abstract, shardings = trainer._abstract_params()
-        dtype = jnp.dtype(self.run.param_dtype)
-        params = jax.tree.map(lambda a, s: sds(a, s, dtype), abstract, shardings)
-        trainable, frozen = optim.split_params(params, self.stage.trainable)
-        tx, lr_fn = optim.make_optimizer(self.stage.optim, self.stage.steps)
-        replicated = sharding.replicated(trainer.mesh)
-        opt_abstract = jax.eval_shape(tx.init, trainable)
-        opt_shardings = optax.tree_utils.tree_map_params(
-            tx,
-            lambda _, s: s,
-            opt_abstract,
-            jax.tree.map(lambda x: x.sharding, trainable),
-            transform_non_params=lambda _: replicated,
-        )
-        state = {
-            "trainable": trainable,
-            "frozen": frozen,
-            "opt_state": jax.tree.map(sds, opt_abstract, opt_shardings),
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        }
-        return state, tx, lr_fn
+    def abstract_state(self, trainer: train.Trainer | None = None):
+        """``(state, tx, lr_fn)`` of the stage as ``trainer`` (default: the configured remat's) starts
+        it, as ShapeDtypeStructs with their shardings: LoRA factors included."""
+        trainer = trainer or self.trainer
+        return trainer.stage_state(self.stage, trainer.abstract_params())
 
     def example(self) -> dict:
         """One example as the data pipeline makes it (keys, dtypes, shapes), from the built-in
         synthetic source with the stage's lengths: the stage's own data need not be on this machine."""
-        from mllm_jax.training import train
-
         if self._example is None:
             d = self.stage.data
             shapes = {k: getattr(d, k) for k in SHAPE_KEYS}
@@ -213,16 +186,12 @@ class Planner:
             example = next(
                 self.trainer.setup.data_iterator(dataclasses.replace(self.stage, batch_size=1, data=data), 0)
             )
-            self._example = {k: v for k, v in example.items() if k in train.BATCH_KEYS}
+            self._example = {k: v for k, v in example.items() if k in step.BATCH_KEYS}
         return self._example
 
     def compile(self, remat: str, per_chip: int):
-        """The train step as ``Trainer.step`` jits it, compiled for ``per_chip`` sequences per chip."""
-        import jax
-
-        from mllm_jax import sharding
-        from mllm_jax.training import train
-
+        """The train step ``Trainer.step`` runs (``Trainer.step_fn``), compiled for ``per_chip``
+        sequences per chip."""
         trainer = self.trainer_for(remat)
         state, tx, lr_fn = self.abstract_state(trainer)
         mesh = trainer.mesh
@@ -233,18 +202,13 @@ class Planner:
             for k, v in self.example().items()
         }
         rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
-        loss_fn = trainer.setup.loss_fn(self.stage)
-        fn = train.make_train_step(trainer.model, tx, lr_fn, self.stage.grad_accum, loss_fn)
-        out = (jax.tree.map(lambda x: x.sharding, state), replicated)
-        jitted = jax.jit(fn, out_shardings=out, donate_argnums=0)
+        jitted = trainer.step_fn(self.stage, tx, lr_fn, state)
         with sharding.activation_context(mesh, trainer.rules):  # as Trainer.step traces it
             lowered = jitted.lower(state, batch, rng)
         self.drift = self.drift if self.drift is not None else state_drift(state, lowered.out_info[0])
         return lowered.compile()
 
     def measure(self, remat: str, per_chip: int) -> dict:
-        import jax
-
         if (remat, per_chip) not in self.trials:
             t0 = time.time()
             try:
@@ -252,7 +216,7 @@ class Planner:
             except jax.errors.JaxRuntimeError as e:  # the TPU compiler gives up on a hopeless program
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
-                memory = memory_of_failure(str(e), state_bytes(self.abstract_state(self.trainer)[0]))
+                memory = memory_of_failure(str(e), state_bytes(self.abstract_state()[0]))
             memory["compile_seconds"] = round(time.time() - t0, 1)
             self.trials[remat, per_chip] = memory
             self.log(f"compiled remat={remat}, {per_chip} per chip: peak {gib(memory['peak'])}")
@@ -291,8 +255,6 @@ def memory_of_failure(message: str, state: int) -> dict:
 def state_drift(state, new_state) -> list[str]:
     """Leaves whose dtype or shape the step changes: the next step would get other inputs (and compile
     again), and memory would differ from this plan's from the second step on."""
-    import jax
-
     changes = []
     for (path, old), new in zip(jax.tree.leaves_with_path(state), jax.tree.leaves(new_state), strict=True):
         if (old.shape, old.dtype) != (new.shape, new.dtype):
@@ -304,9 +266,6 @@ def state_drift(state, new_state) -> list[str]:
 
 def state_bytes(state) -> int:
     """Bytes of one chip's shard of every state leaf: what sits on a chip before any compute."""
-    import jax
-    import numpy as np
-
     leaves = jax.tree.leaves(state)
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
 
@@ -314,12 +273,11 @@ def state_bytes(state) -> int:
 def step_flops(trainer, stage, state, batch_size: int) -> float:
     """Model FLOPs of one step: 6·N·tokens + attention as ``mllm_jax.models.flops`` counts them, with the
     vision tower's forward only (2·N) when the stage freezes it, since no gradient flows into it."""
-    from mllm_jax.models import flops
-
-    c, d = trainer.setup.config, stage.data
-    per_sequence = trainer.setup.recipe.flops_per_sequence(c, d.max_length, d.max_images)
-    if "vision" not in state["trainable"]:
-        per_sequence -= 4.0 * flops.vit_params(c.vision) * c.vision.num_positions * d.max_images
+    family, c, d = trainer.setup.family, trainer.setup.config, stage.data
+    per_sequence = family.flops_per_sequence(c, d.max_length, d.max_images)
+    vision = family.vision_config(c)
+    if vision is not None and "vision" not in state["trainable"]:
+        per_sequence -= 4.0 * flops.vit_params(vision) * vision.num_positions * d.max_images
     return batch_size * per_sequence
 
 

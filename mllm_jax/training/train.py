@@ -1,7 +1,7 @@
-"""The training loop: stages run in sequence through one jitted ``train_step``.
+"""The training loop: stages run in sequence, each through its jitted ``train_step`` (step.py, which
+``plan`` compiles too).
 
-State is ``{"trainable", "frozen", "opt_state", "step"}``: each stage splits the params by its
-``trainable`` path patterns, so frozen params get no gradients and no optimizer state. Checkpoints
+State is ``{"trainable", "frozen", "opt_state", "step"}`` (step.py). Checkpoints
 (orbax, in ``WORKDIR/checkpoints``) hold the full params, the optimizer state, the data iterator state
 and where in which stage we are; rerunning the same command resumes from the newest one. SIGTERM
 saves at the next step boundary and exits with code 143.
@@ -10,22 +10,24 @@ saves at the next step boundary and exits with code 143.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import signal
 import time
-import zlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mllm_jax import sharding
 from mllm_jax.errors import Diverged, Preempted
-from mllm_jax.training import checkpoint, logger, lora, optim
+from mllm_jax.training import checkpoint, logger, lora, optim, step
 from mllm_jax.training.runconfig import RunConfig, Stage
+
+# wiring.py and bench.py read these here until they import step.py
+from mllm_jax.training.step import BATCH_KEYS, lm_loss, make_train_step  # noqa: F401
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -38,93 +40,6 @@ INJECT_NAN_ENV = "MLLM_JAX_INJECT_NAN_STEPS"
 def _injected_nan_steps() -> frozenset[int]:
     raw = os.environ.get(INJECT_NAN_ENV, "")
     return frozenset(int(x) for x in raw.split(",") if x.strip())
-
-
-# ---------------------------------------------------------------- the step
-
-
-def lm_loss(model, params, batch, rng):
-    """Summed next-token NLL over target tokens, with ``count`` (target tokens) and ``correct``."""
-    del rng
-    # InstructBLIP: the Q-Former reads the instruction too (text_tokens with data.text_source="prompt")
-    extra = (
-        {"qformer_tokens_BxT": batch["text_tokens"], "qformer_mask_BxT": batch["text_mask"]}
-        if "text_tokens" in batch
-        else {}
-    )
-    logits, _ = model.apply(
-        {"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"], **extra
-    )
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    targets = batch["targets"]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (nll * mask).sum(), {"count": mask.sum(), "correct": (correct * mask).sum()}
-
-
-def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: int, loss_fn=lm_loss):
-    """``train_step(state, batch, rng) -> (state, metrics)``.
-
-    ``loss_fn(model, params, batch, rng) -> (loss_sum, aux)`` sums over the batch; ``aux`` holds
-    ``count`` (what the sums are normalised by: target tokens, or examples), ``correct`` and any
-    other sums, logged as ``loss/<name>``. The batch is split into ``grad_accum`` micro-batches whose
-    summed gradients are normalised by the total count, so accumulation gives the same update as one
-    big batch (for token-level losses). A step whose loss or gradients are not finite leaves the
-    params and optimizer state as they were and reports ``skipped = 1``.
-    """
-
-    def grads_of(trainable, frozen, batch, rng):
-        fn = lambda t: loss_fn(model, optim.merge_params(t, frozen), batch, rng)  # noqa: E731
-        (loss_sum, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
-        return grads, loss_sum, aux
-
-    def train_step(state, batch, rng):
-        trainable, frozen = state["trainable"], state["frozen"]
-        if grad_accum == 1:
-            grads, loss_sum, aux = grads_of(trainable, frozen, batch, rng)
-        else:
-            micro = jax.tree.map(
-                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
-            )
-
-            def body(carry, mb_rng):
-                mb, r = mb_rng
-                g, loss_sum, aux = grads_of(trainable, frozen, mb, r)
-                return jax.tree.map(jnp.add, carry, (g, loss_sum, aux)), None
-
-            first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grads_of, trainable, frozen, first, rng)
-            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            rngs = jax.random.split(rng, grad_accum)
-            (grads, loss_sum, aux), _ = jax.lax.scan(body, init, (micro, rngs))
-        denom = jnp.maximum(aux["count"], 1.0)
-        # keep each gradient in its param's dtype (bf16 params: f32 moments would recompile the step)
-        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        # a non-finite step changes nothing but the step counter (the data it read is consumed)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = dict(
-            state,
-            trainable=keep(new_trainable, trainable),
-            opt_state=keep(opt_state, state["opt_state"]),
-            step=state["step"] + 1,
-        )
-        metrics = {
-            "loss": loss_sum / denom,
-            "accuracy": aux["correct"] / denom,
-            "grad_norm": grad_norm,
-            "learning_rate": lr_fn(state["step"]),
-            "target_tokens": aux["count"],
-            "skipped": 1.0 - finite.astype(jnp.float32),
-            **{f"loss/{k}": v / denom for k, v in aux.items() if k not in ("count", "correct")},
-        }
-        return new_state, metrics
-
-    return train_step
 
 
 # ---------------------------------------------------------------- the loop
@@ -144,13 +59,16 @@ class Trainer:
     """Owns the mesh, model, params and writers of one run; ``run()`` trains every remaining stage."""
 
     def __init__(self, run: RunConfig, workdir: str, devices=None):
-        from mllm_jax.training import wiring  # model, tokenizer and data wiring
+        # wiring.py imports this module (train.lm_loss) until it imports step.py: then this moves up
+        from mllm_jax.training import wiring
 
         self.run_config, self.workdir = run, workdir
         self.mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), devices)
         self._step_fns: dict = {}
         self.rules = sharding.rules(run.sharding_rules)
-        self.setup = wiring.RunSetup(run, workdir, self.mesh.devices.size)
+        # the steps compile for the mesh's devices: a TPU slice's when plan compiles on a CPU host
+        platform = self.mesh.devices.flat[0].platform
+        self.setup = wiring.RunSetup(run, workdir, self.mesh.devices.size, platform=platform)
         self.model = self.setup.model
         self.stop_requested = False
         self.skipped_steps = 0  # non-finite steps skipped so far in this run (kept in checkpoints)
@@ -159,7 +77,7 @@ class Trainer:
         self.ckpt = None
 
     def _check_trainable(self):
-        paths = optim.flatten(_unbox(jax.eval_shape(self.setup.init_fn, jax.random.key(0))))
+        paths = optim.flatten(self._abstract_params()[0])
         for stage in self.run_config.stages:
             if not any(optim.matches(p, stage.trainable) for p in paths):
                 examples = ", ".join(sorted(paths)[:3])
@@ -175,17 +93,23 @@ class Trainer:
     # -- params
 
     def _abstract_params(self):
+        """``(shapes, shardings)`` of the params ``init_fn`` makes (in its dtypes)."""
         boxed = jax.eval_shape(self.setup.init_fn, jax.random.key(0))
-        abstract = _unbox(boxed)
+        abstract = nn.meta.unbox(boxed)
         return abstract, sharding.fit_to_shapes(sharding.shardings_of(boxed, self.mesh, self.rules), abstract)
 
-    def _initial_params(self, resume: Resume | None):
+    def abstract_params(self):
+        """The params as training holds them, as ShapeDtypeStructs: ``param_dtype``, laid out on the mesh."""
         abstract, shardings = self._abstract_params()
+        dtype = jnp.dtype(self.run_config.param_dtype)
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract, shardings
+        )
+
+    def _initial_params(self, resume: Resume | None):
+        _, shardings = self._abstract_params()
         if resume is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-            )
-            return self.ckpt.restore(resume.global_step, "params", target), shardings
+            return self.ckpt.restore(resume.global_step, "params", self.abstract_params()), shardings
         return self.setup.initial_params(shardings), shardings
 
     # -- stages
@@ -235,8 +159,6 @@ class Trainer:
         is this call's value, not a flag the signal handler may still change. Single host: the flag."""
         stop = self.stop_requested
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
         return stop
 
@@ -245,20 +167,20 @@ class Trainer:
         self.stop_requested = True
 
     def _find_resume(self) -> Resume | None:
-        step = self.ckpt.latest_step()
-        if step is None:
+        latest = self.ckpt.latest_step()
+        if latest is None:
             return None
-        meta = self.ckpt.restore(step, "meta")
+        meta = self.ckpt.restore(latest, "meta")
         names = [s.name for s in self.run_config.stages]
         if meta["stage"] not in names:
             raise ValueError(
                 f"{self.workdir}: checkpoint is in stage {meta['stage']!r}, not in stage_order {names}"
             )
-        data_state = self.ckpt.restore(step, "data") if meta.get("has_data") else None
+        data_state = self.ckpt.restore(latest, "data") if meta.get("has_data") else None
         return Resume(
             names.index(meta["stage"]),
             meta["stage_step"],
-            step,
+            latest,
             data_state,
             meta.get("has_opt_state", False),
             int(meta.get("skipped_steps", 0)),
@@ -350,53 +272,24 @@ class Trainer:
         return merge(params)
 
     def stage_state(self, stage: Stage, params, start: int = 0):
-        """``(state, tx, lr_fn)`` for ``stage``, every leaf placed on the mesh: Adam moments take their
-        param's sharding (jit would otherwise leave the zeros it makes on one device), scalars are
-        replicated. Stable shardings are also what keeps the step from recompiling after step one."""
-        trainable, frozen = optim.split_params(params, stage.trainable)
-        if stage.lora.enabled:  # B = 0: the stage starts exactly at its base
-            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
-            init = functools.partial(lora.init_factors, params=shapes, config=stage.lora)
-            abstract = jax.eval_shape(init, jax.random.key(0))
-            out = lora.factor_shardings(frozen, abstract)
-            key = jax.random.fold_in(jax.random.key(self.run_config.seed), zlib.crc32(stage.name.encode()))
-            trainable = {**trainable, lora.KEY: jax.jit(init, out_shardings=out)(key)}
-        tx, lr_fn = optim.make_optimizer(stage.optim, stage.steps)
-        replicated = sharding.replicated(self.mesh)
-        opt_shardings = optax.tree_utils.tree_map_params(
-            tx,
-            lambda _, s: s,
-            jax.eval_shape(tx.init, trainable),
-            jax.tree.map(lambda x: x.sharding, trainable),
-            transform_non_params=lambda _: replicated,
-        )
-        state = {
-            "trainable": trainable,
-            "frozen": frozen,
-            "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trainable),
-            "step": jax.device_put(jnp.asarray(start, jnp.int32), replicated),
-        }
-        return state, tx, lr_fn
+        """``(state, tx, lr_fn)`` for ``stage`` on this run's mesh (``step.init_state``); abstract for
+        abstract ``params`` (``plan``)."""
+        return step.init_state(stage, params, self.mesh, self.run_config.seed, start)
 
-    def step(self, stage: Stage, tx, lr_fn, state, batch: dict, rng):
-        """One jitted step on a host batch (numpy), sharded over data x fsdp; compiled once per stage."""
+    def step_fn(self, stage: Stage, tx, lr_fn, state):
+        """The jitted step of ``stage`` (``step.jit_step``), built once per stage: what ``step`` runs and
+        ``plan`` compiles."""
         key = (stage.name, id(tx))
         if self._step_fns.get("key") != key:
-            loss_fn = self.setup.loss_fn(stage)
-            if stage.lora.enabled:
-                loss_fn = lora.merging(loss_fn, stage.lora.scale)
-            fn = make_train_step(self.model, tx, lr_fn, stage.grad_accum, loss_fn)
-            # the state keeps its layout; the scalar metrics are replicated
-            out = (jax.tree.map(lambda x: x.sharding, state), sharding.replicated(self.mesh))
-            self._step_fns = {"key": key, "fn": jax.jit(fn, out_shardings=out, donate_argnums=0)}
-        batch_sharding = sharding.batch_sharding(self.mesh)
-        device_batch = {
-            k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in batch.items()
-            if k in BATCH_KEYS
-        }
+            fn = step.jit_step(self.model, stage, tx, lr_fn, self.setup.loss_fn(stage), state, self.mesh)
+            self._step_fns = {"key": key, "fn": fn}
+        return self._step_fns["fn"]
+
+    def step(self, stage: Stage, tx, lr_fn, state, batch: dict, rng):
+        """One step on a host batch (numpy), sharded over data x fsdp; compiled once per stage."""
+        fn = self.step_fn(stage, tx, lr_fn, state)
         with sharding.activation_context(self.mesh, self.rules):
-            return self._step_fns["fn"](state, device_batch, rng)
+            return fn(state, step.device_batch(batch, self.mesh), rng)
 
     def _count_skip(self, skipped, bad_streak: int, global_step: int) -> int:
         """Count a finished step's skip flag; stop after ``max_bad_steps`` non-finite steps in a row."""
@@ -450,15 +343,6 @@ class Trainer:
                 global_step,
                 ", ".join(f"{k}={v:.3f}" for k, v in rows.items() if isinstance(v, float)),
             )
-
-
-BATCH_KEYS = ("images", "tokens", "targets", "loss_mask", "attention_mask", "text_tokens", "text_mask")
-
-
-def _unbox(tree):
-    import flax.linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 def train(run: RunConfig, workdir: str):

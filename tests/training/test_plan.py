@@ -90,6 +90,50 @@ def test_tiny_on_8_cpu_devices_with_suggestions():
     assert trials["none", 8]["temporaries"] > trials["none", 4]["temporaries"]
 
 
+def test_a_lora_stage_is_planned_with_its_factors():
+    """``:tiny,lora`` on cpu-2: the plan counts the rank-16 factors of the LLM's 7 projections in 2 layers
+    as trainable (with Adam moments), next to the projector (the only trainable param otherwise)."""
+    p = plan_json(
+        "--config=configs/llava.py:tiny,lora", "--target=cpu-2", "--stage=instruct", "--suggest=false"
+    )
+    check_memory(p)
+    # A [in, 16] + B [16, out] of q, k, v (2 kv heads of 32), o, gate, up, down
+    shapes = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
+    per_layer = sum(16 * (i + o) for i, o in shapes)
+    projector = 64 * 128 + 128 + 128 * 128 + 128
+    assert p["trainable_params"] == projector + 2 * per_layer
+
+
+def test_the_planned_state_is_the_trainers(tmp_path):
+    """The Planner's abstract state of a LoRA stage is the Trainer's state (tree, shapes, dtypes,
+    shardings) without allocating it, and the step it compiles is the Trainer's own jitted step."""
+    import jax
+    import sharded_step
+
+    from mllm_jax.training import lora, optim, runconfig
+
+    c = sharded_step.llava("tiny,lora")
+    c.stages.instruct.batch_size = 2
+    run = runconfig.from_config_dict(c)
+    planner = aot.Planner(run, jax.devices()[:1], str(tmp_path), "none", "instruct")
+    assert planner.stage.lora.rank == 16
+    state, tx, _ = planner.abstract_state()
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    factors = optim.flatten(state["trainable"][lora.KEY])
+    kernels = {k: v.shape for k, v in optim.flatten(state["frozen"]).items()}
+    assert {p.rsplit("/", 1)[0] for p in factors} == set(lora.target_paths(kernels, planner.stage.lora))
+    mu = optim.flatten(state["opt_state"][1][0].mu)
+    assert {p for p in mu if p.startswith(lora.KEY + "/")} == {f"{lora.KEY}/{p}" for p in factors}
+
+    trainer = planner.trainer
+    concrete, _, _ = trainer.stage_state(planner.stage, trainer._initial_params(None)[0])
+    assert jax.tree.structure(state) == jax.tree.structure(concrete)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(concrete), strict=True):
+        assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
+    assert aot.memory_of(planner.compile("none", 1))["peak"] > aot.state_bytes(state)
+    assert planner.drift == []
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -113,13 +157,10 @@ def test_impossible_requests_exit_2_with_one_line(args, message):
 
 SPLASH_HLO = """
 import sys, tempfile
-from mllm_jax.training import aot
+from mllm_jax.training import aot, presets, runconfig
 target = aot.parse_target("v5e-8")
 aot.set_platform_env(target)
-sys.path.insert(0, ".")
-from configs import llava
-from mllm_jax.training import runconfig
-c = llava.get_config("tiny")
+c = presets.load("configs/llava.py:tiny")
 c.attention, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = sys.argv[1], 2, 2, 2
 with tempfile.TemporaryDirectory() as d:
     planner = aot.Planner(runconfig.from_config_dict(c), aot.target_devices(target), d, "none", None)
