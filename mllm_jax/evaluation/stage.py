@@ -13,6 +13,7 @@ holds; nothing here depends on a model family.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from mllm_jax.data import templates
@@ -27,17 +28,18 @@ def evaluate_stage(
     image_spec,
     model_spec,
     synthetic_config,
-    eval_config: Mapping,
+    eval_config,
     stage,
     *,
     mesh=None,
     rules=None,
 ) -> dict:
     """The ``eval/...`` rows after ``stage`` (a ``runconfig.Stage``: its ``name``, ``loss``,
-    ``data.template`` and ``data.text_length`` are read) per ``eval_config`` (``config.eval``). ``mesh``:
+    ``data.template`` and ``data.text_length`` are read) per ``eval_config`` (``config.eval``: the
+    run's frozen dataclass, or a mapping of its keys where absent keys take the defaults). ``mesh``:
     decode sharded over it (the trainer's, which the params are laid out on); ``rules``: the run's
     ``sharding.rules(...)``. Empty when nothing applies."""
-    ev = eval_config
+    ev = eval_config if isinstance(eval_config, Mapping) else dataclasses.asdict(eval_config)
     if ev.get("stages") and stage.name not in ev["stages"]:
         return {}
     if stage.loss == "qformer":

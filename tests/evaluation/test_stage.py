@@ -3,6 +3,7 @@ the synthetic VQA loop (blank images, few-shot supports) around a fake generate.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -95,6 +96,32 @@ def test_defaults_and_what_turns_it_off(calls):
     assert evaluate({"num_questions": 0}) == {}
     assert calls == []
     assert evaluate({"num_questions": 3, "template": "tiny"}, _stage(template="unknown")) == {"eval/vqa": 1.0}
+
+
+def test_the_eval_config_may_be_a_dataclass(calls):
+    @dataclasses.dataclass(frozen=True)
+    class EvalConfig:  # as runconfig's: every key present
+        num_questions: int = 3
+        batch_size: int = 2
+        max_new_tokens: int = 4
+        shots: tuple = (0,)
+        num_grounding: int = 0
+        num_clips: int = 0
+        stages: tuple = ()
+        template: str = ""
+        types: tuple = ("count",)
+
+    assert evaluate(EvalConfig()) == {"eval/vqa": 1.0}
+    (_, (q, _, n, types_, shots), _) = calls[0]
+    assert (n, q.batch_size, q.max_new_tokens, q.template, types_, shots) == (
+        3,
+        2,
+        4,
+        "tiny",
+        ("count",),
+        (0,),
+    )
+    assert evaluate(EvalConfig(stages=("align",))) == {}
 
 
 def test_a_qformer_stage_scores_retrieval_only(calls):
