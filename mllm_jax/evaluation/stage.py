@@ -13,9 +13,6 @@ holds; nothing here depends on a model family.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-
 from mllm_jax.data import templates
 from mllm_jax.evaluation import retrieval, synthetic_grounding, synthetic_video, synthetic_vqa
 from mllm_jax.evaluation.decoder import Decoder
@@ -28,22 +25,20 @@ def evaluate_stage(
     image_spec,
     model_spec,
     synthetic_config,
-    eval_config,
+    ev,
     stage,
     *,
     mesh=None,
     rules=None,
 ) -> dict:
     """The ``eval/...`` rows after ``stage`` (a ``runconfig.Stage``: its ``name``, ``loss``,
-    ``data.template`` and ``data.text_length`` are read) per ``eval_config`` (``config.eval``: the
-    run's frozen dataclass, or a mapping of its keys where absent keys take the defaults). ``mesh``:
-    decode sharded over it (the trainer's, which the params are laid out on); ``rules``: the run's
-    ``sharding.rules(...)``. Empty when nothing applies."""
-    ev = eval_config if isinstance(eval_config, Mapping) else dataclasses.asdict(eval_config)
-    if ev.get("stages") and stage.name not in ev["stages"]:
+    ``data.template`` and ``data.text_length`` are read) per ``ev`` (``config.eval``, a
+    ``runconfig.EvalConfig``). ``mesh``: decode sharded over it (the trainer's, which the params are
+    laid out on); ``rules``: the run's ``sharding.rules(...)``. Empty when nothing applies."""
+    if ev.stages and stage.name not in ev.stages:
         return {}
     if stage.loss == "qformer":
-        if not ev.get("num_retrieval", 0):
+        if not ev.num_retrieval:
             return {}
         return retrieval.synthetic_retrieval(
             model,
@@ -51,10 +46,10 @@ def evaluate_stage(
             tokenizer,
             image_spec,
             synthetic_config,
-            num_images=ev["num_retrieval"],
+            num_images=ev.num_retrieval,
             text_length=stage.data.text_length,
         )
-    template = ev.get("template") or stage.data.template
+    template = ev.template or stage.data.template
     if template not in templates.TEMPLATES and template != templates.CHAT:
         return {}
     decoder = Decoder(
@@ -64,19 +59,17 @@ def evaluate_stage(
         image_spec,
         model_spec,
         template,
-        batch_size=ev.get("batch_size", 128),
-        max_new_tokens=ev.get("max_new_tokens", 3),
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
         mesh=mesh,
         rules=rules,
     ).placed()
     rows = {}
-    if ev.get("num_grounding"):  # boxes as location tokens (config.model.location_tokens)
+    if ev.num_grounding:  # boxes as location tokens (config.model.location_tokens)
         boxes = decoder.replace(max_new_tokens=synthetic_grounding.MAX_NEW_TOKENS)
-        rows |= synthetic_grounding.grounding_metrics(boxes, synthetic_config, ev["num_grounding"])
-    if ev.get("num_clips"):  # motion questions on held-out synthetic clips (data/video.py)
-        rows |= synthetic_video.motion_metrics(decoder, synthetic_config, ev["num_clips"])
-    if ev.get("num_questions"):
-        types = tuple(ev.get("types", synthetic_vqa.HEADLINE_TYPES))
-        shots = tuple(ev.get("shots", ()))
-        rows |= synthetic_vqa.vqa_metrics(decoder, synthetic_config, ev["num_questions"], types, shots)
+        rows |= synthetic_grounding.grounding_metrics(boxes, synthetic_config, ev.num_grounding)
+    if ev.num_clips:  # motion questions on held-out synthetic clips (data/video.py)
+        rows |= synthetic_video.motion_metrics(decoder, synthetic_config, ev.num_clips)
+    if ev.num_questions:
+        rows |= synthetic_vqa.vqa_metrics(decoder, synthetic_config, ev.num_questions, ev.types, ev.shots)
     return rows

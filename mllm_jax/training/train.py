@@ -23,11 +23,8 @@ from jax.experimental import multihost_utils
 
 from mllm_jax import sharding
 from mllm_jax.errors import Diverged, Preempted
-from mllm_jax.training import checkpoint, logger, lora, optim, step
+from mllm_jax.training import checkpoint, logger, lora, optim, step, wiring
 from mllm_jax.training.runconfig import RunConfig, Stage
-
-# wiring.py and bench.py read these here until they import step.py
-from mllm_jax.training.step import BATCH_KEYS, lm_loss, make_train_step  # noqa: F401
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -59,9 +56,6 @@ class Trainer:
     """Owns the mesh, model, params and writers of one run; ``run()`` trains every remaining stage."""
 
     def __init__(self, run: RunConfig, workdir: str, devices=None):
-        # wiring.py imports this module (train.lm_loss) until it imports step.py: then this moves up
-        from mllm_jax.training import wiring
-
         self.run_config, self.workdir = run, workdir
         self.mesh = sharding.make_mesh(dataclasses.asdict(run.mesh), devices)
         self._step_fns: dict = {}

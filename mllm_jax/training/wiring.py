@@ -8,7 +8,6 @@ tokenizer. What differs between families is asked of ``mllm_jax.families``.
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -22,11 +21,11 @@ from mllm_jax.families import DTYPES, base, store
 from mllm_jax.inference import generate
 from mllm_jax.models import blip2_stage1, flops, layers, scan
 from mllm_jax.models import params as param_tree
-from mllm_jax.training import assets, model_init, train
+from mllm_jax.training import assets, model_init, step
 from mllm_jax.training.runconfig import RunConfig, Stage
 
-# config.stages.*.loss -> loss_fn(model, params, batch, rng) (see ``train.make_train_step``)
-LOSSES = {"lm": train.lm_loss, "qformer": blip2_stage1.stage1_loss}
+# config.stages.*.loss -> loss_fn(model, params, batch, rng) (see ``step.make_train_step``)
+LOSSES = {"lm": step.lm_loss, "qformer": blip2_stage1.stage1_loss}
 
 
 class RunSetup:
@@ -164,7 +163,7 @@ class RunSetup:
             self.image_spec,
             self.model_spec,
             self.synthetic,
-            dataclasses.asdict(self.run.eval),  # evaluate_stage reads a mapping
+            self.run.eval,
             stage,
             mesh=generate.mesh_of(params),
             rules=sharding.rules(self.run.sharding_rules),
@@ -192,7 +191,7 @@ class RunSetup:
             )
 
     def loss_fn(self, stage: Stage):
-        """The stage's ``loss_fn(model, params, batch, rng)`` (see ``train.make_train_step``)."""
+        """The stage's ``loss_fn(model, params, batch, rng)`` (see ``step.make_train_step``)."""
         return LOSSES[stage.loss]
 
     def mfu(self, steps_per_sec: float, stage: Stage) -> dict:

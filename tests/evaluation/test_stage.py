@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 
+from mllm_jax import schema
 from mllm_jax.data.fewshot import heldout_questions
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
@@ -17,6 +18,7 @@ from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.evaluation import retrieval, stage, synthetic_grounding, synthetic_video, synthetic_vqa
 from mllm_jax.evaluation.decoder import Decoder, pad_rows
 from mllm_jax.inference import generate
+from mllm_jax.training.runconfig import EvalConfig
 
 CONFIG = SyntheticConfig()
 SPEC = ImageSpec(32, mode="resize")
@@ -49,6 +51,7 @@ def calls(monkeypatch):
 
 
 def evaluate(ev, st=None, rules=None):
+    ev = ev if isinstance(ev, EvalConfig) else schema.from_dict(EvalConfig, ev, "config.eval.")
     return stage.evaluate_stage(
         "model", "params", "tok", "image_spec", "model_spec", CONFIG, ev, st or _stage(), rules=rules
     )
@@ -98,20 +101,9 @@ def test_defaults_and_what_turns_it_off(calls):
     assert evaluate({"num_questions": 3, "template": "tiny"}, _stage(template="unknown")) == {"eval/vqa": 1.0}
 
 
-def test_the_eval_config_may_be_a_dataclass(calls):
-    @dataclasses.dataclass(frozen=True)
-    class EvalConfig:  # as runconfig's: every key present
-        num_questions: int = 3
-        batch_size: int = 2
-        max_new_tokens: int = 4
-        shots: tuple = (0,)
-        num_grounding: int = 0
-        num_clips: int = 0
-        stages: tuple = ()
-        template: str = ""
-        types: tuple = ("count",)
-
-    assert evaluate(EvalConfig()) == {"eval/vqa": 1.0}
+def test_the_runs_eval_config_is_read_as_it_is(calls):
+    ev = EvalConfig(num_questions=3, batch_size=2, max_new_tokens=4, shots=(0,), types=("count",))
+    assert evaluate(ev) == {"eval/vqa": 1.0}
     (_, (q, _, n, types_, shots), _) = calls[0]
     assert (n, q.batch_size, q.max_new_tokens, q.template, types_, shots) == (
         3,
@@ -121,7 +113,7 @@ def test_the_eval_config_may_be_a_dataclass(calls):
         ("count",),
         (0,),
     )
-    assert evaluate(EvalConfig(stages=("align",))) == {}
+    assert evaluate(dataclasses.replace(ev, stages=("align",))) == {}
 
 
 def test_a_qformer_stage_scores_retrieval_only(calls):

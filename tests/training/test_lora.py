@@ -119,13 +119,6 @@ def test_targets_must_select_frozen_kernels():
         check(lora.DEFAULT_TARGETS, ("adapter/.*", "llm/.*"))
 
 
-def test_config_default_targets_are_the_librarys():
-    sys.path.insert(0, ROOT)
-    from configs import common
-
-    assert tuple(common.stage().lora.targets) == lora.DEFAULT_TARGETS
-    assert common.stage().lora.rank == 0  # off unless a stage asks for it
-
 
 # ---------------------------------------------------------------- a LoRA stage in the Trainer
 
