@@ -14,16 +14,8 @@ from mllm_jax.training.presets import data, stage
 
 
 def model(**overrides) -> ml_collections.ConfigDict:
-    m = dict(
-        family="blip2",
-        # Initial weights: a whole HF Blip2ForConditionalGeneration / InstructBlip... dir (`hf`), or one of
-        # our checkpoints. Empty = from scratch with the sizes below.
-        init=ml_collections.ConfigDict(dict(hf="", vision="", llm="", checkpoint="")),
-        tokenizer="builtin",
-        # True: PaliGemma's <loc0000>..<loc1023> join the tokenizer and the embeddings (boxes as text)
-        location_tokens=False,
-        # The Q-Former's own tokenizer for stage-1 captions (BERT's in BLIP-2); "" = the LLM's tokenizer.
-        qformer_tokenizer="",
+    """Tiny sizes; every other key takes the family's default (mllm_jax/families/blip2.py Blip2Settings)."""
+    sizes = dict(
         vision=ml_collections.ConfigDict(
             dict(
                 hidden_size=64,
@@ -36,7 +28,6 @@ def model(**overrides) -> ml_collections.ConfigDict:
                 layer_norm_eps=1e-6,
             )
         ),
-        # encoder_hidden_size follows the vision width, vocab_size the (Q-Former) tokenizer
         qformer=ml_collections.ConfigDict(
             dict(
                 hidden_size=64,
@@ -49,22 +40,13 @@ def model(**overrides) -> ml_collections.ConfigDict:
                 max_positions=64,
             )
         ),
-        llm_type="opt",  # "opt" | "llm" (LLaMA family, InstructBLIP's Vicuna)
         llm=ml_collections.ConfigDict(
             dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, max_positions=256)
         ),
         num_query_tokens=8,
         itc_embed_dim=32,  # > 0: the stage-1 heads (ITC projections, ITM head, ITG head)
-        # video: images per clip, and "concat" (query tokens per frame) or "mean" (averaged per clip)
-        frames_per_clip=1,
-        video_pool="concat",
-        image_mean=(0.5, 0.5, 0.5),
-        image_std=(0.5, 0.5, 0.5),
-        remat="none",
-        scan_layers=False,
     )
-    m.update(overrides)
-    return ml_collections.ConfigDict(m)
+    return presets.model("blip2", **(sizes | overrides))
 
 
 def tiny() -> ml_collections.ConfigDict:

@@ -21,14 +21,8 @@ NO_DECAY = presets.NO_DECAY + (r".*alpha_.*",)
 
 
 def model(**overrides) -> ml_collections.ConfigDict:
-    m = dict(
-        family="idefics",
-        # Initial weights: a whole HF IdeficsForVisionText2Text dir (`hf`), or a CLIP dir + a LLaMA dir
-        # (how Flamingo starts: perceiver and gated blocks new), or one of our checkpoints.
-        init=ml_collections.ConfigDict(dict(hf="", vision="", llm="", checkpoint="")),
-        tokenizer="builtin",
-        # True: PaliGemma's <loc0000>..<loc1023> join the tokenizer and the embeddings (boxes as text)
-        location_tokens=False,
+    """Tiny sizes; every other key takes the family's default (families/idefics.py IdeficsSettings)."""
+    sizes = dict(
         vision=ml_collections.ConfigDict(
             dict(
                 hidden_size=64,
@@ -54,7 +48,6 @@ def model(**overrides) -> ml_collections.ConfigDict:
                 tie_embeddings=False,
             )
         ),
-        # embed_dim is the vision width
         perceiver=ml_collections.ConfigDict(
             dict(
                 num_latents=8,
@@ -66,7 +59,6 @@ def model(**overrides) -> ml_collections.ConfigDict:
                 qk_layer_norms=False,
             )
         ),
-        # hidden_size / kv_dim follow the LLM / media widths
         xattn=ml_collections.ConfigDict(
             dict(
                 intermediate_size=256,
@@ -80,17 +72,8 @@ def model(**overrides) -> ml_collections.ConfigDict:
                 alpha_init_value=0.0,
             )
         ),
-        use_resampler=True,
-        cross_layer_interval=1,
-        # video: > 1 resamples each clip of this many frames, with frame embeddings, into one media item
-        frames_per_clip=1,
-        image_mean=(0.5, 0.5, 0.5),
-        image_std=(0.5, 0.5, 0.5),
-        remat="none",
-        scan_layers=False,  # the gated blocks sit between decoder layers: no layer scan for this family
     )
-    m.update(overrides)
-    return ml_collections.ConfigDict(m)
+    return presets.model("idefics", **(sizes | overrides))
 
 
 def tiny() -> ml_collections.ConfigDict:

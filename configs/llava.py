@@ -18,14 +18,8 @@ VICUNA_SYSTEM_TEMPLATE = "vicuna_v1"
 
 
 def model(**overrides) -> ml_collections.ConfigDict:
-    m = dict(
-        family="llava",
-        # Initial weights: a whole HF Llava dir (`hf`), or a vision dir + an LLM dir (LLaVA stage 1),
-        # or one of our checkpoints. Empty = from scratch with the sizes below.
-        init=ml_collections.ConfigDict(dict(hf="", vision="", llm="", checkpoint="")),
-        tokenizer="builtin",  # "builtin" (synthetic vocabulary) or a HF dir; default: the init dir's
-        # True: PaliGemma's <loc0000>..<loc1023> join the tokenizer and the embeddings (boxes as text)
-        location_tokens=False,
+    """Tiny sizes; every other key takes the family's default (mllm_jax/families/llava.py LlavaSettings)."""
+    sizes = dict(
         vision=ml_collections.ConfigDict(
             dict(
                 hidden_size=64,
@@ -51,19 +45,9 @@ def model(**overrides) -> ml_collections.ConfigDict:
                 tie_embeddings=False,
             )
         ),
-        projector=ml_collections.ConfigDict(dict(depth=2, act="gelu")),
         vision_feature_layers=(-1,),
-        vision_feature_select_strategy="default",
-        # video: images per clip, and "concat" (a block per frame) or "mean" (one averaged block per clip)
-        frames_per_clip=1,
-        video_pool="concat",
-        image_mean=(0.5, 0.5, 0.5),
-        image_std=(0.5, 0.5, 0.5),
-        remat="none",  # none | full | minimal | save_dots (mllm_jax/models/layers.py REMAT_POLICIES)
-        scan_layers=False,  # nn.scan over layers: one compiled layer body (same numbers)
     )
-    m.update(overrides)
-    return ml_collections.ConfigDict(m)
+    return presets.model("llava", **(sizes | overrides))
 
 
 def tiny() -> ml_collections.ConfigDict:

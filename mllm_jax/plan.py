@@ -117,7 +117,7 @@ def least_recompute(fits: Callable[[str], bool], policies, first: str | None = N
 
 def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=None, remat=None, **search):
     """The plan as a JSON-able dict; ``search``: ``memory_gib``, ``suggest``, ``max_batch``."""
-    remat = remat or run.model.get("remat", "none")
+    remat = remat or run.model.remat
     if remat not in REMAT_POLICIES:
         raise errors.PlanError(f"--remat {remat!r}: one of {sorted(REMAT_POLICIES)}")
     devices = aot.target_devices(target)
@@ -155,7 +155,7 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
             "mesh": shape,
             "stage": st.name,
             "remat": remat,
-            "scan_layers": bool(run.model.get("scan_layers", False)),
+            "scan_layers": run.model.scan_layers,
             "dtype": run.dtype,
             "attention": run.attention,
             "param_dtype": run.param_dtype,

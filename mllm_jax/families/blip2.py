@@ -4,6 +4,7 @@ the Q-Former with ITC + ITM + ITG (loss ``qformer``, heads as ``Blip2ForImageTex
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.errors import UsageError
 from mllm_jax.families import base
-from mllm_jax.families.trainable import TrainableFamily, llm_sizes, video_settings
+from mllm_jax.families.trainable import ModelSettings, TrainableFamily, llm_sizes, video_settings
 from mllm_jax.hf import blip2 as hf_blip2
 from mllm_jax.hf import blip2_retrieval, instructblip
 from mllm_jax.models import flops
@@ -20,9 +21,24 @@ from mllm_jax.models.eva import EvaConfig
 from mllm_jax.models.qformer import QFormerConfig
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Blip2Settings(ModelSettings):
+    family: str = "blip2"
+    qformer: dict = dataclasses.field(default_factory=dict)  # QFormerConfig fields; widths follow the tower
+    num_query_tokens: int = 32
+    llm_type: str = "opt"  # "opt" | "llm" (LLaMA family, as InstructBLIP-Vicuna)
+    itc_embed_dim: int = 0  # > 0: BLIP-2 stage-1 heads (ITC / ITM / ITG)
+    video_pool: str = "concat"  # as LLaVA's: "mean" averages a clip's query outputs
+    qformer_tokenizer: str = ""  # the Q-Former's own (BERT) tokenizer dir; "": the LLM's
+
+    def tokenizers(self) -> dict[str, str]:
+        return {**super().tokenizers(), "qformer_tokenizer": self.qformer_tokenizer}
+
+
 class Blip2Family(TrainableFamily):
     name = "blip2"
     config_cls = Blip2Config
+    settings_cls = Blip2Settings
     module_cls = Blip2
     hf_types = {
         "blip-2": hf_blip2,
@@ -52,21 +68,22 @@ class Blip2Family(TrainableFamily):
 
     # -- sizing from config.model
 
-    def scratch(self, m: dict, tokenizer) -> Blip2Config:
-        vision = EvaConfig(**m["vision"])
+    def scratch(self, m: Blip2Settings, tokenizer) -> Blip2Config:
+        vision = EvaConfig(**m.vision)
         qformer = QFormerConfig(
-            encoder_hidden_size=vision.hidden_size, vocab_size=len(tokenizer), **m["qformer"]
+            encoder_hidden_size=vision.hidden_size, vocab_size=len(tokenizer), **m.qformer
         )
-        llm_type = m.get("llm_type", "opt")
-        llm = LLMS[llm_type][0](**llm_sizes(m, tokenizer))
+        if m.llm_type not in LLMS:
+            raise ValueError(f"llm_type must be one of {sorted(LLMS)}, got {m.llm_type!r}")
+        llm = LLMS[m.llm_type][0](**llm_sizes(m, tokenizer))
         return Blip2Config(
             vision,
             qformer,
             llm,
-            num_query_tokens=int(m["num_query_tokens"]),
+            num_query_tokens=m.num_query_tokens,
             image_token_id=base.token_id(tokenizer, base.IMAGE_TOKEN),
-            llm_type=llm_type,
-            itc_embed_dim=int(m.get("itc_embed_dim", 0)),  # > 0: BLIP-2 stage-1 heads (ITC/ITM/ITG)
+            llm_type=m.llm_type,
+            itc_embed_dim=m.itc_embed_dim,
             dec_token_id=tokenizer.bos_token_id,  # ITG's [DEC]: the Q-Former shares the tokenizer here
             **video_settings(m),
         )

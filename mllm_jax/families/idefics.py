@@ -13,7 +13,7 @@ from mllm_jax.data import templates
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.errors import UsageError
 from mllm_jax.families import base
-from mllm_jax.families.trainable import TrainableFamily, llm_sizes
+from mllm_jax.families.trainable import ModelSettings, TrainableFamily, llm_sizes
 from mllm_jax.hf import idefics as hf_idefics
 from mllm_jax.models import flops
 from mllm_jax.models.idefics import Idefics, IdeficsConfig
@@ -26,9 +26,22 @@ from mllm_jax.models.xattn import XattnConfig
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # IDEFICS wraps each image in these
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IdeficsSettings(ModelSettings):
+    family: str = "idefics"
+    perceiver: dict = dataclasses.field(
+        default_factory=dict
+    )  # PerceiverConfig fields; embed_dim: the tower's
+    xattn: dict = dataclasses.field(default_factory=dict)  # XattnConfig fields; widths follow the LLM / media
+    use_resampler: bool = True  # False: the vision tokens go straight to the gated blocks
+    cross_layer_interval: int = 1  # a gated block before every n-th decoder layer (IDEFICS-9B: 4)
+    # frames_per_clip > 1: each clip is resampled, with frame embeddings, into one media item
+
+
 class IdeficsFamily(TrainableFamily):
     name = "idefics"
     config_cls = IdeficsConfig
+    settings_cls = IdeficsSettings
     module_cls = Idefics
     hf_types = {"idefics": hf_idefics}
     tied_keys = ("lm_head.weight", "lm_head.additional_fc.weight")
@@ -49,10 +62,10 @@ class IdeficsFamily(TrainableFamily):
 
     # -- sizing from config.model
 
-    def scratch(self, m: dict, tokenizer) -> IdeficsConfig:
-        return _config(m, VitConfig(**m["vision"]), LlmConfig(**llm_sizes(m, tokenizer)), tokenizer, 0)
+    def scratch(self, m: IdeficsSettings, tokenizer) -> IdeficsConfig:
+        return _config(m, VitConfig(**m.vision), LlmConfig(**llm_sizes(m, tokenizer)), tokenizer, 0)
 
-    def from_parts(self, m: dict, vision: VitConfig, llm: LlmConfig, tokenizer) -> IdeficsConfig:
+    def from_parts(self, m: IdeficsSettings, vision: VitConfig, llm: LlmConfig, tokenizer) -> IdeficsConfig:
         # As IDEFICS: the tokens added for images live in a separate, trainable table (`additional_*`)
         # so that the pretrained vocabulary can stay frozen.
         return _config(m, vision, llm, tokenizer, max(0, len(tokenizer) - llm.vocab_size))
@@ -131,20 +144,22 @@ class IdeficsFamily(TrainableFamily):
         )
 
 
-def _config(m: dict, vision: VitConfig, llm: LlmConfig, tokenizer, additional: int) -> IdeficsConfig:
-    frames = int(m.get("frames_per_clip", 1))
-    perceiver = PerceiverConfig(embed_dim=vision.hidden_size, **m["perceiver"])
+def _config(
+    m: IdeficsSettings, vision: VitConfig, llm: LlmConfig, tokenizer, additional: int
+) -> IdeficsConfig:
+    frames = m.frames_per_clip
+    perceiver = PerceiverConfig(embed_dim=vision.hidden_size, **m.perceiver)
     if frames > 1 and perceiver.max_frames < frames:  # a clip's frames need their embeddings
         perceiver = dataclasses.replace(perceiver, max_frames=frames)
-    media_dim = perceiver.embed_dim if m["use_resampler"] else vision.hidden_size
-    xattn = XattnConfig(hidden_size=llm.hidden_size, kv_dim=media_dim, **m["xattn"])
+    media_dim = perceiver.embed_dim if m.use_resampler else vision.hidden_size
+    xattn = XattnConfig(hidden_size=llm.hidden_size, kv_dim=media_dim, **m.xattn)
     return IdeficsConfig(
         vision,
         perceiver,
         xattn,
         llm,
-        use_resampler=bool(m["use_resampler"]),
-        cross_layer_interval=int(m["cross_layer_interval"]),
+        use_resampler=m.use_resampler,
+        cross_layer_interval=m.cross_layer_interval,
         additional_vocab_size=additional,
         image_token_id=base.token_id(tokenizer, base.IMAGE_TOKEN),
         eod_token_id=tokenizer.eos_token_id,  # IdeficsProcessor's end of document

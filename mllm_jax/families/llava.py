@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.errors import UsageError
 from mllm_jax.families import base
-from mllm_jax.families.trainable import TrainableFamily, llm_sizes, video_settings
+from mllm_jax.families.trainable import ModelSettings, TrainableFamily, llm_sizes, video_settings
 from mllm_jax.hf import llava as hf_llava
 from mllm_jax.models import flops
 from mllm_jax.models.llm import LlmConfig
@@ -15,9 +17,20 @@ from mllm_jax.models.projector import ProjectorConfig
 from mllm_jax.models.vit import VitConfig
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlavaSettings(ModelSettings):
+    family: str = "llava"
+    projector: dict = dataclasses.field(default_factory=lambda: {"depth": 2, "act": "gelu"})  # mlp2x_gelu
+    vision_feature_layers: tuple[int, ...] = (-2,)  # concatenated when several
+    vision_feature_select_strategy: str = "default"  # "default" drops the class token, "full" keeps it
+    # video: "concat" (a block of image tokens per frame) or "mean" (one averaged block per clip)
+    video_pool: str = "concat"
+
+
 class LlavaFamily(TrainableFamily):
     name = "llava"
     config_cls = LlavaConfig
+    settings_cls = LlavaSettings
     module_cls = Llava
     hf_types = {"llava": hf_llava}
     tied_keys = ("language_model.lm_head.weight",)
@@ -31,19 +44,19 @@ class LlavaFamily(TrainableFamily):
 
     # -- sizing from config.model
 
-    def scratch(self, m: dict, tokenizer) -> LlavaConfig:
-        return self.from_parts(m, VitConfig(**m["vision"]), LlmConfig(**llm_sizes(m, tokenizer)), tokenizer)
+    def scratch(self, m: LlavaSettings, tokenizer) -> LlavaConfig:
+        return self.from_parts(m, VitConfig(**m.vision), LlmConfig(**llm_sizes(m, tokenizer)), tokenizer)
 
-    def from_parts(self, m: dict, vision: VitConfig, llm: LlmConfig, tokenizer) -> LlavaConfig:
-        layers = tuple(m["vision_feature_layers"])
-        projector = ProjectorConfig(vision.hidden_size * len(layers), llm.hidden_size, **m["projector"])
+    def from_parts(self, m: LlavaSettings, vision: VitConfig, llm: LlmConfig, tokenizer) -> LlavaConfig:
+        layers = m.vision_feature_layers
+        projector = ProjectorConfig(vision.hidden_size * len(layers), llm.hidden_size, **m.projector)
         return LlavaConfig(
             vision,
             projector,
             llm,
             base.token_id(tokenizer, base.IMAGE_TOKEN),
             layers,
-            m["vision_feature_select_strategy"],
+            m.vision_feature_select_strategy,
             **video_settings(m),
         )
 

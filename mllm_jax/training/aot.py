@@ -152,7 +152,7 @@ class Planner:
         """A Trainer of the run with ``remat`` on the target's devices (the attention kernel is chosen
         for their platform, not for this CPU host)."""
         if remat not in self._trainers:
-            run = dataclasses.replace(self.run, model={**self.run.model, "remat": remat})
+            run = dataclasses.replace(self.run, model=dataclasses.replace(self.run.model, remat=remat))
             self._trainers[remat] = train.Trainer(run, self.workdir, devices=self.devices)
         return self._trainers[remat]
 

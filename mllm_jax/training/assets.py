@@ -9,17 +9,23 @@ import os
 
 from mllm_jax import hf
 from mllm_jax.families import TrainableFamily
+from mllm_jax.families.trainable import ModelSettings
 from mllm_jax.hf import common
 from mllm_jax.training.model_init import assets_source
 
 
 def write_assets(
-    assets: str, family: TrainableFamily, m: dict, config, tokenizer, hf_bases: dict, qformer_tokenizer
+    assets: str,
+    family: TrainableFamily,
+    m: ModelSettings,
+    config,
+    tokenizer,
+    hf_bases: dict,
+    qformer_tokenizer,
 ):
     """Into ``assets``: copied from the whole model a run starts from, else made for it."""
     os.makedirs(assets, exist_ok=True)
-    init = m.get("init", {})
-    source = assets_source(init)
+    source = assets_source(m.init)
     if source:
         hf.copy_assets(source, assets)
         base = common.read_config(source) if os.path.exists(os.path.join(source, "config.json")) else {}
@@ -32,23 +38,22 @@ def write_assets(
 
 
 def _make_assets(
-    assets, family: TrainableFamily, m: dict, config, tokenizer, hf_bases, qformer_tokenizer
+    assets, family: TrainableFamily, m: ModelSettings, config, tokenizer, hf_bases, qformer_tokenizer
 ) -> dict:
     """Processor and generation config for a model built here; returns the base of its HF config."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    init = m.get("init", {})
     size = config.vision.image_size
-    if init.get("vision"):  # the pretrained tower's own preprocessing
+    if m.init.vision:  # the pretrained tower's own preprocessing
         from transformers import AutoImageProcessor
 
-        image_processor = AutoImageProcessor.from_pretrained(init["vision"], trust_remote_code=False)
+        image_processor = AutoImageProcessor.from_pretrained(m.init.vision, trust_remote_code=False)
     else:
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
-            image_mean=list(m.get("image_mean", (0.5, 0.5, 0.5))),
-            image_std=list(m.get("image_std", (0.5,) * 3)),
+            image_mean=list(m.image_mean),
+            image_std=list(m.image_std),
         )
     # the Q-Former's own tokenizer (BLIP-2 family) travels in the processor
     family.processor(config, tokenizer, image_processor, qformer_tokenizer).save_pretrained(assets)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from mllm_jax.data.webdataset import list_shards
 from mllm_jax.errors import ConfigError
+from mllm_jax.families import store
+from mllm_jax.families.trainable import ModelSettings
 from mllm_jax.training import checkpoint
 from mllm_jax.training.runconfig import RunConfig
 
 FILE_SOURCES = ("llava_json", "mmc4")  # data.path is one file; webdataset's is a shard dir or pattern
-MODEL_DIRS = ("hf", "vision", "llm", "checkpoint")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
@@ -29,19 +31,17 @@ def check_inputs(run: RunConfig, workdir: str) -> None:
             _check_data(data, where)
 
 
-def _check_model_dirs(model: dict) -> None:
-    init = model.get("init", {})
-    for key in MODEL_DIRS:
-        path = init.get(key, "")
+def _check_model_dirs(model: ModelSettings) -> None:
+    init = dataclasses.asdict(model.init)
+    for key, path in init.items():
         if path and not os.path.isdir(path):
             raise ConfigError(f"config.model.init.{key}={path!r}: no such directory")
-    if init.get("checkpoint") and not os.path.isfile(os.path.join(init["checkpoint"], "mllm_config.json")):
+    if init["checkpoint"] and not os.path.isfile(os.path.join(init["checkpoint"], store.MODEL_CONFIG)):
         raise ConfigError(
             f"config.model.init.checkpoint={init['checkpoint']!r} is not one of our checkpoints or "
             "workdirs (no mllm_config.json); a HF directory goes in config.model.init.hf"
         )
-    for key in ("tokenizer", "qformer_tokenizer"):  # "builtin": the synthetic word-level vocabulary
-        path = model.get(key) or ""
+    for key, path in model.tokenizers().items():  # "builtin": the synthetic word-level vocabulary
         if path in ("", "builtin"):
             continue
         if not os.path.isdir(path):

@@ -25,6 +25,7 @@ from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.errors import ConfigError, ConversionError
 from mllm_jax.families import TrainableFamily, base, store
+from mllm_jax.families.trainable import InitSettings, ModelSettings
 
 
 @dataclasses.dataclass
@@ -35,33 +36,32 @@ class InitialModel:
     hf_bases: dict = dataclasses.field(default_factory=dict)  # HF configs of pretrained vision / llm parts
 
 
-def initial_model(family: TrainableFamily, m: dict, synthetic_config) -> InitialModel:
+def initial_model(family: TrainableFamily, m: ModelSettings, synthetic_config) -> InitialModel:
     from transformers import AutoTokenizer
 
-    init = m.get("init", {})
-    tok_dir = m.get("tokenizer") or ""
+    init, tok_dir = m.init, m.tokenizer
     own_tokenizer = tok_dir not in ("", "builtin")
-    if init.get("checkpoint"):
-        pretrained = store.load_model(init["checkpoint"])
+    if init.checkpoint:
+        pretrained = store.load_model(init.checkpoint)
         if pretrained.family != family.name:
             raise ConfigError(
                 f"config.model.init.checkpoint holds a {pretrained.family!r} model, not {family.name}"
             )
         tokenizer = AutoTokenizer.from_pretrained(
-            tok_dir if own_tokenizer else store.assets_dir(init["checkpoint"]), trust_remote_code=False
+            tok_dir if own_tokenizer else store.assets_dir(init.checkpoint), trust_remote_code=False
         )
         tokenizer = location_tokens(m, tokenizer, "config.model.init.checkpoint")
         return InitialModel(pretrained.config, tokenizer, pretrained)
-    if init.get("hf"):
-        pretrained = load_hf(init["hf"], family.name, "config.model.init.hf")
+    if init.hf:
+        pretrained = load_hf(init.hf, family.name, "config.model.init.hf")
         tokenizer = AutoTokenizer.from_pretrained(
-            tok_dir if own_tokenizer else init["hf"], trust_remote_code=False
+            tok_dir if own_tokenizer else init.hf, trust_remote_code=False
         )
         return InitialModel(
             pretrained.config, location_tokens(m, tokenizer, "config.model.init.hf"), pretrained
         )
-    if init.get("vision") or init.get("llm"):
-        return _from_parts(family, m, init, tok_dir if own_tokenizer else init.get("llm", ""))
+    if init.vision or init.llm:
+        return _from_parts(family, m, tok_dir if own_tokenizer else init.llm)
     if own_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     else:
@@ -69,22 +69,23 @@ def initial_model(family: TrainableFamily, m: dict, synthetic_config) -> Initial
     tokenizer = location_tokens(m, tokenizer)
     try:
         return InitialModel(family.scratch(m, tokenizer), tokenizer)
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, ValueError) as e:  # a size group with an unknown or bad field
         raise ConfigError(f"config.model: {e}") from None
 
 
-def _from_parts(family: TrainableFamily, m: dict, init: dict, tok_dir: str) -> InitialModel:
+def _from_parts(family: TrainableFamily, m: ModelSettings, tok_dir: str) -> InitialModel:
     from transformers import AutoTokenizer
 
-    if not (init.get("vision") and init.get("llm")):
+    init = m.init
+    if not (init.vision and init.llm):
         raise ConfigError("config.model.init.vision and config.model.init.llm must be given together")
     if not family.starts_from_parts:
         raise ConfigError(
             f"config.model.init.vision/llm: {family.name} starts from a whole model (config.model.init.hf)"
             " or from scratch"
         )
-    vision = load_hf(init["vision"], family.vision_family, "config.model.init.vision")
-    llm = load_hf(init["llm"], "llm", "config.model.init.llm")
+    vision = load_hf(init.vision, family.vision_family, "config.model.init.vision")
+    llm = load_hf(init.llm, "llm", "config.model.init.llm")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     missing = [t for t in family.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
@@ -116,14 +117,11 @@ def grow_vocab(llm_params: dict, vocab: int) -> dict:
     return params
 
 
-def location_tokens(m: dict, tokenizer, whole_model: str = ""):
+def location_tokens(m: ModelSettings, tokenizer, whole_model: str = ""):
     """``config.model.location_tokens``: PaliGemma's ``<loc0000>``..``<loc1023>`` join the tokenizer
     before the model is sized (so the embeddings and LM head cover them, and the saved tokenizer carries
     them). A whole pretrained model (``whole_model``: its config key) is not resized: it must have them."""
-    on = m.get("location_tokens", False)
-    if not isinstance(on, bool):
-        raise ConfigError(f"config.model.location_tokens must be True or False, got {on!r}")
-    if not on:
+    if not m.location_tokens:
         return tokenizer
     if not whole_model:
         boxes.add_location_tokens(tokenizer)
@@ -135,11 +133,11 @@ def location_tokens(m: dict, tokenizer, whole_model: str = ""):
     return tokenizer
 
 
-def assets_source(init: dict) -> str:
+def assets_source(init: InitSettings) -> str:
     """The HF-assets directory of a whole-model init (HF dir or our checkpoint), or ""."""
-    if init.get("hf"):
-        return init["hf"]
-    return store.assets_dir(init["checkpoint"]) if init.get("checkpoint") else ""
+    if init.hf:
+        return init.hf
+    return store.assets_dir(init.checkpoint) if init.checkpoint else ""
 
 
 def load_hf(path: str, family: str, key: str) -> base.Pretrained:
@@ -155,18 +153,15 @@ def load_hf(path: str, family: str, key: str) -> base.Pretrained:
     return pretrained
 
 
-def image_spec(family: TrainableFamily, m: dict, config) -> ImageSpec:
+def image_spec(family: TrainableFamily, m: ModelSettings, config) -> ImageSpec:
     """How a new run prepares images: as the processor of the model it starts from, else by the
     family's image mode with the pretrained tower's statistics, else ``model.image_mean/std``."""
-    init = m.get("init", {})
-    source = assets_source(init)
+    source = assets_source(m.init)
     if source:
         return base.image_spec_of_assets(source)
-    if init.get("vision"):
-        spec = ImageSpec.from_processor_config(base.processor_config(init["vision"]))
+    if m.init.vision:
+        spec = ImageSpec.from_processor_config(base.processor_config(m.init.vision))
         # the family's processor (saved with the run) decides crop or resize; the tower its stats
         return dataclasses.replace(spec, mode=family.image_mode, shortest_edge=None)
     size = config.vision.image_size
-    return ImageSpec(
-        size=size, mean=tuple(m["image_mean"]), std=tuple(m["image_std"]), mode=family.image_mode
-    )
+    return ImageSpec(size=size, mean=m.image_mean, std=m.image_std, mode=family.image_mode)

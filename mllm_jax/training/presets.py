@@ -1,5 +1,5 @@
-"""What config files share: the run's defaults as ConfigDicts (``base``, ``stage``, ``data``: the schema's
-own defaults, runconfig.py) and presets that compose.
+"""What config files share: the run's defaults as ConfigDicts (``base``, ``stage``, ``data``, ``model``: the
+schema's own defaults, runconfig.py and the family's settings) and presets that compose.
 
 ``configs/<family>.py:ARG`` names a preset and modifiers applied to it left to right,
 ``PRESET[,MODIFIER]...``, where a modifier is a name (``lora``) or a name with a value
@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
-from mllm_jax import schema
+from mllm_jax import families, schema
 from mllm_jax.data.config import DataConfig
 from mllm_jax.errors import ConfigError
 from mllm_jax.training.lora import DEFAULT_TARGETS as LORA_TARGETS  # noqa: F401 (for config files)
@@ -42,6 +42,11 @@ def stage(**overrides) -> ml_collections.ConfigDict:
 def data(**overrides) -> ml_collections.ConfigDict:
     """One stage's data (``DataConfig``)."""
     return _with(DataConfig, overrides)
+
+
+def model(family: str, **overrides) -> ml_collections.ConfigDict:
+    """``config.model`` of ``family``: its settings' defaults (``families/<family>.py``) with ``overrides``."""
+    return _with(families.trainable(family).settings_cls, dict(family=family, **overrides))
 
 
 def _with(cls, overrides: dict) -> ml_collections.ConfigDict:

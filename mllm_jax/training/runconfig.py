@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from mllm_jax import schema
+from mllm_jax import families, schema
 from mllm_jax.data.config import DataConfig
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.errors import ConfigError
+from mllm_jax.families.trainable import ModelSettings
 from mllm_jax.models import layers
 from mllm_jax.training.lora import LoraConfig
 from mllm_jax.training.optim import OptimConfig
@@ -101,6 +102,15 @@ def _stages(d: dict, where: str, built: dict) -> tuple[Stage, ...]:
     return tuple(schema.from_dict(Stage, stages[name], f"{where}stages.{name}.", name=name) for name in order)
 
 
+def _model(d: dict, where: str, built: dict) -> ModelSettings:
+    """``config.model`` as the settings of the family it names."""
+    if "model" not in d:
+        raise ConfigError(f"{where}model is missing")
+    m = schema.plain(d["model"])
+    family = families.trainable(m.get("family", ModelSettings.family))
+    return schema.from_dict(family.settings_cls, m, where + "model.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
     seed: int = 0  # param init; stage i's data shuffle uses seed + 1000 * i
@@ -119,8 +129,8 @@ class RunConfig:
     # the kernel every step is traced with: "xla" | "cudnn" (NVIDIA, bf16) | "splash" (Pallas, TPU only)
     attention: str = "xla"
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    # the family's model keys (configs/<family>.py model()); read by the family's config
-    model: dict = dataclasses.field(metadata={"missing": ""})
+    # the family's model keys: the settings class of model.family (families/<family>.py)
+    model: ModelSettings = dataclasses.field(metadata={"build": _model, "missing": ""})
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)  # the built-in data
 
     def check(self, where: str):

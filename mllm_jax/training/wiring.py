@@ -41,12 +41,11 @@ class RunSetup:
         self.skipped: collections.Counter = collections.Counter()
         m = run.model
         # BLIP-2 stage 1: captions for the Q-Former in its own tokenizer (BERT's), else the LLM's
+        text_tokenizer = m.tokenizers().get("qformer_tokenizer")
         self.text_tokenizer = (
-            AutoTokenizer.from_pretrained(m["qformer_tokenizer"], trust_remote_code=False)
-            if m.get("qformer_tokenizer")
-            else None
+            AutoTokenizer.from_pretrained(text_tokenizer, trust_remote_code=False) if text_tokenizer else None
         )
-        self.family = families.trainable(m.get("family", "llava"))
+        self.family = families.trainable(m.family)
         # Resume only from a run that saved something; a run that died before its first checkpoint
         # starts again from its configured initial weights.
         self.fresh = not (store.is_checkpoint(workdir) and store.latest_step(workdir) is not None)
@@ -64,16 +63,14 @@ class RunSetup:
         except ValueError as e:
             raise ConfigError(f"config.model: {e}") from None
         try:
-            remat = layers.check_remat(m.get("remat", "none"))
+            remat = layers.check_remat(m.remat)
         except ValueError as e:
             raise ConfigError(f"config.model.remat: {e}") from None
         try:  # the kernel every step of this run is traced with
             kernel = layers.attention_kernel(run.attention, platform)
         except ValueError as e:
             raise ConfigError(f"config.attention: {e}") from None
-        self.model = self.family.build(
-            self.config, DTYPES[run.dtype], remat, bool(m.get("scan_layers", False)), attention=kernel
-        )
+        self.model = self.family.build(self.config, DTYPES[run.dtype], remat, m.scan_layers, attention=kernel)
         self.image_spec = (
             model_init.image_spec(self.family, m, self.config)
             if self.fresh

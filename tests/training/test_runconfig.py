@@ -13,6 +13,7 @@ import pytest
 from mllm_jax import schema
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.errors import ConfigError
+from mllm_jax.families.llava import LlavaSettings
 from mllm_jax.training import presets, runconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,6 +153,16 @@ def _tiny(**changes):
         (dict(stage_order=()), "config.stage_order is empty"),
         (dict(stage_order=("pretrain",)), "config.stage_order names stage 'pretrain', but config.stages has"),
         (dict(model=KeyError), "config.model is missing"),
+        (
+            dict(model__family="flamingo"),
+            "config.model.family 'flamingo': one of ['blip2', 'idefics', 'llava']",
+        ),
+        (dict(model__perceiver={}), "unknown config key model.'perceiver'"),  # an IDEFICS key on LLaVA
+        (
+            dict(model__init__chekpoint="x"),
+            "unknown config key model.init.'chekpoint'; did you mean model.init.'checkpoint'?",
+        ),
+        (dict(model__scan_layers="yes"), "config.model.scan_layers"),
         (dict(mesh__pipeline=2), "unknown config key mesh.'pipeline'"),
         (dict(eval__every=-1), "config.eval.every must be a non-negative integer, got -1"),
         (dict(eval__num_grounding=-1), "config.eval.num_grounding must be a non-negative integer"),
@@ -172,4 +183,5 @@ def test_the_typed_run():
     assert stage.name == "instruct" and stage.trainable == ("adapter/.*",)  # a string is a 1-tuple
     assert stage.optim.learning_rate == 2e-3 and stage.optim.eps == 1e-8  # eps is not a config key
     assert run.mesh == runconfig.MeshConfig(data=-1) and run.eval.num_questions == 384
-    assert run.synthetic == SyntheticConfig() and isinstance(run.model, dict)
+    assert run.synthetic == SyntheticConfig() and isinstance(run.model, LlavaSettings)
+    assert run.model.vision_feature_layers == (-1,) and run.model.init.hf == ""  # the preset's, the default
