@@ -37,7 +37,9 @@ flags.DEFINE_enum(
     "Attention kernel (layers.ATTENTION_CHOICES; splash: TPU only).",
 )
 
-# (vision hidden, layers, heads, image, patch) / (llm hidden, layers, heads, kv heads, mlp, vocab)
+# size -> (vision tower, LLM) sizes, in the order of VISION_FIELDS and LLM_FIELDS
+VISION_FIELDS = ("hidden_size", "num_layers", "num_heads", "image_size", "patch_size")
+LLM_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
 SIZES = {
     "tiny": ((64, 2, 4, 32, 8), (128, 2, 4, 2, 256, 512)),
     "small": ((256, 4, 4, 64, 8), (512, 4, 8, 8, 1408, 8192)),
@@ -53,28 +55,13 @@ def bench_config(size: str):
     from mllm_jax.models.projector import ProjectorConfig
     from mllm_jax.models.vit import VitConfig
 
-    (vd, vl, vh, image, patch), (d, layers, heads, kv, mlp, vocab) = SIZES[size]
-    vision = VitConfig(
-        hidden_size=vd,
-        intermediate_size=4 * vd,
-        num_layers=vl,
-        num_heads=vh,
-        image_size=image,
-        patch_size=patch,
-    )
-    llm = LlmConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=mlp,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=d // heads,
-        max_positions=4096,
-    )
-    return LlavaConfig(
-        vision, ProjectorConfig(vd, d), llm, image_token_id=vocab - 1, vision_feature_layers=(-2,)
-    )
+    vision_sizes, llm_sizes = SIZES[size]
+    v = dict(zip(VISION_FIELDS, vision_sizes, strict=True))
+    vision = VitConfig(intermediate_size=4 * v["hidden_size"], **v)
+    t = dict(zip(LLM_FIELDS, llm_sizes, strict=True))
+    llm = LlmConfig(head_dim=t["hidden_size"] // t["num_heads"], max_positions=4096, **t)
+    projector = ProjectorConfig(vision.hidden_size, llm.hidden_size)
+    return LlavaConfig(vision, projector, llm, image_token_id=llm.vocab_size - 1, vision_feature_layers=(-2,))
 
 
 def make_batch(config, batch: int, seq: int, seed: int = 0) -> dict:
@@ -110,17 +97,21 @@ def _median_time(fn, steps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_jax(config, batch: dict, steps: int, decode_tokens: int, decode_batch: int, dtype: str) -> dict:
+def bench_jax(
+    config, batch: dict, steps: int, decode_tokens: int, decode_batch: int, dtype: str, attention=None
+) -> dict:
+    """``attention``: a ``layers.AttentionKernel`` (default: XLA's)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
 
     from mllm_jax.inference import generate
+    from mllm_jax.models.layers import AttentionKernel
     from mllm_jax.models.mllm import Llava
     from mllm_jax.training import train
 
-    model = Llava(config, jnp.dtype(dtype))
+    model = Llava(config, jnp.dtype(dtype), attention=attention or AttentionKernel())
     params = nn.meta.unbox(
         jax.jit(model.init)(
             jax.random.key(0), jnp.asarray(batch["tokens"][:1]), jnp.asarray(batch["images"][:1])
@@ -218,18 +209,19 @@ def main(argv):
     del argv
     import jax
 
+    from mllm_jax import families
     from mllm_jax.models import flops, layers
 
     try:
-        layers.use_attention(FLAGS.attention)
+        kernel = layers.attention_kernel(FLAGS.attention)
     except ValueError as e:
         raise app.UsageError(f"--attention: {e}") from None
     config = bench_config(FLAGS.size)
     batch = make_batch(config, FLAGS.batch, FLAGS.seq)
-    flops_per_step = FLAGS.batch * flops.llava_flops_per_sequence(config, FLAGS.seq)
+    flops_per_step = FLAGS.batch * families.get("llava").flops_per_sequence(config, FLAGS.seq)
     peak = flops.peak_flops_per_device() * jax.device_count()
     logging.info("benchmarking %s LLaVA (%d x %d tokens)", FLAGS.size, FLAGS.batch, FLAGS.seq)
-    ours = bench_jax(config, batch, FLAGS.steps, FLAGS.decode_tokens, FLAGS.decode_batch, FLAGS.dtype)
+    ours = bench_jax(config, batch, FLAGS.steps, FLAGS.decode_tokens, FLAGS.decode_batch, FLAGS.dtype, kernel)
     tokens = FLAGS.batch * FLAGS.seq
     result = {
         "size": FLAGS.size,

@@ -31,24 +31,6 @@ QFORMER = dict(
 )
 
 
-def opt_config(tokenizer, **overrides) -> dict:
-    base = dict(
-        model_type="opt",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        word_embed_proj_dim=32,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    base.update(overrides)
-    return base
-
-
 def build_blip2(
     path: str,
     *,
@@ -70,7 +52,7 @@ def build_blip2(
 
     seed_all(seed)
     tokenizer = make_tokenizer()
-    t = (opt_config if text == "opt" else text_config)(tokenizer, **(text_overrides or {}))
+    t = text_config(tokenizer, **{"model_type": text, **(text_overrides or {})})
     text_cfg = AutoConfig.for_model(t.pop("model_type"), **t)
     qformer = dict(QFORMER, cross_attention_frequency=cross_attention_frequency)
     kwargs = dict(
@@ -108,7 +90,7 @@ def build_blip2_retrieval(
 
     seed_all(seed)
     tokenizer = make_tokenizer()
-    t = opt_config(tokenizer)
+    t = text_config(tokenizer, "opt")
     config = Blip2Config(
         vision_config=dict(VISION),
         qformer_config=dict(
@@ -132,7 +114,7 @@ def build_opt(path: str, seed: int = 0, **overrides) -> str:
 
     seed_all(seed)
     tokenizer = make_tokenizer(image_token=False)
-    t = opt_config(tokenizer, **overrides)
+    t = text_config(tokenizer, "opt", **overrides)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(t.pop("model_type"), **t))
     randomize_(model.eval(), seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -148,3 +130,22 @@ def random_params(module, *init_args, seed: int = 0, scale: float = 0.2):
     shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *init_args)["params"])
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+def tiny_blip2_config(num_layers: int, vocab_size: int, image_token_id: int):
+    """A small random-init BLIP-2 (OPT decoder) for module tests: vision and Q-Former 16 wide, text 24."""
+    from mllm_jax.models.blip2 import Blip2Config
+    from mllm_jax.models.eva import EvaConfig
+    from mllm_jax.models.opt import OptConfig
+    from mllm_jax.models.qformer import QFormerConfig
+
+    n = num_layers
+    return Blip2Config(
+        vision=EvaConfig(16, 32, n, num_heads=2, image_size=8, patch_size=4),
+        qformer=QFormerConfig(16, 24, n, num_heads=2, encoder_hidden_size=16),
+        llm=OptConfig(
+            vocab_size, hidden_size=24, intermediate_size=32, num_layers=n, num_heads=2, max_positions=32
+        ),
+        num_query_tokens=3,
+        image_token_id=image_token_id,
+    )

@@ -69,44 +69,25 @@ def randomize_(model, seed: int, scale: float = 0.2):
     return model
 
 
+_TOWER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, image_size=16, patch_size=4)
 VISION = {
-    "clip": dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=4,
-    ),
-    "siglip": dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=4,
-    ),
+    "clip": dict(_TOWER, model_type="clip_vision_model", num_hidden_layers=3),
+    "siglip": dict(_TOWER, model_type="siglip_vision_model", num_hidden_layers=2),
+}
+# what the tiny text models of each kind add to the sizes they share
+_TEXT = {
+    "llama": dict(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128),
 }
 
 
-def text_config(tokenizer, **overrides):
-    base = dict(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        max_position_embeddings=256,
+def text_config(tokenizer, model_type: str = "llama", **overrides) -> dict:
+    """A tiny HF text config over ``tokenizer``: OPT, or (any other ``model_type``) the LLaMA family's."""
+    base = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return (
+        base | {"model_type": model_type} | ids | _TEXT["opt" if model_type == "opt" else "llama"] | overrides
     )
-    base.update(overrides)
-    return base
 
 
 def build_llava(
@@ -117,16 +98,14 @@ def build_llava(
 
     seed_all(seed)
     tokenizer = make_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     v = dict(VISION[vision])
     seq_len = image_seq_length(v, strategy)
-    vision_config = AutoConfig.for_model(v.pop("model_type"), **v)
     t = text_config(tokenizer, **(text or {}))
     text_cfg = AutoConfig.for_model(t.pop("model_type"), **t)
     config = LlavaConfig(
-        vision_config=vision_config,
+        vision_config=AutoConfig.for_model(v.pop("model_type"), **v),
         text_config=text_cfg,
-        image_token_index=image_token_id,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy=strategy,
         projector_hidden_act=projector_act,
@@ -200,3 +179,44 @@ def save_image(directory: str, seed: int, size=(20, 24)) -> str:
     path = os.path.join(directory, f"img{seed}.png")
     random_image(seed, size).save(path)
     return path
+
+
+def convert(path: str, module):
+    """``(hf_config, tensors, config, params)``: the HF checkpoint at ``path`` through the conversion
+    ``module`` (read + normalize + rules, the calls ``mllm_jax.hf`` makes)."""
+    from mllm_jax.hf import common
+
+    hf_config, tensors = common.read_config(path), common.read_safetensors(path)
+    config = module.config_from_hf(hf_config)
+    params = common.hf_to_params(common.normalize_keys(tensors, module.ALIASES), module.rules(config), path)
+    return hf_config, tensors, config, params
+
+
+def export_exact(out: str, module, config, params, tensors: dict, hf_config: dict):
+    """Export ``params`` through ``module`` to ``out`` (safetensors + config.json merged over
+    ``hf_config``), asserting every tensor is ``tensors``' to the bit: names, dtypes, shapes, bytes."""
+    import json
+
+    from mllm_jax.hf import common
+
+    exported = common.params_to_hf(params, module.rules(config), f"export to {out}")
+    assert sorted(exported) == sorted(tensors)
+    for k, v in tensors.items():
+        assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
+        assert exported[k].tobytes() == v.tobytes(), k
+    common.write_safetensors(out, exported)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(common.merge_config(hf_config, module.config_to_hf(config, hf_config)), f)
+
+
+def built_once(tmp_path_factory, prefix: str, build):
+    """``get(name)``: ``build(path, seed, name)`` for a fresh directory, run on the first ``get`` of each
+    name only (seeds 0, 1, ... in that order): fixtures build each tiny checkpoint once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build(str(tmp_path_factory.mktemp(f"{prefix}_{name}")), len(cache), name)
+        return cache[name]
+
+    return get

@@ -9,24 +9,11 @@ FAKE_TOKEN = "<fake_token_around_image>"
 
 # name -> build_idefics kwargs. Together: interval 1 and 2, float and vector alphas, with and without the
 # resampler, qk layer norms in the cross-attention and in the perceiver, extra vocabulary, tied embeddings.
+_VECTOR_I2 = dict(alpha_type="vector", cross_layer_interval=2, num_hidden_layers=4, additional_vocab=True)
 IDEFICS_VARIANTS = {
     "float_i1_resampler_tied": dict(tie_word_embeddings=True),
-    "vector_i2_plain_addvocab_qk": dict(
-        alpha_type="vector",
-        cross_layer_interval=2,
-        num_hidden_layers=4,
-        use_resampler=False,
-        qk_layer_norms=True,
-        additional_vocab=True,
-    ),
-    "vector_i2_resampler_qk_addvocab": dict(
-        alpha_type="vector",
-        cross_layer_interval=2,
-        num_hidden_layers=4,
-        qk_layer_norms=True,
-        qk_layer_norms_perceiver=True,
-        additional_vocab=True,
-    ),
+    "vector_i2_plain_addvocab_qk": dict(_VECTOR_I2, use_resampler=False, qk_layer_norms=True),
+    "vector_i2_resampler_qk_addvocab": dict(_VECTOR_I2, qk_layer_norms=True, qk_layer_norms_perceiver=True),
 }
 
 VISION = dict(

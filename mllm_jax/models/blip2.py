@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from mllm_jax.models.eva import EvaConfig, EvaTower
+from mllm_jax.models.layers import ScanStack
 from mllm_jax.models.llm import Llm, LlmConfig
-from mllm_jax.models.mllm import check_video, pool_clips, splice_images
+from mllm_jax.models.mllm import MultimodalLM, check_video, per_image
 from mllm_jax.models.opt import Opt, OptConfig
 from mllm_jax.models.qformer import QFormerAdapter, QFormerConfig
 
@@ -109,63 +109,39 @@ class Blip2Config:
             )
 
 
-class Blip2(nn.Module):
+class Blip2(MultimodalLM, ScanStack):
+    """BLIP-2 / InstructBLIP; ``remat`` applies to the vision, Q-Former and LLM layers, ``scan_layers``
+    to the vision and LLM layers."""
+
     config: Blip2Config
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"  # a layers.REMAT_POLICIES name, for the vision, Q-Former and LLM layers
-    scan_layers: bool = False  # nn.scan over the vision and LLM layers (params stacked)
 
     def setup(self):
         c = self.config
-        self.vision = EvaTower(c.vision, self.dtype, self.remat, self.scan_layers)
+        self.vision = EvaTower(c.vision, self.dtype, self.remat, self.scan_layers, self.attention)
         self.adapter = QFormerAdapter(
-            c.qformer, c.num_query_tokens, c.llm.hidden_size, self.dtype, self.remat, c.itc_embed_dim
+            c.qformer,
+            c.num_query_tokens,
+            c.llm.hidden_size,
+            self.dtype,
+            self.remat,
+            c.itc_embed_dim,
+            self.attention,
         )
-        self.llm = LLMS[c.llm_type][1](c.llm, self.dtype, self.remat, self.scan_layers)
+        self.llm = LLMS[c.llm_type][1](c.llm, self.dtype, self.remat, self.scan_layers, self.attention)
 
-    def image_features(self, images_BxNxHxWxC, qformer_tokens_BxT=None, qformer_mask_BxT=None):
-        """``[B, N, H, W, C]`` -> projected query outputs ``[B, M * num_query_tokens, D_llm]``, M = N, or
-        the number of clips when ``video_pool`` is "mean".
+    def image_features(self, images_BxIxYxXxC, qformer_tokens_BxT=None, qformer_mask_BxT=None):
+        """``[B, I, Y, X, C]`` -> projected query outputs ``[B, MQ, D_llm]``, M = I, or the number of
+        clips when ``video_pool`` is "mean". ``embed`` and ``__call__`` take the same keywords.
 
-        ``qformer_tokens_BxT`` (InstructBLIP): the instruction in the Q-Former's vocabulary, shared by
-        all N images of a sample; ``qformer_mask_BxT`` marks its valid tokens.
+        ``qformer_tokens_BxT`` (InstructBLIP): the instruction in the Q-Former's vocabulary (its own
+        length T, not the LLM sequence's), shared by all I images of a sample; ``qformer_mask_BxT``
+        marks its valid tokens.
         """
-        b, n = images_BxNxHxWxC.shape[:2]
-        _, image_BxTxE = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
-        if qformer_tokens_BxT is not None and n > 1:
-            qformer_tokens_BxT = jnp.repeat(qformer_tokens_BxT, n, axis=0)
+        i = images_BxIxYxXxC.shape[1]
+        _, image_BIxPxE = self.vision(per_image(images_BxIxYxXxC))
+        if qformer_tokens_BxT is not None and i > 1:
+            qformer_tokens_BxT = jnp.repeat(qformer_tokens_BxT, i, axis=0)
             if qformer_mask_BxT is not None:
-                qformer_mask_BxT = jnp.repeat(qformer_mask_BxT, n, axis=0)
-        queries = self.adapter(image_BxTxE, qformer_tokens_BxT, qformer_mask_BxT)
-        blocks = pool_clips(
-            queries.reshape(b, n, *queries.shape[1:]), self.config.frames_per_media, self.config.video_pool
-        )
-        return blocks.reshape(b, -1, blocks.shape[-1])
-
-    def embed(self, tokens_BxL, images_BxNxHxWxC=None, qformer_tokens_BxT=None, qformer_mask_BxT=None):
-        """LLM input embeddings with each image's query outputs at its ``<image>`` tokens."""
-        embeds = self.llm.embed(tokens_BxL)
-        if images_BxNxHxWxC is None or images_BxNxHxWxC.shape[1] == 0:
-            return embeds
-        features = self.image_features(images_BxNxHxWxC, qformer_tokens_BxT, qformer_mask_BxT)
-        return splice_images(embeds, tokens_BxL, self.config.image_token_id, features)
-
-    def decode(
-        self, embeds_BxLxD, positions_BxL=None, attention_mask_BxL=None, cache=None, cache_index_B=None
-    ):
-        return self.llm(embeds_BxLxD, positions_BxL, attention_mask_BxL, cache, cache_index_B)
-
-    def __call__(
-        self,
-        tokens_BxL,
-        images_BxNxHxWxC=None,
-        positions_BxL=None,
-        attention_mask_BxL=None,
-        cache=None,
-        cache_index_B=None,
-        qformer_tokens_BxT=None,
-        qformer_mask_BxT=None,
-    ):
-        """Returns ``(logits_BxLxV, cache)``."""
-        embeds = self.embed(tokens_BxL, images_BxNxHxWxC, qformer_tokens_BxT, qformer_mask_BxT)
-        return self.decode(embeds, positions_BxL, attention_mask_BxL, cache, cache_index_B)
+                qformer_mask_BxT = jnp.repeat(qformer_mask_BxT, i, axis=0)
+        queries = self.adapter(image_BIxPxE, qformer_tokens_BxT, qformer_mask_BxT)
+        return self.media_blocks(queries, images_BxIxYxXxC.shape[0])

@@ -17,7 +17,7 @@
   output layer is tied to the Q-Former's word embeddings (BERT's LM head without its transform and
   bias), so the stage-1 params are exactly HF ``Blip2ForImageTextRetrieval``'s plus ``temp``.
 
-Batch: ``images`` f32[B, 1, H, W, 3], ``text_tokens`` i32[B, T] (Q-Former vocabulary, starting with
+Batch: ``images`` f32[B, 1, Y, X, 3], ``text_tokens`` i32[B, T] (Q-Former vocabulary, starting with
 BOS/CLS, right-padded), ``text_mask`` i32[B, T]. Losses are sums over examples: each example's ITC
 term, its ITM terms averaged over its (1 to 3) pairs and its ITG NLL averaged over its target tokens.
 ITC and ITG run as one Q-Former call over 2B rows (one mask mode per row); ITM needs the ITC scores
@@ -40,14 +40,14 @@ def _normalize(x):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _vision(m, images_Bx1xHxWxC):
-    """Image features ``[B, N, E]`` of the vision tower (one image per example)."""
-    if images_Bx1xHxWxC.ndim != 5 or images_Bx1xHxWxC.shape[1] != 1:
+def _vision(m, images_Bx1xYxXxC):
+    """Image features ``[B, P, E]`` of the vision tower (one image per example)."""
+    if images_Bx1xYxXxC.ndim != 5 or images_Bx1xYxXxC.shape[1] != 1:
         raise ValueError(
-            f"images must be [B, 1, H, W, C] (one image per example), got {images_Bx1xHxWxC.shape}"
+            f"images must be [B, 1, H, W, C] (one image per example), got {images_Bx1xYxXxC.shape}"
         )
-    _, image_BxNxE = m.vision(images_Bx1xHxWxC[:, 0])
-    return image_BxNxE
+    _, image_BxPxE = m.vision(images_Bx1xYxXxC[:, 0])
+    return image_BxPxE
 
 
 def _image_feats(m, hidden_BxSxD):
@@ -59,9 +59,9 @@ def _text_feat(m, text_hidden_BxTxD):
     return _normalize(m.adapter.text_projection(text_hidden_BxTxD[:, 0]))
 
 
-def itc_scores(image_emb_NxQxE, text_emb_MxE):
-    """ITC similarity ``[N, M]``: for each image-text pair, the max over queries of their dot product."""
-    return jnp.einsum("nqe,me->nmq", image_emb_NxQxE, text_emb_MxE).max(-1)
+def itc_scores(image_emb_IxQxE, text_emb_JxE):
+    """ITC similarity ``[I, J]``: for each image-text pair, the max over queries of their dot product."""
+    return jnp.einsum("iqe,je->ijq", image_emb_IxQxE, text_emb_JxE).max(-1)
 
 
 def same_text(tokens_BxT, mask_BxT):
@@ -85,8 +85,8 @@ def sample_negatives(sim_i2t_BxB, same_BxB, rng):
     return neg_text, neg_image, allowed.any(-1)
 
 
-def _soft_cross_entropy(logits_BxK, targets_BxK):
-    return -(targets_BxK * jax.nn.log_softmax(logits_BxK, axis=-1)).sum(-1)
+def _soft_cross_entropy(logits_BxB, targets_BxB):
+    return -(targets_BxB * jax.nn.log_softmax(logits_BxB, axis=-1)).sum(-1)
 
 
 def _smoothed_nll(logits_BxTxV, targets_BxT):
@@ -104,8 +104,8 @@ def _itc(sim_BxB, same_BxB):
     return 0.5 * (_soft_cross_entropy(sim_BxB, targets) + _soft_cross_entropy(sim_BxB.T, targets.T))
 
 
-def _itm_head(m, image_BxNxE, tokens_BxT, mask_BxT):
-    hidden = m.adapter.encode(image_BxNxE, tokens_BxT, mask_BxT, "bi")
+def _itm_head(m, image_BxPxE, tokens_BxT, mask_BxT):
+    hidden = m.adapter.encode(image_BxPxE, tokens_BxT, mask_BxT, "bi")
     return m.adapter.itm_head(hidden[:, : m.config.num_query_tokens]).mean(1)
 
 
@@ -113,19 +113,19 @@ def _dec(m, tokens_BxT):
     return tokens_BxT.at[:, 0].set(m.config.dec_token_id)
 
 
-def _itg_logits(m, image_BxNxE, tokens_BxT, mask_BxT):
-    hidden = m.adapter.encode(image_BxNxE, _dec(m, tokens_BxT), mask_BxT, "causal")
+def _itg_logits(m, image_BxPxE, tokens_BxT, mask_BxT):
+    hidden = m.adapter.encode(image_BxPxE, _dec(m, tokens_BxT), mask_BxT, "causal")
     return m.adapter.embeddings.attend(hidden[:, m.config.num_query_tokens :])
 
 
 def _stage1(m, images, tokens_BxT, mask_BxT, rng):
     q = m.config.num_query_tokens
-    image_BxNxE = _vision(m, images)
-    b = image_BxNxE.shape[0]
+    image_BxPxE = _vision(m, images)
+    b = image_BxPxE.shape[0]
 
     # ITC ("uni": queries and text apart) and ITG ("causal") share one Q-Former call over 2B rows
     hidden = m.adapter.encode(
-        jnp.concatenate([image_BxNxE, image_BxNxE]),
+        jnp.concatenate([image_BxPxE, image_BxPxE]),
         jnp.concatenate([tokens_BxT, _dec(m, tokens_BxT)]),
         jnp.concatenate([mask_BxT, mask_BxT]),
         ("uni",) * b + ("causal",) * b,
@@ -140,7 +140,7 @@ def _stage1(m, images, tokens_BxT, mask_BxT, rng):
     neg_text, neg_image, has_neg = sample_negatives(sim_BxB, same_BxB, rng)
     logits_3Bx2 = _itm_head(
         m,
-        jnp.concatenate([image_BxNxE, image_BxNxE, image_BxNxE[neg_image]]),
+        jnp.concatenate([image_BxPxE, image_BxPxE, image_BxPxE[neg_image]]),
         jnp.concatenate([tokens_BxT, tokens_BxT[neg_text], tokens_BxT]),
         jnp.concatenate([mask_BxT, mask_BxT[neg_text], mask_BxT]),
     )
@@ -198,10 +198,10 @@ def stage1_loss(model, params, batch: dict, rng):
 # ---------------------------------------------------------------- features for retrieval and scoring
 
 
-def image_embeddings(model, params, images_Bx1xHxWxC):
+def image_embeddings(model, params, images_Bx1xYxXxC):
     """Normalised ITC image embeddings ``f32[B, Q, E]`` (one per query)."""
     fn = lambda m, x: _image_feats(m, m.adapter.encode(_vision(m, x), mask_mode="uni"))  # noqa: E731
-    return model.apply({"params": params}, images_Bx1xHxWxC, method=fn)
+    return model.apply({"params": params}, images_Bx1xYxXxC, method=fn)
 
 
 def text_embeddings(model, params, tokens_BxT, mask_BxT):
@@ -210,13 +210,13 @@ def text_embeddings(model, params, tokens_BxT, mask_BxT):
     return model.apply({"params": params}, tokens_BxT, mask_BxT, method=fn)
 
 
-def itm_logits(model, params, images_Bx1xHxWxC, tokens_BxT, mask_BxT):
+def itm_logits(model, params, images_Bx1xYxXxC, tokens_BxT, mask_BxT):
     """ITM logits ``[B, 2]`` (no match, match) for the pairs (image i, caption i)."""
     fn = lambda m, x, t, k: _itm_head(m, _vision(m, x), t, k)  # noqa: E731
-    return model.apply({"params": params}, images_Bx1xHxWxC, tokens_BxT, mask_BxT, method=fn)
+    return model.apply({"params": params}, images_Bx1xYxXxC, tokens_BxT, mask_BxT, method=fn)
 
 
-def itg_logits(model, params, images_Bx1xHxWxC, tokens_BxT, mask_BxT):
+def itg_logits(model, params, images_Bx1xYxXxC, tokens_BxT, mask_BxT):
     """ITG logits ``[B, T, V]``: position t predicts caption token t + 1 (first token -> [DEC])."""
     fn = lambda m, x, t, k: _itg_logits(m, _vision(m, x), t, k)  # noqa: E731
-    return model.apply({"params": params}, images_Bx1xHxWxC, tokens_BxT, mask_BxT, method=fn)
+    return model.apply({"params": params}, images_Bx1xYxXxC, tokens_BxT, mask_BxT, method=fn)

@@ -1,7 +1,7 @@
 """Flamingo family (IDEFICS v1 layout): CLIP vision tower -> optional Perceiver resampler -> gated
 cross-attention blocks inserted into a LLaMA decoder.
 
-Images do not become tokens: each text token reads the images it may see (``image_mask [B, L, N]``, the
+Images do not become tokens: each text token reads the images it may see (``image_mask [B, T, M]``, the
 latest image at or before it) through the gated cross-attention block that runs before decoder layer
 ``i`` whenever ``i % cross_layer_interval == 0`` (IDEFICS's placement; OpenFlamingo's ``(i + 1) % n``
 differs).
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax.numpy as jnp
 
-from mllm_jax.models.layers import Dense, RMSNorm, causal_mask, constrain, maybe_remat
-from mllm_jax.models.llm import DecoderLayer, LlmConfig
+from mllm_jax.models.layers import Dense, RMSNorm, Stack, constrain, maybe_remat
+from mllm_jax.models.llm import DecoderLayer, LlmConfig, chunk_mask, token_table
+from mllm_jax.models.mllm import MultimodalLM, per_image
 from mllm_jax.models.perceiver import Perceiver, PerceiverConfig
+from mllm_jax.models.scan import layer_stack
 from mllm_jax.models.vit import VisionTower, VitConfig
 from mllm_jax.models.xattn import GatedCrossAttention, XattnConfig, latest_image_mask
 
@@ -102,48 +103,40 @@ class IdeficsConfig:
             )
 
 
-class IdeficsAdapter(nn.Module):
+class IdeficsAdapter(Stack):
     """Perceiver + gated cross-attention blocks (the ``adapter`` collection)."""
 
     config: IdeficsConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"
 
     def setup(self):
         c = self.config
         if c.use_resampler:
-            self.perceiver = Perceiver(c.perceiver, self.dtype)
+            self.perceiver = Perceiver(c.perceiver, self.dtype, self.attention)
         block = maybe_remat(GatedCrossAttention, self.remat)
-        self.xattn = [block(c.xattn, self.dtype, name=f"xattn_{j}") for j in range(c.num_xattn_layers)]
+        self.xattn = [
+            block(c.xattn, self.dtype, self.attention, name=f"xattn_{j}") for j in range(c.num_xattn_layers)
+        ]
 
     def resample(self, feats):
-        """``[B, S, E]`` (an image) or ``[B, T, S, E]`` (a clip) -> media ``[B, tokens_per_image, E]``."""
+        """``[B, P, E]`` (an image) or ``[B, F, P, E]`` (a clip) -> media ``[B, tokens_per_image, E]``."""
         return self.perceiver(feats) if self.config.use_resampler else feats
 
-    def cross_attend(self, j: int, x_BxTxD, media_BxNxSxE, media_mask_BxTxN):
-        return self.xattn[j](x_BxTxD, media_BxNxSxE, media_mask_BxTxN)
+    def cross_attend(self, j: int, x_BxTxD, media_BxMxPxE, media_mask_BxTxM):
+        return self.xattn[j](x_BxTxD, media_BxMxPxE, media_mask_BxTxM)
 
 
-class IdeficsDecoder(nn.Module):
+class IdeficsDecoder(Stack):
     """LLaMA decoder pieces with IDEFICS's decoupled embeddings (the ``llm`` collection)."""
 
     config: IdeficsConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"
 
     def setup(self):
         c, lc = self.config, self.config.llm
-        embed = lambda n: nn.Embed(  # noqa: E731
-            n,
-            lc.hidden_size,
-            dtype=self.dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        )
-        self.embed_tokens = embed(lc.vocab_size)
+        self.embed_tokens = token_table(lc.vocab_size, lc.hidden_size, self.dtype)
         if c.additional_vocab_size:
-            self.additional_embedding = embed(c.additional_vocab_size)
+            self.additional_embedding = token_table(c.additional_vocab_size, lc.hidden_size, self.dtype)
         layer = maybe_remat(DecoderLayer, self.remat)
-        self.layers = [layer(lc, self.dtype, name=f"layers_{i}") for i in range(lc.num_layers)]
+        self.layers = layer_stack(layer, lc.num_layers, False, (), lc, self.dtype, self.attention)
         self.norm = RMSNorm(lc.rms_norm_eps, self.dtype)
         if not lc.tie_embeddings:
             self.lm_head = Dense(lc.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
@@ -179,110 +172,89 @@ class IdeficsDecoder(nn.Module):
         return constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
-class Idefics(nn.Module):
-    """``__call__(tokens, images, ...) -> (logits_BxLxV, cache)`` with V = vocab + additional vocab.
+class Idefics(MultimodalLM, Stack):
+    """``__call__(tokens, images, ...) -> (logits_BxTxV, cache)`` with V = vocab + additional vocab.
 
     For decoding, compute ``media`` once, then call ``decode`` per chunk with the same media and each
     chunk's rows of the image mask; the KV cache (``models.llm.init_cache(config.llm, ...)``) holds the
     self-attention layers only: the cross-attention K/V over the media are recomputed each step.
+    ``remat`` applies to the vision, decoder and gated blocks; no layer scan (the gated blocks sit between
+    the decoder layers).
     """
 
     config: IdeficsConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"  # a layers.REMAT_POLICIES name, for vision, decoder and gated blocks
 
     def setup(self):
         c = self.config
-        self.vision = VisionTower(c.vision, self.dtype, self.remat)
-        self.adapter = IdeficsAdapter(c, self.dtype, self.remat)
-        self.llm = IdeficsDecoder(c, self.dtype, self.remat)
+        self.vision = VisionTower(c.vision, self.dtype, self.remat, attention=self.attention)
+        self.adapter = IdeficsAdapter(c, self.dtype, self.remat, self.attention)
+        self.llm = IdeficsDecoder(c, self.dtype, self.remat, self.attention)
 
-    def media(self, images_BxNxHxWxC):
-        """``[B, N, H, W, C]`` pixels -> media ``[B, M, tokens_per_image, media_dim]``: M = N images, or
-        M = N / frames_per_clip clips (a clip's frames consecutive)."""
-        t = self.config.frames_per_clip
-        b, n = images_BxNxHxWxC.shape[:2]
-        if n % t:
-            raise ValueError(f"{n} images is not a whole number of {t}-frame clips")
-        hidden_states, _ = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
+    def media(self, images_BxIxYxXxC):
+        """``[B, I, Y, X, C]`` pixels -> media ``[B, M, P, E]`` (P = tokens_per_image, E = media_dim):
+        M = I images, or M = I / frames_per_clip clips (a clip's frames consecutive)."""
+        f = self.config.frames_per_clip
+        b, i = images_BxIxYxXxC.shape[:2]
+        if i % f:
+            raise ValueError(f"{i} images is not a whole number of {f}-frame clips")
+        hidden_states, _ = self.vision(per_image(images_BxIxYxXxC))
         feats = hidden_states[-1]
-        if t > 1:  # the perceiver reads a clip's frames at once, frame embeddings added
-            feats = feats.reshape(b * n // t, t, *feats.shape[1:])
+        if f > 1:  # the perceiver reads a clip's frames at once, frame embeddings added
+            feats = feats.reshape(b * i // f, f, *feats.shape[1:])
         feats = self.adapter.resample(feats)
-        return feats.reshape(b, n // t, *feats.shape[1:])
+        return feats.reshape(b, i // f, *feats.shape[1:])
 
-    def embed(self, tokens_BxL, images_BxNxHxWxC=None):
+    def embed(self, tokens_BxT, images_BxIxYxXxC=None):
         """Token embeddings only: images reach the LLM through ``decode``'s media, not the sequence
         (``images`` is accepted so prefix-family callers can stay generic)."""
-        del images_BxNxHxWxC
-        return self.llm.embed(tokens_BxL)
+        del images_BxIxYxXxC
+        return self.llm.embed(tokens_BxT)
 
-    def decode(
-        self,
-        embeds_BxLxD,
-        positions_BxL=None,
-        attention_mask_BxL=None,
-        cache=None,
-        cache_index_B=None,
-        media_BxNxSxE=None,
-        media_mask_BxLxN=None,
-    ):
-        """As ``Llm.__call__`` (same cache and mask rules), plus the media and which image each
-        token may see. ``media=None``: text only (gated blocks still apply their dense branch)."""
-        c = self.config
-        b, t, _ = embeds_BxLxD.shape
-        if self.is_initializing():  # init from embeddings alone must still create every parameter
-            self.embed(jnp.zeros((1, 1), jnp.int32))
-        if self.is_initializing() and media_BxNxSxE is None:
-            self.media(
-                jnp.zeros(
-                    (1, c.frames_per_clip, c.vision.image_size, c.vision.image_size, c.vision.num_channels)
-                )
-            )
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if cache is None:
-            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-            mask = causal_mask(idx, idx, attention_mask_BxL)
-        else:
-            s = cache[0][0].shape[1]
-            mask = causal_mask(
-                cache_index_B[:, None] + jnp.arange(t)[None], jnp.broadcast_to(jnp.arange(s), (b, s))
-            )
-        x = embeds_BxLxD.astype(self.dtype)
-        new_cache = []
-        for i in range(c.llm.num_layers):
-            if i % c.cross_layer_interval == 0:
-                x = self.adapter.cross_attend(i // c.cross_layer_interval, x, media_BxNxSxE, media_mask_BxLxN)
-            x, layer_cache = self.llm.layer(
-                i, x, positions_BxL, mask, None if cache is None else cache[i], cache_index_B
-            )
-            new_cache.append(layer_cache)
-        return self.llm.head(x), (None if cache is None else tuple(new_cache))
-
-    def __call__(
-        self,
-        tokens_BxL,
-        images_BxNxHxWxC=None,
-        positions_BxL=None,
-        attention_mask_BxL=None,
-        cache=None,
-        cache_index_B=None,
-        image_mask_BxLxN=None,
-    ):
-        """``image_mask [B, L, N]`` as IdeficsProcessor's ``image_attention_mask``; when omitted it is
+    def inputs(self, tokens_BxT, images_BxIxYxXxC=None, image_mask_BxTxM=None):
+        """``image_mask [B, T, M]`` as IdeficsProcessor's ``image_attention_mask``; when omitted it is
         derived from the tokens (``config.image_token_id`` / ``eod_token_id``)."""
         c = self.config
         media = None
-        if images_BxNxHxWxC is not None and images_BxNxHxWxC.shape[1] > 0:
-            media = self.media(images_BxNxHxWxC)
-            if image_mask_BxLxN is None:
+        if images_BxIxYxXxC is not None and images_BxIxYxXxC.shape[1] > 0:
+            media = self.media(images_BxIxYxXxC)
+            if image_mask_BxTxM is None:
                 if c.image_token_id is None:
-                    raise ValueError("pass image_mask [B, L, N] or set config.image_token_id to derive it")
-                image_mask_BxLxN = latest_image_mask(
-                    tokens_BxL, c.image_token_id, media.shape[1], c.eod_token_id
+                    raise ValueError("pass image_mask [B, T, M] or set config.image_token_id to derive it")
+                image_mask_BxTxM = latest_image_mask(
+                    tokens_BxT, c.image_token_id, media.shape[1], c.eod_token_id
                 )
-        embeds = self.embed(tokens_BxL)
-        return self.decode(
-            embeds, positions_BxL, attention_mask_BxL, cache, cache_index_B, media, image_mask_BxLxN
-        )
+        return self.embed(tokens_BxT), (media, image_mask_BxTxM)
+
+    def decode(
+        self,
+        embeds_BxTxD,
+        positions_BxT=None,
+        attention_mask_BxT=None,
+        cache=None,
+        cache_index_B=None,
+        *media,
+    ):
+        """As ``Llm.__call__`` (same cache and mask rules), plus ``media``: ``(media_BxMxPxE,
+        media_mask_BxTxM)``, the media and which of them each token may see (``inputs``' decode args).
+        No media, or None: text only (the gated blocks still apply their dense branch)."""
+        c = self.config
+        media_BxMxPxE, media_mask_BxTxM = (*media, None, None)[:2]
+        b, t, _ = embeds_BxTxD.shape
+        if self.is_initializing():  # init from embeddings alone must still create every parameter
+            self.embed(jnp.zeros((1, 1), jnp.int32))
+        if self.is_initializing() and media_BxMxPxE is None:
+            v = c.vision
+            self.media(jnp.zeros((1, c.frames_per_clip, v.image_size, v.image_size, v.num_channels)))
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = chunk_mask(b, t, attention_mask_BxT, cache, cache_index_B)
+        x = embeds_BxTxD.astype(self.dtype)
+        new_cache = []
+        for i in range(c.llm.num_layers):
+            if i % c.cross_layer_interval == 0:
+                x = self.adapter.cross_attend(i // c.cross_layer_interval, x, media_BxMxPxE, media_mask_BxTxM)
+            x, layer_cache = self.llm.layer(
+                i, x, positions_BxT, mask, None if cache is None else cache[i], cache_index_B
+            )
+            new_cache.append(layer_cache)
+        return self.llm.head(x), (None if cache is None else tuple(new_cache))

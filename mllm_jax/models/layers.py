@@ -6,8 +6,10 @@ names onto the device mesh lives in one table there, never in the modules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -100,6 +102,10 @@ class Dense(nn.Module):
         return y
 
 
+def _norm_param(module, name: str, init, d: int):
+    return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (d,), module.param_dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in f32 (as torch does for f32 and as we want for bf16 stability)."""
 
@@ -110,19 +116,13 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), self.param_dtype
-        )
+        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
         if self.use_bias:
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype
-            )
-            y = y + bias.astype(jnp.float32)
+            y = y + _norm_param(self, "bias", nn.initializers.zeros, x.shape[-1]).astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -135,45 +135,146 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), self.param_dtype
-        )
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-# The run's attention kernel, read when a step is traced; set once per process by `use_attention`
-# (config.attention, bench --attention). "name": None lets XLA choose; "cudnn" is cuDNN's fused flash
-# attention on NVIDIA GPUs (bf16/f16 inputs only); "splash" the Pallas kernel for TPU (models/splash.py).
-# "platform": what the run compiles for when that is not this process's default backend (plan compiles
-# for a TPU slice on a CPU host). "interpret": run Pallas kernels in the interpreter (tests on CPU).
-ATTENTION_IMPLEMENTATION: dict = {"name": None, "platform": None, "interpret": False}
-ATTENTION_CHOICES = {"xla": None, "cudnn": "cudnn", "splash": "splash"}  # config value -> name
+def mlp(x, width: int, out: int, act: str, bias: bool, dtype, names=("fc1", "fc2")):
+    """``Dense -> act -> Dense``, built in the calling module's scope under ``names`` (HF's)."""
+    h = Dense(width, ("embed", "mlp"), bias, dtype, name=names[0])(x)
+    h = constrain(activation(act)(h), ("act_batch", "act_seq", "act_mlp"))
+    return Dense(out, ("mlp", "embed"), bias, dtype, name=names[1])(h)
 
 
-def compile_platform() -> str:
-    return ATTENTION_IMPLEMENTATION.get("platform") or jax.default_backend()
+class Mlp(nn.Module):
+    """``mlp`` as a module, back to the input's width."""
+
+    width: int
+    act: str
+    bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    names: tuple[str, str] = ("fc1", "fc2")
+
+    @nn.compact
+    def __call__(self, x):
+        return mlp(x, self.width, x.shape[-1], self.act, self.bias, self.dtype, self.names)
 
 
-def _check_splash():
-    platform = compile_platform()
-    if platform != "tpu" and not ATTENTION_IMPLEMENTATION.get("interpret"):
-        raise ValueError(
-            f"attention 'splash' is a TPU kernel (Pallas/Mosaic), but this run compiles for {platform}: "
-            "use 'xla' (or 'cudnn' on a GPU)"
-        )
+class GatedMlp(nn.Module):
+    """LLaMA's ``down_proj(act(gate_proj(x)) * up_proj(x))``, back to the input's width."""
+
+    width: int
+    act: str
+    bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda name: Dense(self.width, ("embed", "mlp"), self.bias, self.dtype, name=name)  # noqa: E731
+        h = activation(self.act)(dense("gate_proj")(x)) * dense("up_proj")(x)
+        h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        return Dense(x.shape[-1], ("mlp", "embed"), self.bias, self.dtype, name="down_proj")(h)
 
 
-def use_attention(choice: str) -> None:
-    """Select the attention kernel for every step traced from now on (one line of error if it cannot
-    run where this process compiles)."""
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"attention {choice!r}: one of {list(ATTENTION_CHOICES)}")
-    if choice == "splash":
-        _check_splash()
-    ATTENTION_IMPLEMENTATION["name"] = ATTENTION_CHOICES[choice]
+def split_heads(
+    x_BxTxE, name: str, num_heads: int, head_dim: int, bias: bool, dtype, axes=("embed", "heads")
+):
+    """A ``Dense`` projection to ``num_heads * head_dim`` split into heads: ``[B, T, E] -> [B, T, N, H]``."""
+    y = Dense(num_heads * head_dim, axes, bias, dtype, name=name)(x_BxTxE)
+    return y.reshape(*x_BxTxE.shape[:-1], num_heads, head_dim)
+
+
+def merge_heads(x_BxTxNxH, name: str, out: int, bias: bool, dtype):
+    """The heads joined again and projected back: ``[B, T, N, H] -> [B, T, out]``."""
+    return Dense(out, ("heads", "embed"), bias, dtype, name=name)(
+        x_BxTxNxH.reshape(*x_BxTxNxH.shape[:-2], -1)
+    )
+
+
+# config value -> jax.nn.dot_product_attention's `implementation` (None lets XLA choose); "cudnn" is
+# cuDNN's fused flash attention on NVIDIA GPUs (bf16/f16 only), "splash" the Pallas TPU kernel (splash.py)
+ATTENTION_CHOICES = {"xla": None, "cudnn": "cudnn", "splash": "splash"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+    """Which kernel ``attention`` runs: a module field (hashable, static under jit, scan and remat), so
+    the choice travels with the model instead of living in process state."""
+
+    name: str = "xla"  # an ATTENTION_CHOICES key
+    # what the step compiles for when not this process's default backend (plan compiles for TPU on a CPU host)
+    platform: str | None = None
+    interpret: bool = False  # run Pallas kernels in the interpreter (tests on CPU)
+
+    def __post_init__(self):
+        if self.name not in ATTENTION_CHOICES:
+            raise ValueError(f"attention {self.name!r}: one of {list(ATTENTION_CHOICES)}")
+
+    def check(self) -> AttentionKernel:
+        """Itself, or one line of error if it cannot run where the step compiles."""
+        platform = self.platform or jax.default_backend()
+        if self.name == "splash" and platform != "tpu" and not self.interpret:
+            raise ValueError(
+                f"attention 'splash' is a TPU kernel (Pallas/Mosaic), but this run compiles for {platform}: "
+                "use 'xla' (or 'cudnn' on a GPU)"
+            )
+        return self
+
+
+class Part(nn.Module):
+    """A model part: its config (each subclass names the type) and the compute dtype."""
+
+    config: Any
+    dtype: jnp.dtype = jnp.float32
+
+
+class Block(Part):
+    """A part that attends: the attention kernel too, which it passes on to every part it builds."""
+
+    attention: AttentionKernel = AttentionKernel()
+
+
+class Stack(Part):
+    """As ``Block``, for a part with a stack of layers: their rematerialisation too."""
+
+    remat: str = "none"  # a REMAT_POLICIES name
+    attention: AttentionKernel = AttentionKernel()
+
+
+class ScanStack(Part):
+    """As ``Stack``, for the towers, decoders and composites whose layers may run under one nn.scan."""
+
+    remat: str = "none"  # a REMAT_POLICIES name
+    scan_layers: bool = False  # params stacked under "layers" (see scan.py)
+    attention: AttentionKernel = AttentionKernel()
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDims:
+    """The sizes an encoder config starts with (``vit.TowerConfig``, ``qformer.QFormerConfig``)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def check_heads(self, what: str):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"{what} hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"
+            )
+
+
+def attention_kernel(choice: str, platform: str | None = None, interpret: bool = False) -> AttentionKernel:
+    """The kernel for a config's or flag's ``choice`` (an ATTENTION_CHOICES key), checked against the
+    platform the step compiles for (``platform``, else this process's default backend)."""
+    return AttentionKernel(choice, platform, interpret).check()
 
 
 def attention(
@@ -184,6 +285,7 @@ def attention(
     dtype=jnp.float32,
     causal: bool = False,
     sliding_window: int | None = None,
+    kernel: AttentionKernel = AttentionKernel(),
 ):
     """Scaled dot-product attention through ``jax.nn.dot_product_attention``, or the splash kernel.
 
@@ -194,27 +296,28 @@ def attention(
     off the mask's diagonal (every valid key sees itself). Splash takes that and unmasked attention;
     other masks (Q-Former, cross-attention, the KV-cache decode path) stay on XLA.
     """
-    impl = ATTENTION_IMPLEMENTATION["name"]
+    impl = ATTENTION_CHOICES[kernel.name]
     if impl == "splash":
         if mask_BxNxTxS is None or causal:
-            return _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal, sliding_window)
+            return _splash(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal, sliding_window, kernel
+            )
         impl = None  # any other mask stays on XLA
     if impl is not None and dtype == jnp.float32:
         impl = None  # the fused kernels take half precision only
-    out = jax.nn.dot_product_attention(
+    return jax.nn.dot_product_attention(
         q_BxTxNxH.astype(dtype),
         k_BxSxKxH.astype(dtype),
         v_BxSxKxH.astype(dtype),
         mask=mask_BxNxTxS,
         implementation=impl,
     )
-    return out
 
 
-def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, sliding_window):
+def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, sliding_window, kernel):
     from mllm_jax.models import splash  # the Pallas TPU ops are imported only when chosen
 
-    _check_splash()
+    kernel.check()  # a kernel built without attention_kernel is checked when a step is traced
     key_valid_BxS = None
     if mask_BxNxTxS is not None:
         diagonal = jnp.diagonal(mask_BxNxTxS[:, 0], axis1=-2, axis2=-1)
@@ -226,7 +329,7 @@ def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, 
         key_valid_BxS,
         causal=causal,
         sliding_window=sliding_window,
-        interpret=bool(ATTENTION_IMPLEMENTATION.get("interpret")),
+        interpret=kernel.interpret,
     )
 
 

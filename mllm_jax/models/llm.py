@@ -15,8 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_jax.models.layers import Dense, RMSNorm, activation, attention, causal_mask, constrain, maybe_remat
-from mllm_jax.models.scan import scanned
+from mllm_jax.models.layers import (
+    Block,
+    Dense,
+    GatedMlp,
+    RMSNorm,
+    ScanStack,
+    attention,
+    causal_mask,
+    constrain,
+    maybe_remat,
+    merge_heads,
+    split_heads,
+)
+from mllm_jax.models.scan import layer_stack
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -76,108 +88,83 @@ def rope_inv_freq(c: LlmConfig) -> np.ndarray:
 
 def apply_rope(x_BxTxNxH, positions_BxT, inv_freq):
     """Rotate-half RoPE (HF layout: first half / second half of the head dim)."""
-    freqs_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
-    emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-    cos, sin = jnp.cos(emb)[:, :, None], jnp.sin(emb)[:, :, None]
+    inv_freq_H = jnp.asarray(np.concatenate([inv_freq, inv_freq]))  # each frequency on both halves
+    angles_BxTxH = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H[None, None]
+    cos, sin = jnp.cos(angles_BxTxH)[:, :, None], jnp.sin(angles_BxTxH)[:, :, None]
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     dtype = x_BxTxNxH.dtype
     return x_BxTxNxH * cos.astype(dtype) + rotated * sin.astype(dtype)
 
 
-class LlmAttention(nn.Module):
+def write_cache(cache, k_BxTxKxH, v_BxTxKxH, cache_index_B):
+    """The ``(k, v)`` buffers ``[B, S, K, H]`` with this chunk written at each sample's own offset."""
+    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0)))
+    return write(cache[0], k_BxTxKxH, cache_index_B), write(cache[1], v_BxTxKxH, cache_index_B)
+
+
+def chunk_mask(b: int, t: int, attention_mask_BxT=None, cache=None, cache_index_B=None, sliding_window=None):
+    """A decoder chunk's self-attention mask ``[B, 1, T, S]``. Without a cache: causal over the chunk,
+    ``attention_mask`` marking valid keys. With one (per-layer pairs or stacked): each query sees the
+    buffer up to its own position (``attention_mask`` is not needed: right-padded prompts are overwritten
+    by the decoded tokens before any query can see them)."""
+    if cache is None:
+        idx_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        return causal_mask(idx_BxT, idx_BxT, attention_mask_BxT, sliding_window)
+    s = cache[0][0].shape[1]
+    q_idx_BxT = cache_index_B[:, None] + jnp.arange(t)[None]
+    return causal_mask(q_idx_BxT, jnp.broadcast_to(jnp.arange(s), (b, s)), None, sliding_window)
+
+
+def run_layers(layers, scan: bool, x_BxTxD, args: tuple, cache, cache_index_B):
+    """``layers`` (a ``layer_stack``) over ``x``, each called as ``layer(x, *args, its cache,
+    cache_index_B)`` -> ``(x, new cache)``; scanned, the cache is stacked: ``([L, B, S, K, H], ...)``."""
+    if scan:
+        return layers(x_BxTxD, *args, cache, cache_index_B)
+    new_cache = []
+    for i, layer in enumerate(layers):
+        x_BxTxD, layer_cache = layer(x_BxTxD, *args, None if cache is None else cache[i], cache_index_B)
+        new_cache.append(layer_cache)
+    return x_BxTxD, None if cache is None else tuple(new_cache)
+
+
+class LlmAttention(Block):
     config: LlmConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache=None, cache_index_B=None):
         c = self.config
-        b, t, _ = x_BxTxD.shape
-        q = Dense(c.num_heads * c.head_dim, ("embed", "heads"), c.qkv_bias, self.dtype, name="q_proj")(
-            x_BxTxD
-        )
-        k = Dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="k_proj")(
-            x_BxTxD
-        )
-        v = Dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), c.qkv_bias, self.dtype, name="v_proj")(
-            x_BxTxD
-        )
+        heads = lambda name, n, axes: split_heads(x_BxTxD, name, n, c.head_dim, c.qkv_bias, self.dtype, axes)  # noqa: E731
         inv_freq = rope_inv_freq(c)
-        q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions_BxT, inv_freq)
-        k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions_BxT, inv_freq)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        q = apply_rope(heads("q_proj", c.num_heads, ("embed", "heads")), positions_BxT, inv_freq)
+        k = apply_rope(heads("k_proj", c.num_kv_heads, ("embed", "kv_heads")), positions_BxT, inv_freq)
+        v = heads("v_proj", c.num_kv_heads, ("embed", "kv_heads"))
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        if cache is not None:
-            # Write this chunk at each sample's own offset, then attend over the whole buffer.
-            write = jax.vmap(
-                lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0))
-            )
-            k_cache = write(cache[0], k, cache_index_B)
-            v_cache = write(cache[1], v, cache_index_B)
-            cache = (k_cache, v_cache)
-            k, v = k_cache, v_cache
+        if cache is not None:  # attend over the whole buffer, this chunk written into it
+            cache = k, v = write_cache(cache, k, v, cache_index_B)
         # without a cache the mask is causal_mask over this chunk: a run's splash kernel may take it
-        out = attention(q, k, v, mask_Bx1xTxS, self.dtype, cache is None, c.sliding_window)
-        out = out.reshape(b, t, c.num_heads * c.head_dim)
-        out = Dense(c.hidden_size, ("heads", "embed"), c.o_bias, self.dtype, name="o_proj")(out)
-        return out, cache
+        out = attention(q, k, v, mask_Bx1xTxS, self.dtype, cache is None, c.sliding_window, self.attention)
+        return merge_heads(out, "o_proj", c.hidden_size, c.o_bias, self.dtype), cache
 
 
-class LlmMlp(nn.Module):
+class DecoderLayer(Block):
     config: LlmConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        gate = Dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, name="gate_proj")(x)
-        up = Dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, self.dtype, name="up_proj")(x)
-        h = constrain(activation(c.act)(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-        return Dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, self.dtype, name="down_proj")(h)
-
-
-class DecoderLayer(nn.Module):
-    config: LlmConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, mask, cache=None, cache_index_B=None):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxTxD)
-        h, cache = LlmAttention(c, self.dtype, name="self_attn")(h, positions_BxT, mask, cache, cache_index_B)
+        attn = LlmAttention(c, self.dtype, self.attention, name="self_attn")
+        h, cache = attn(h, positions_BxT, mask, cache, cache_index_B)
         x_BxTxD = x_BxTxD + h
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxTxD)
-        x_BxTxD = x_BxTxD + LlmMlp(c, self.dtype, name="mlp")(h)
+        x_BxTxD = x_BxTxD + GatedMlp(c.intermediate_size, c.act, c.mlp_bias, self.dtype, name="mlp")(h)
         return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed")), cache
 
 
-class Llm(nn.Module):
-    """Decoder-only LM. ``embed`` maps tokens to vectors (so adapters can splice images in between),
-    ``__call__`` runs the stack on embeddings and returns ``(logits_BxTxV, cache)``."""
-
-    config: LlmConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"  # a layers.REMAT_POLICIES name
-    scan_layers: bool = False  # one nn.scan over the layers (params stacked under "layers")
-
-    def setup(self):
-        c = self.config
-        self.embed_tokens = nn.Embed(
-            c.vocab_size,
-            c.hidden_size,
-            dtype=self.dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-        )
-        layer = maybe_remat(DecoderLayer, self.remat)
-        if self.scan_layers:
-            self.layers = scanned(layer, c.num_layers, (nn.broadcast, nn.broadcast, 0, nn.broadcast))(
-                c, self.dtype, name="layers"
-            )
-        else:
-            self.layers = [layer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
-        if not c.tie_embeddings:
-            self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
+class Decoder(ScanStack):
+    """What ``Llm`` and ``Opt`` share: the token embedding, the tied or separate LM head, and ``decode``
+    (the same as ``__call__``, so composites and ``generate`` drive every decoder one way)."""
 
     def embed(self, tokens_BxT, images=None):
         if images is not None:
@@ -185,50 +172,58 @@ class Llm(nn.Module):
         x = self.embed_tokens(jnp.clip(tokens_BxT, 0, self.config.vocab_size - 1))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
+    def head(self, x_BxTxD):
+        logits = self.embed_tokens.attend(x_BxTxD) if self.config.tie_embeddings else self.lm_head(x_BxTxD)
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+    def decode(
+        self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
+    ):
+        return self(embeds_BxTxD, positions_BxT, attention_mask_BxT, cache, cache_index_B)
+
+
+def token_table(n: int, d: int, dtype):
+    """An ``[n, d]`` embedding table (HF's N(0, 0.02) init), in the calling module's scope."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+    return nn.Embed(n, d, dtype=dtype, embedding_init=init)
+
+
+class Llm(Decoder):
+    """Decoder-only LM. ``embed`` maps tokens to vectors (so adapters can splice images in between),
+    ``__call__`` runs the stack on embeddings and returns ``(logits_BxTxV, cache)``."""
+
+    config: LlmConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = token_table(c.vocab_size, c.hidden_size, self.dtype)
+        layer = maybe_remat(DecoderLayer, self.remat)
+        in_axes = (nn.broadcast, nn.broadcast, 0, nn.broadcast)
+        self.layers = layer_stack(
+            layer, c.num_layers, self.scan_layers, in_axes, c, self.dtype, self.attention
+        )
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        if not c.tie_embeddings:
+            self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
+
     def __call__(
         self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
     ):
         """Without a cache: causal attention over the chunk, ``attention_mask`` marking valid keys.
         With a cache (from ``init_cache``): the chunk is written at ``cache_index_B`` and attends to
-        everything before it in the buffer (``attention_mask`` is then ignored: right-padded prompts are
-        overwritten by the decoded tokens before any query can see them)."""
+        everything before it in the buffer (``chunk_mask``)."""
         c = self.config
         b, t, _ = embeds_BxTxD.shape
         if self.is_initializing():  # init from embeddings alone must still create the embedding table
             self.embed(jnp.zeros((1, 1), jnp.int32))
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if cache is None:
-            idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-            mask = causal_mask(idx, idx, attention_mask_BxT, c.sliding_window)
-        else:
-            s = cache[0][0].shape[1]
-            q_idx = cache_index_B[:, None] + jnp.arange(t)[None]
-            k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
-            mask = causal_mask(q_idx, k_idx, None, c.sliding_window)
+        mask = chunk_mask(b, t, attention_mask_BxT, cache, cache_index_B, c.sliding_window)
         x = embeds_BxTxD.astype(self.dtype)
-        if self.scan_layers:  # the cache is stacked: ([L, B, S, K, H], [L, B, S, K, H])
-            x, new_cache = self.layers(x, positions_BxT, mask, cache, cache_index_B)
-        else:
-            new_cache = []
-            for i, layer in enumerate(self.layers):
-                x, layer_cache = layer(
-                    x, positions_BxT, mask, None if cache is None else cache[i], cache_index_B
-                )
-                new_cache.append(layer_cache)
-            new_cache = None if cache is None else tuple(new_cache)
-        x = self.norm(x)
-        if c.tie_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
-        return logits, (None if cache is None else new_cache)
-
-    def decode(
-        self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
-    ):
-        return self(embeds_BxTxD, positions_BxT, attention_mask_BxT, cache, cache_index_B)
+        x, new_cache = run_layers(
+            self.layers, self.scan_layers, x, (positions_BxT, mask), cache, cache_index_B
+        )
+        return self.head(self.norm(x)), (None if cache is None else new_cache)
 
 
 def init_cache(c: LlmConfig, batch: int, length: int, dtype=jnp.float32, stacked: bool = False):

@@ -12,13 +12,14 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mllm_jax.models.layers import ScanStack
 from mllm_jax.models.llm import Llm, LlmConfig
 from mllm_jax.models.projector import Projector, ProjectorConfig
 from mllm_jax.models.vit import VisionTower, VitConfig, select_features
 
 SELECT_STRATEGIES = ("default", "full")
 
-# video_pool -> how a clip's per-frame features [B, C, T, P, D] become media blocks (LLaVA, BLIP-2)
+# video_pool -> how a clip's per-frame features [B, M, F, P, D] become media blocks (LLaVA, BLIP-2)
 VIDEO_POOLS = {
     "concat": lambda x: x.reshape(x.shape[0], -1, *x.shape[3:]),  # each frame its own block
     # one block per clip; averaged in f32 so bf16 features do not lose the small frame differences
@@ -26,14 +27,14 @@ VIDEO_POOLS = {
 }
 
 
-def pool_clips(feats_BxNxPxD, frames_per_clip: int, video_pool: str):
-    """Per-frame features ``[B, N, P, D]`` (N = clips * T, a clip's frames consecutive) -> media blocks
-    ``[B, M, P, D]``: M = N for "concat", M = clips for "mean"."""
-    b, n = feats_BxNxPxD.shape[:2]
-    if n % frames_per_clip:
-        raise ValueError(f"{n} images is not a whole number of {frames_per_clip}-frame clips")
-    x_BxCxTxPxD = feats_BxNxPxD.reshape(b, n // frames_per_clip, frames_per_clip, *feats_BxNxPxD.shape[2:])
-    return VIDEO_POOLS[video_pool](x_BxCxTxPxD)
+def pool_clips(feats_BxIxPxD, frames_per_clip: int, video_pool: str):
+    """Per-frame features ``[B, I, P, D]`` (I = clips * F, a clip's F frames consecutive) -> media blocks
+    ``[B, M, P, D]``: M = I for "concat", M = clips for "mean"."""
+    b, i = feats_BxIxPxD.shape[:2]
+    if i % frames_per_clip:
+        raise ValueError(f"{i} images is not a whole number of {frames_per_clip}-frame clips")
+    x_BxMxFxPxD = feats_BxIxPxD.reshape(b, i // frames_per_clip, frames_per_clip, *feats_BxIxPxD.shape[2:])
+    return VIDEO_POOLS[video_pool](x_BxMxFxPxD)
 
 
 def check_video(config) -> None:
@@ -42,6 +43,11 @@ def check_video(config) -> None:
         raise ValueError(f"frames_per_clip must be >= 1, got {config.frames_per_clip}")
     if config.video_pool not in VIDEO_POOLS:
         raise ValueError(f"video_pool must be one of {sorted(VIDEO_POOLS)}, got {config.video_pool!r}")
+
+
+def per_image(images_BxIxYxXxC):
+    """``[B, I, Y, X, C] -> [B·I, Y, X, C]``: what a vision tower takes."""
+    return images_BxIxYxXxC.reshape(-1, *images_BxIxYxXxC.shape[2:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,65 +95,83 @@ class LlavaConfig:
             )
 
 
-def splice_images(embeds_BxLxD, tokens_BxL, image_token_id, features_BxMxD):
+def splice_images(embeds_BxTxD, tokens_BxT, image_token_id, features_BxMPxD):
     """Put the k-th image feature of each sample at that sample's k-th ``<image>`` token.
 
     Same order as HF's ``masked_scatter`` when each sample's images belong to it. Features beyond
     the number of image tokens (padding images) are ignored.
     """
-    is_image_BxL = tokens_BxL == image_token_id
-    idx_BxL = jnp.clip(jnp.cumsum(is_image_BxL, axis=1) - 1, 0, features_BxMxD.shape[1] - 1)
-    gathered = jnp.take_along_axis(features_BxMxD, idx_BxL[..., None], axis=1)
-    return jnp.where(is_image_BxL[..., None], gathered.astype(embeds_BxLxD.dtype), embeds_BxLxD)
+    is_image_BxT = tokens_BxT == image_token_id
+    idx_BxT = jnp.clip(jnp.cumsum(is_image_BxT, axis=1) - 1, 0, features_BxMPxD.shape[1] - 1)
+    gathered = jnp.take_along_axis(features_BxMPxD, idx_BxT[..., None], axis=1)
+    return jnp.where(is_image_BxT[..., None], gathered.astype(embeds_BxTxD.dtype), embeds_BxTxD)
 
 
-class Llava(nn.Module):
-    config: LlavaConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"  # a layers.REMAT_POLICIES name, for the vision and LLM layers
-    scan_layers: bool = False  # nn.scan over the vision and LLM layers (params stacked)
+class MultimodalLM(nn.Module):
+    """The interface every family shares, so ``generate`` and training drive them one way: ``embed``
+    (tokens and images -> LLM inputs), ``decode`` (the LLM over them, with a cache) and ``__call__``
+    (both). This base is the prefix families' (LLaVA, BLIP-2): each image's ``image_features``
+    replace its ``<image>`` tokens; ``embed``'s keywords go on to ``image_features``."""
 
-    def setup(self):
+    def image_features(self, images_BxIxYxXxC):
+        raise NotImplementedError
+
+    def media_blocks(self, feats_BIxPxD, b: int):
+        """Per-image features ``[B·I, P, D]`` -> the sequence's rows ``[B, MP, D]`` (``pool_clips``)."""
         c = self.config
-        self.vision = VisionTower(c.vision, self.dtype, self.remat, self.scan_layers)
-        self.adapter = Projector(c.projector, self.dtype)
-        self.llm = Llm(c.llm, self.dtype, self.remat, self.scan_layers)
-
-    def image_features(self, images_BxNxHxWxC):
-        """``[B, N, H, W, C]`` -> projected features ``[B, M * tokens_per_image, D_llm]``, M = N, or the
-        number of clips when ``video_pool`` is "mean"."""
-        c = self.config
-        b, n = images_BxNxHxWxC.shape[:2]
-        hidden_states, _ = self.vision(images_BxNxHxWxC.reshape(b * n, *images_BxNxHxWxC.shape[2:]))
-        feats = select_features(
-            hidden_states, c.vision_feature_layers, c.vision_feature_select_strategy == "default"
+        blocks = pool_clips(
+            feats_BIxPxD.reshape(b, -1, *feats_BIxPxD.shape[1:]), c.frames_per_media, c.video_pool
         )
-        projected = self.adapter(feats)
-        blocks = pool_clips(projected.reshape(b, n, *projected.shape[1:]), c.frames_per_media, c.video_pool)
         return blocks.reshape(b, -1, blocks.shape[-1])
 
-    def embed(self, tokens_BxL, images_BxNxHxWxC=None):
-        embeds = self.llm.embed(tokens_BxL)
-        if images_BxNxHxWxC is None or images_BxNxHxWxC.shape[1] == 0:
+    def embed(self, tokens_BxT, images_BxIxYxXxC=None, **feature_kwargs):
+        embeds = self.llm.embed(tokens_BxT)
+        if images_BxIxYxXxC is None or images_BxIxYxXxC.shape[1] == 0:
             return embeds
-        return splice_images(
-            embeds, tokens_BxL, self.config.image_token_id, self.image_features(images_BxNxHxWxC)
-        )
+        features = self.image_features(images_BxIxYxXxC, **feature_kwargs)
+        return splice_images(embeds, tokens_BxT, self.config.image_token_id, features)
+
+    def inputs(self, tokens_BxT, images_BxIxYxXxC=None, **kwargs):
+        """``(embeds, decode_args)``: the LLM inputs, and what ``decode`` takes after the cache index."""
+        return self.embed(tokens_BxT, images_BxIxYxXxC, **kwargs), ()
 
     def decode(
-        self, embeds_BxLxD, positions_BxL=None, attention_mask_BxL=None, cache=None, cache_index_B=None
+        self, embeds_BxTxD, positions_BxT=None, attention_mask_BxT=None, cache=None, cache_index_B=None
     ):
-        return self.llm(embeds_BxLxD, positions_BxL, attention_mask_BxL, cache, cache_index_B)
+        return self.llm(embeds_BxTxD, positions_BxT, attention_mask_BxT, cache, cache_index_B)
 
     def __call__(
         self,
-        tokens_BxL,
-        images_BxNxHxWxC=None,
-        positions_BxL=None,
-        attention_mask_BxL=None,
+        tokens_BxT,
+        images_BxIxYxXxC=None,
+        positions_BxT=None,
+        attention_mask_BxT=None,
         cache=None,
         cache_index_B=None,
+        **kwargs,
     ):
-        """Returns ``(logits_BxLxV, cache)``."""
-        embeds = self.embed(tokens_BxL, images_BxNxHxWxC)
-        return self.decode(embeds, positions_BxL, attention_mask_BxL, cache, cache_index_B)
+        """Returns ``(logits_BxTxV, cache)``; ``kwargs`` are the family's own inputs (``inputs``)."""
+        embeds, decode_args = self.inputs(tokens_BxT, images_BxIxYxXxC, **kwargs)
+        return self.decode(embeds, positions_BxT, attention_mask_BxT, cache, cache_index_B, *decode_args)
+
+
+class Llava(MultimodalLM, ScanStack):
+    """LLaVA; ``remat`` and ``scan_layers`` apply to the vision and LLM layers."""
+
+    config: LlavaConfig
+
+    def setup(self):
+        c = self.config
+        self.vision = VisionTower(c.vision, self.dtype, self.remat, self.scan_layers, self.attention)
+        self.adapter = Projector(c.projector, self.dtype)
+        self.llm = Llm(c.llm, self.dtype, self.remat, self.scan_layers, self.attention)
+
+    def image_features(self, images_BxIxYxXxC):
+        """``[B, I, Y, X, C]`` -> projected features ``[B, MP, D_llm]``, P = ``tokens_per_image``,
+        M = I, or the number of clips when ``video_pool`` is "mean"."""
+        c = self.config
+        hidden_states, _ = self.vision(per_image(images_BxIxYxXxC))
+        feats = select_features(
+            hidden_states, c.vision_feature_layers, c.vision_feature_select_strategy == "default"
+        )
+        return self.media_blocks(self.adapter(feats), images_BxIxYxXxC.shape[0])

@@ -14,7 +14,17 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain
+from mllm_jax.models.layers import (
+    Block,
+    LayerNorm,
+    Part,
+    activation,
+    attention,
+    constrain,
+    merge_heads,
+    mlp,
+    split_heads,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,71 +55,62 @@ class PerceiverConfig:
         activation(self.act)
 
 
-class PerceiverAttention(nn.Module):
+class PerceiverAttention(Block):
     """Latents attend to ``concat(context, latents)``; no biases (as in the Perceiver/Flamingo papers)."""
 
     config: PerceiverConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, context_BxSxD, latents_BxLxD):
+    def __call__(self, context_BxPxD, latents_BxQxD):
         c = self.config
         ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        context_BxSxD = ln("context_layer_norm")(context_BxSxD)
-        latents_BxLxD = ln("latents_layer_norm")(latents_BxLxD)
-        kv_in_BxKxD = jnp.concatenate([context_BxSxD, latents_BxLxD], axis=1)
-        width = c.num_heads * c.head_dim
-        proj = lambda name: Dense(width, ("embed", "heads"), False, self.dtype, name=name)  # noqa: E731
-        b = latents_BxLxD.shape[0]
-        split = lambda y: y.reshape(b, y.shape[1], c.num_heads, c.head_dim)  # noqa: E731
-        q_BxLxNxH = split(proj("q_proj")(latents_BxLxD))
-        k_BxKxNxH = split(proj("k_proj")(kv_in_BxKxD))
-        v_BxKxNxH = split(proj("v_proj")(kv_in_BxKxD))
+        context_BxPxD = ln("context_layer_norm")(context_BxPxD)
+        latents_BxQxD = ln("latents_layer_norm")(latents_BxQxD)
+        kv_BxSxD = jnp.concatenate([context_BxPxD, latents_BxQxD], axis=1)  # S = P + Q keys
+        heads = lambda name, x: split_heads(x, name, c.num_heads, c.head_dim, False, self.dtype)  # noqa: E731
+        q_BxQxNxH = heads("q_proj", latents_BxQxD)
+        k_BxSxNxH = heads("k_proj", kv_BxSxD)
+        v_BxSxNxH = heads("v_proj", kv_BxSxD)
         if c.qk_layer_norms:
-            q_BxLxNxH = ln("q_layer_norm")(q_BxLxNxH)
-            k_BxKxNxH = ln("k_layer_norm")(k_BxKxNxH)
-        out = attention(q_BxLxNxH, k_BxKxNxH, v_BxKxNxH, dtype=self.dtype).reshape(b, -1, width)
-        return Dense(c.embed_dim, ("heads", "embed"), False, self.dtype, name="output_proj")(out)
+            q_BxQxNxH = ln("q_layer_norm")(q_BxQxNxH)
+            k_BxSxNxH = ln("k_layer_norm")(k_BxSxNxH)
+        out = attention(q_BxQxNxH, k_BxSxNxH, v_BxSxNxH, dtype=self.dtype, kernel=self.attention)
+        return merge_heads(out, "output_proj", c.embed_dim, False, self.dtype)
 
 
-class PerceiverMlp(nn.Module):
+class PerceiverBlock(Block):
     config: PerceiverConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD):
+    def __call__(self, context_BxPxD, latents_BxQxD):
         c = self.config
-        h = LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="ln")(x_BxLxD)
-        h = Dense(c.mlp_dim, ("embed", "mlp"), False, self.dtype, name="fc")(h)
-        h = constrain(activation(c.act)(h), ("act_batch", "act_seq", "act_mlp"))
-        return Dense(c.embed_dim, ("mlp", "embed"), False, self.dtype, name="c_proj")(h)
+        attn = PerceiverAttention(c, self.dtype, self.attention, name="attn")
+        latents_BxQxD = latents_BxQxD + attn(context_BxPxD, latents_BxQxD)
+        latents_BxQxD = latents_BxQxD + PerceiverMlp(c, self.dtype, name="mlp")(latents_BxQxD)
+        return constrain(latents_BxQxD, ("act_batch", "act_seq", "act_embed"))
 
 
-class PerceiverBlock(nn.Module):
+class PerceiverMlp(Part):
     config: PerceiverConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, context_BxSxD, latents_BxLxD):
-        latents_BxLxD = latents_BxLxD + PerceiverAttention(self.config, self.dtype, name="attn")(
-            context_BxSxD, latents_BxLxD
-        )
-        latents_BxLxD = latents_BxLxD + PerceiverMlp(self.config, self.dtype, name="mlp")(latents_BxLxD)
-        return constrain(latents_BxLxD, ("act_batch", "act_seq", "act_embed"))
+    def __call__(self, x_BxQxD):
+        c = self.config
+        h = LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="ln")(x_BxQxD)
+        return mlp(h, c.mlp_dim, c.embed_dim, c.act, False, self.dtype, ("fc", "c_proj"))
 
 
-class Perceiver(nn.Module):
-    """Features ``[B, S, D]`` (one image each) or ``[B, F, S, D]`` (F frames of one clip) ->
-    latents ``[B, num_latents, D]``."""
+class Perceiver(Block):
+    """Features ``[B, P, D]`` (one image each) or ``[B, F, P, D]`` (F frames of one clip, read as one
+    context of F·P tokens) -> latents ``[B, Q, D]``, Q = ``num_latents``."""
 
     config: PerceiverConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         if x.ndim == 4:
-            b, f, s, d = x.shape
+            b, f, p, d = x.shape
             if c.max_frames:
                 if f > c.max_frames:
                     raise ValueError(f"{f} frames given, the perceiver embeds at most {c.max_frames}")
@@ -119,18 +120,19 @@ class Perceiver(nn.Module):
                     (c.max_frames, d),
                 )
                 x = x + frame_emb[:f, None].astype(x.dtype)[None]
-            x = x.reshape(b, f * s, d)
+            x = x.reshape(b, f * p, d)
         if x.ndim != 3 or x.shape[-1] != c.embed_dim:
             raise ValueError(
-                f"perceiver expects [B, S, {c.embed_dim}] or [B, F, S, {c.embed_dim}], got {x.shape}"
+                f"perceiver expects [B, P, {c.embed_dim}] or [B, F, P, {c.embed_dim}], got {x.shape}"
             )
-        context_BxSxD = constrain(x.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
+        context_BxPxD = constrain(x.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
         latents = self.param(
             "latents",
             nn.with_logical_partitioning(nn.initializers.normal(c.latents_init_std), (None, "embed")),
             (c.num_latents, c.embed_dim),
         )
-        latents_BxLxD = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0], *latents.shape))
+        latents_BxQxD = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0], *latents.shape))
         for i in range(c.depth):
-            latents_BxLxD = PerceiverBlock(c, self.dtype, name=f"blocks_{i}")(context_BxSxD, latents_BxLxD)
-        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(latents_BxLxD)
+            block = PerceiverBlock(c, self.dtype, self.attention, name=f"blocks_{i}")
+            latents_BxQxD = block(context_BxPxD, latents_BxQxD)
+        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(latents_BxQxD)

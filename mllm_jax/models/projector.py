@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from mllm_jax.models.layers import Dense, activation, constrain
+from mllm_jax.models.layers import Dense, Part, activation, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,19 +23,18 @@ class ProjectorConfig:
         activation(self.act)
 
 
-class Projector(nn.Module):
+class Projector(Part):
     """``[..., in_features] -> [..., out_features]``; layers named ``linear_1..N`` as in HF LLaVA."""
 
     config: ProjectorConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxPxF):
+    def __call__(self, x_BxPxE):
         c = self.config
         # Pin the input's layout too: left to infer it, XLA's SPMD partitioner (jax 0.10.2, XLA:CPU)
         # computed the wrong rows for the batch shards with data != fsdp on data=2,fsdp=2,tensor=2
         # (the kernel's out-dim is on fsdp, which also splits the batch).
-        h = constrain(x_BxPxF, ("act_batch", "act_seq", "act_embed"))
+        h = constrain(x_BxPxE, ("act_batch", "act_seq", "act_embed"))
         for i in range(1, c.depth + 1):
             # in-dim on the tensor axis, out-dim on fsdp: a logical name may not repeat within one kernel
             h = Dense(c.out_features, ("mlp", "embed"), c.bias, self.dtype, name=f"linear_{i}")(h)

@@ -19,7 +19,22 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mllm_jax.models.layers import Dense, LayerNorm, activation, attention, constrain, maybe_remat
+from mllm_jax.models.layers import (
+    AttentionKernel,
+    Block,
+    Dense,
+    EncoderDims,
+    LayerNorm,
+    Part,
+    Stack,
+    activation,
+    attention,
+    constrain,
+    maybe_remat,
+    merge_heads,
+    mlp,
+    split_heads,
+)
 
 # mask mode -> allowed[i, j] over [queries; text] positions, from is_text_i [S, 1], is_text_j [1, S]
 # and j <= i [S, S]. Padded keys are masked on top of this.
@@ -53,11 +68,8 @@ def self_attention_mask(mode, num_queries: int, valid_BxS):
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
-    hidden_size: int = 64
+class QFormerConfig(EncoderDims):
     intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
     act: str = "gelu"
     layer_norm_eps: float = 1e-12
     cross_attention_frequency: int = 2  # layer i cross-attends iff i % frequency == 0
@@ -71,18 +83,11 @@ class QFormerConfig:
     vocab_size: int = 30522  # text_input only
     max_positions: int = 512  # text_input only
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
     def has_cross_attention(self, layer: int) -> bool:
         return layer % self.cross_attention_frequency == 0
 
     def validate(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"Q-Former hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}"
-            )
+        self.check_heads("Q-Former")
         if self.cross_attention_frequency < 1:
             raise ValueError(f"cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
         if self.text_input and not self.text_ffn:
@@ -92,39 +97,33 @@ class QFormerConfig:
         activation(self.act)
 
 
-class QFormerAttention(nn.Module):
+class QFormerAttention(Block):
     """BERT attention block ``LayerNorm(x + output(attn(x, context)))``; self-attention: ``context = x``."""
 
     config: QFormerConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxSxD, context_BxNxE, mask_Bx1xSxN=None):
+    def __call__(self, x_BxTxD, context_BxSxE, mask_Bx1xTxS=None):
         c = self.config
-        b, s, d = x_BxSxD.shape
-        n = context_BxNxE.shape[1]
-        proj = lambda name: Dense(d, ("embed", "heads"), dtype=self.dtype, name=name)  # noqa: E731
-        q = proj("query")(x_BxSxD).reshape(b, s, c.num_heads, c.head_dim)
-        k = proj("key")(context_BxNxE).reshape(b, n, c.num_heads, c.head_dim)
-        v = proj("value")(context_BxNxE).reshape(b, n, c.num_heads, c.head_dim)
-        out = attention(q, k, v, mask_Bx1xSxN, dtype=self.dtype).reshape(b, s, d)
-        out = Dense(d, ("heads", "embed"), dtype=self.dtype, name="output")(out)
-        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(out + x_BxSxD)
+        heads = lambda name, x: split_heads(x, name, c.num_heads, c.head_dim, True, self.dtype)  # noqa: E731
+        q, k, v = heads("query", x_BxTxD), heads("key", context_BxSxE), heads("value", context_BxSxE)
+        out = attention(q, k, v, mask_Bx1xTxS, self.dtype, kernel=self.attention)
+        out = merge_heads(out, "output", c.hidden_size, True, self.dtype)
+        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(out + x_BxTxD)
 
 
-class QFormerFfn(nn.Module):
+class QFormerFfn(Part):
     """BERT feed-forward block: ``LayerNorm(x + output(act(intermediate(x))))``."""
 
     config: QFormerConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxSxD):
+    def __call__(self, x_BxTxD):
         c = self.config
-        h = Dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype, name="intermediate")(x_BxSxD)
-        h = constrain(activation(c.act)(h), ("act_batch", "act_seq", "act_mlp"))
-        h = Dense(c.hidden_size, ("mlp", "embed"), dtype=self.dtype, name="output")(h)
-        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(h + x_BxSxD)
+        h = mlp(
+            x_BxTxD, c.intermediate_size, c.hidden_size, c.act, True, self.dtype, ("intermediate", "output")
+        )
+        return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layer_norm")(h + x_BxTxD)
 
 
 class QFormerLayer(nn.Module):
@@ -132,19 +131,19 @@ class QFormerLayer(nn.Module):
     cross_attention: bool
     num_queries: int  # an attribute, not an argument: it must stay static under nn.remat
     dtype: jnp.dtype = jnp.float32
+    attention: AttentionKernel = AttentionKernel()
 
     @nn.compact
-    def __call__(self, x_BxSxD, self_mask_Bx1xSxS, image_BxNxE, image_mask_Bx1x1xN):
+    def __call__(self, x_BxSxD, self_mask_Bx1xSxS, image_BxPxE, image_mask_Bx1x1xP):
         c = self.config
         num_queries = self.num_queries
-        h_BxSxD = QFormerAttention(c, self.dtype, name="attention")(x_BxSxD, x_BxSxD, self_mask_Bx1xSxS)
+        attn = lambda name: QFormerAttention(c, self.dtype, self.attention, name=name)  # noqa: E731
+        h_BxSxD = attn("attention")(x_BxSxD, x_BxSxD, self_mask_Bx1xSxS)
         q_BxQxD, text_BxTxD = h_BxSxD[:, :num_queries], h_BxSxD[:, num_queries:]
         parts = []
         if num_queries:  # zero queries: a text-only pass (stage-1 text features), as HF's query_length=0
             if self.cross_attention:
-                q_BxQxD = QFormerAttention(c, self.dtype, name="crossattention")(
-                    q_BxQxD, image_BxNxE, image_mask_Bx1x1xN
-                )
+                q_BxQxD = attn("crossattention")(q_BxQxD, image_BxPxE, image_mask_Bx1x1xP)
             parts.append(QFormerFfn(c, self.dtype, name="ffn_query")(q_BxQxD))
         if text_BxTxD.shape[1]:
             parts.append(QFormerFfn(c, self.dtype, name="ffn_text")(text_BxTxD))
@@ -172,11 +171,10 @@ def _embed_text(c: QFormerConfig, words, positions, text_BxT):
     return words(jnp.clip(text_BxT, 0, c.vocab_size - 1)) + positions(jnp.arange(t))[None]
 
 
-class QFormerEmbeddings(nn.Module):
+class QFormerEmbeddings(Part):
     """InstructBLIP: word + position embeddings of the text after the queries, one LayerNorm over both."""
 
     config: QFormerConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, queries_BxQxD, text_BxT=None):
@@ -191,7 +189,7 @@ class QFormerEmbeddings(nn.Module):
         return LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="layernorm")(x_BxSxD)
 
 
-class QFormerTextEmbeddings(nn.Module):
+class QFormerTextEmbeddings(Part):
     """BLIP-2 stage 1 (HF ``Blip2TextEmbeddings``): word + position embeddings ``[B, T] -> [B, T, D]``.
 
     No LayerNorm here: the Q-Former's own ``layernorm`` normalises ``[queries; text]`` together.
@@ -199,7 +197,6 @@ class QFormerTextEmbeddings(nn.Module):
     """
 
     config: QFormerConfig
-    dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         self.word_embeddings, self.position_embeddings = _embedding_tables(self.config, self.dtype)
@@ -212,28 +209,27 @@ class QFormerTextEmbeddings(nn.Module):
         return self.word_embeddings.attend(x_BxTxD.astype(self.dtype))
 
 
-class QFormer(nn.Module):
-    """Queries ``[B, Q, D]`` (+ optional text tokens ``[B, T]``) reading image features ``[B, N, E]``.
+class QFormer(Stack):
+    """Queries ``[B, Q, D]`` (+ optional text tokens ``[B, T]``) reading image features ``[B, P, E]``.
 
-    Returns the last hidden states ``[B, Q + T, D]``; the first ``Q`` rows are the query outputs.
-    ``text_mask_BxT`` marks valid text tokens (1) against padding (0); ``image_mask_BxN`` likewise.
+    Returns the last hidden states ``[B, S, D]``, S = Q + T (every position is a key of the
+    self-attention); the first ``Q`` rows are the query outputs.
+    ``text_mask_BxT`` marks valid text tokens (1) against padding (0); ``image_mask_BxP`` likewise.
     Text comes as tokens (``text_input``: InstructBLIP's own embeddings) or, for BLIP-2 stage 1, as
     ``text_embeds_BxTxD`` from ``QFormerTextEmbeddings``. ``mask_mode`` is a ``MASK_MODES`` name (or
-    one per example); with zero queries (a text-only pass) ``image_BxNxE`` may be None.
+    one per example); with zero queries (a text-only pass) ``image_BxPxE`` may be None.
     """
 
     config: QFormerConfig
-    dtype: jnp.dtype = jnp.float32
-    remat: str = "none"  # a layers.REMAT_POLICIES name
 
     @nn.compact
     def __call__(
         self,
         queries_BxQxD,
-        image_BxNxE,
+        image_BxPxE,
         text_BxT=None,
         text_mask_BxT=None,
-        image_mask_BxN=None,
+        image_mask_BxP=None,
         text_embeds_BxTxD=None,
         mask_mode: str | tuple[str, ...] = "bi",
     ):
@@ -255,18 +251,17 @@ class QFormer(nn.Module):
         if text_mask_BxT is not None:
             valid_BxS = valid_BxS.at[:, q:].set(text_mask_BxT.astype(bool))
         self_mask = self_attention_mask(mask_mode, q, valid_BxS)
-        image_mask = None if image_mask_BxN is None else image_mask_BxN.astype(bool)[:, None, None, :]
-        if image_BxNxE is not None:
-            image_BxNxE = image_BxNxE.astype(self.dtype)
+        image_mask = None if image_mask_BxP is None else image_mask_BxP.astype(bool)[:, None, None, :]
+        if image_BxPxE is not None:
+            image_BxPxE = image_BxPxE.astype(self.dtype)
         elif q:
             raise ValueError("the Q-Former's queries need image features")
         layer = maybe_remat(QFormerLayer, self.remat)
         for i in range(c.num_layers):
             # "layer_i", not "layers_i": the layers differ (cross-attention every k-th), so they must
             # stay out of scan.stack_layers, which stacks every "layers_0..N" group it finds.
-            x_BxSxD = layer(c, c.has_cross_attention(i), q, self.dtype, name=f"layer_{i}")(
-                x_BxSxD, self_mask, image_BxNxE, image_mask
-            )
+            block = layer(c, c.has_cross_attention(i), q, self.dtype, self.attention, name=f"layer_{i}")
+            x_BxSxD = block(x_BxSxD, self_mask, image_BxPxE, image_mask)
             x_BxSxD = constrain(x_BxSxD, ("act_batch", "act_seq", "act_embed"))
         return x_BxSxD
 
@@ -274,7 +269,7 @@ class QFormer(nn.Module):
 class QFormerAdapter(nn.Module):
     """The BLIP-2 adapter: learned ``query_tokens``, the ``qformer`` and a ``language_projection``.
 
-    Image features ``[B, N, E]`` (+ optional instruction tokens) -> LLM inputs ``[B, num_queries, F]``.
+    Image features ``[B, P, E]`` (+ optional instruction tokens) -> LLM inputs ``[B, Q, out_features]``.
     The Q-Former runs in f32 whatever ``dtype`` is, as HF keeps it (its LayerNorm eps is 1e-12).
 
     ``itc_embed_dim > 0`` adds BLIP-2's stage-1 parts, named as HF ``Blip2ForImageTextRetrieval``'s
@@ -289,6 +284,7 @@ class QFormerAdapter(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     itc_embed_dim: int = 0
+    attention: AttentionKernel = AttentionKernel()
 
     def setup(self):
         c = self.config
@@ -297,7 +293,7 @@ class QFormerAdapter(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
             (1, self.num_queries, c.hidden_size),
         )
-        self.qformer = QFormer(c, jnp.float32, self.remat)
+        self.qformer = QFormer(c, jnp.float32, self.remat, self.attention)
         self.language_projection = Dense(self.out_features, ("mlp", "embed"), dtype=self.dtype)
         if self.itc_embed_dim:
             if c.text_input or not c.text_ffn:
@@ -317,10 +313,10 @@ class QFormerAdapter(nn.Module):
         tokens = self.query_tokens[:, :q].astype(jnp.float32)
         return jnp.broadcast_to(tokens, (b, q, self.config.hidden_size))
 
-    def __call__(self, image_BxNxE, text_BxT=None, text_mask_BxT=None):
-        b = image_BxNxE.shape[0]
+    def __call__(self, image_BxPxE, text_BxT=None, text_mask_BxT=None):
+        b = image_BxPxE.shape[0]
         hidden = self.qformer(
-            self._queries(b, self.num_queries), image_BxNxE.astype(jnp.float32), text_BxT, text_mask_BxT
+            self._queries(b, self.num_queries), image_BxPxE.astype(jnp.float32), text_BxT, text_mask_BxT
         )
         out = hidden[:, : self.num_queries]
         if self.itc_embed_dim and self.is_initializing():  # stage-1 heads exist from init on
@@ -329,20 +325,20 @@ class QFormerAdapter(nn.Module):
         out = self.language_projection(out.astype(self.dtype))
         return constrain(out, ("act_batch", "act_seq", "act_embed"))
 
-    def encode(self, image_BxNxE=None, text_BxT=None, text_mask_BxT=None, mask_mode="bi"):
+    def encode(self, image_BxPxE=None, text_BxT=None, text_mask_BxT=None, mask_mode="bi"):
         """Stage 1: the Q-Former over ``[queries (if an image is given); text (if given)]``.
 
-        Returns hidden states ``[B, Q + T, D]`` (``Q = 0`` without an image) under ``mask_mode`` (a
+        Returns hidden states ``[B, S, D]``, S = Q + T (``Q = 0`` without an image) under ``mask_mode`` (a
         ``MASK_MODES`` name, or a tuple of one per example).
         """
         if not self.itc_embed_dim:
             raise ValueError("this BLIP-2 has no stage-1 heads (itc_embed_dim=0)")
-        if image_BxNxE is None and text_BxT is None:
+        if image_BxPxE is None and text_BxT is None:
             raise ValueError("encode needs an image, a text or both")
-        b = (image_BxNxE if image_BxNxE is not None else text_BxT).shape[0]
-        q = self.num_queries if image_BxNxE is not None else 0
+        b = (image_BxPxE if image_BxPxE is not None else text_BxT).shape[0]
+        q = self.num_queries if image_BxPxE is not None else 0
         text_embeds = None if text_BxT is None else self.embeddings(text_BxT)
-        image = None if image_BxNxE is None else image_BxNxE.astype(jnp.float32)
+        image = None if image_BxPxE is None else image_BxPxE.astype(jnp.float32)
         return self.qformer(
             self._queries(b, q),
             image,

@@ -69,3 +69,11 @@ def is_stacked(tree) -> bool:
     if not isinstance(tree, dict):
         return False
     return "layers" in tree or any(is_stacked(v) for v in tree.values())
+
+
+def layer_stack(layer_cls, num_layers: int, scan: bool, in_axes: tuple, *args, **kwargs):
+    """``num_layers`` of ``layer_cls(*args, **kwargs)``: one scanned module named ``layers`` (see
+    ``scanned``), or a list of modules named ``layers_{i}``, created in the calling module's scope."""
+    if scan:
+        return scanned(layer_cls, num_layers, in_axes)(*args, name="layers", **kwargs)
+    return [layer_cls(*args, name=f"layers_{i}", **kwargs) for i in range(num_layers)]

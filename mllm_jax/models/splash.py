@@ -50,17 +50,10 @@ def make_kernel(heads: int, q_len: int, kv_len: int, causal: bool, window: int |
         head_mask = mask_lib.CausalMask(shape)
     else:
         head_mask = mask_lib.FullMask(shape)
-    bq, bkv = block_size(q_len), block_size(kv_len)
-    blocks = kernel_lib.BlockSizes(
-        block_q=bq,
-        block_kv=bkv,
-        block_kv_compute=bkv,
-        block_q_dkv=bq,
-        block_kv_dkv=bkv,
-        block_kv_dkv_compute=bkv,
-        block_q_dq=bq,
-        block_kv_dq=bkv,
-    )
+    # every query block (forward, dkv and dq passes) spans bq queries, every key/value block bkv keys
+    q_blocks = dict.fromkeys(("block_q", "block_q_dkv", "block_q_dq"), block_size(q_len))
+    kv_fields = ("block_kv", "block_kv_compute", "block_kv_dkv", "block_kv_dkv_compute", "block_kv_dq")
+    blocks = kernel_lib.BlockSizes(**q_blocks, **dict.fromkeys(kv_fields, block_size(kv_len)))
     with jax.ensure_compile_time_eval():  # concrete mask arrays, not the caller's tracers: cacheable
         return kernel_lib.make_splash_mha(
             mask_lib.MultiHeadMask([head_mask] * heads),

@@ -5,7 +5,7 @@ exactly HF's ``IdeficsGatedCrossAttentionLayer``. With the alphas at zero (the d
 the identity, so inserting blocks into a pretrained LLM leaves its outputs unchanged until training opens
 the gates.
 
-Media masking: ``media_mask_BxTxN[b, t, n]`` says whether text token ``t`` may see image ``n`` (IDEFICS's
+Media masking: ``media_mask_BxTxM[b, t, m]`` says whether text token ``t`` may see image ``m`` (IDEFICS's
 ``image_attention_mask``: the latest image at or before the token). A token that may see no image gets
 a zero cross-attention output (HF's ``cross_attention_gate``); the dense branch is not gated by it.
 """
@@ -18,7 +18,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mllm_jax.models.layers import Dense, RMSNorm, activation, attention, constrain
+from mllm_jax.models.layers import (
+    Block,
+    GatedMlp,
+    RMSNorm,
+    activation,
+    attention,
+    constrain,
+    merge_heads,
+    split_heads,
+)
 
 ALPHA_TYPES = ("float", "vector")
 # HF `alpha_initializer` names; "normal", "gaussian" and "random" all mean N(0, alpha_init_std).
@@ -64,59 +73,39 @@ def _alpha_init(c: XattnConfig):
     return nn.initializers.normal(c.alpha_init_std)
 
 
-def expand_media_mask(media_mask_BxTxN, tokens_per_image: int):
-    """``[B, T, N]`` per-image permissions -> (``mask [B, 1, T, N*S]``, ``gate [B, T]``).
+def expand_media_mask(media_mask_BxTxM, tokens_per_image: int):
+    """``[B, T, M]`` per-image permissions -> (``mask [B, 1, T, MP]``, ``gate [B, T]``).
 
     Rows that may see no image get an all-True mask: their attention output is discarded by the gate,
     and a fully masked softmax row would only risk NaNs (and NaN gradients) for nothing.
     """
-    allowed_BxTxN = media_mask_BxTxN.astype(bool)
-    gate_BxT = allowed_BxTxN.any(axis=-1)
-    allowed_BxTxN = allowed_BxTxN | ~gate_BxT[..., None]
-    mask_BxTxK = jnp.repeat(allowed_BxTxN, tokens_per_image, axis=-1)
-    return mask_BxTxK[:, None], gate_BxT
+    allowed_BxTxM = media_mask_BxTxM.astype(bool)
+    gate_BxT = allowed_BxTxM.any(axis=-1)
+    allowed_BxTxM = allowed_BxTxM | ~gate_BxT[..., None]
+    mask_BxTxMP = jnp.repeat(allowed_BxTxM, tokens_per_image, axis=-1)
+    return mask_BxTxMP[:, None], gate_BxT
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Block):
     config: XattnConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxTxD, media_BxKxE, mask_Bx1xTxK):
+    def __call__(self, x_BxTxD, media_BxSxE, mask_Bx1xTxS):
         c = self.config
-        b, t, _ = x_BxTxD.shape
-        width = c.num_heads * c.head_dim
-        q = Dense(width, ("embed", "heads"), False, self.dtype, name="q_proj")(x_BxTxD)
-        k = Dense(width, ("embed", "heads"), False, self.dtype, name="k_proj")(media_BxKxE)
-        v = Dense(width, ("embed", "heads"), False, self.dtype, name="v_proj")(media_BxKxE)
-        q_BxTxNxH = q.reshape(b, t, c.num_heads, c.head_dim)
-        k_BxKxNxH = k.reshape(b, -1, c.num_heads, c.head_dim)
-        v_BxKxNxH = v.reshape(b, -1, c.num_heads, c.head_dim)
+        heads = lambda name, x: split_heads(x, name, c.num_heads, c.head_dim, False, self.dtype)  # noqa: E731
+        q_BxTxNxH = heads("q_proj", x_BxTxD)
+        k_BxSxNxH = heads("k_proj", media_BxSxE)
+        v_BxSxNxH = heads("v_proj", media_BxSxE)
         if c.qk_layer_norms:
             q_BxTxNxH = RMSNorm(c.rms_norm_eps, self.dtype, name="q_layer_norm")(q_BxTxNxH)
-            k_BxKxNxH = RMSNorm(c.rms_norm_eps, self.dtype, name="k_layer_norm")(k_BxKxNxH)
+            k_BxSxNxH = RMSNorm(c.rms_norm_eps, self.dtype, name="k_layer_norm")(k_BxSxNxH)
         q_BxTxNxH = constrain(q_BxTxNxH, ("act_batch", "act_seq", "act_heads", None))
-        out = attention(q_BxTxNxH, k_BxKxNxH, v_BxKxNxH, mask_Bx1xTxK, dtype=self.dtype)
-        return Dense(c.hidden_size, ("heads", "embed"), False, self.dtype, name="o_proj")(
-            out.reshape(b, t, width)
-        )
+        out = attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xTxS, self.dtype, kernel=self.attention)
+        return merge_heads(out, "o_proj", c.hidden_size, False, self.dtype)
 
 
-class XattnMlp(nn.Module):
-    config: XattnConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        gate = Dense(c.intermediate_size, ("embed", "mlp"), False, self.dtype, name="gate_proj")(x)
-        up = Dense(c.intermediate_size, ("embed", "mlp"), False, self.dtype, name="up_proj")(x)
-        h = constrain(activation(c.act)(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-        return Dense(c.hidden_size, ("mlp", "embed"), False, self.dtype, name="down_proj")(h)
-
-
-class GatedCrossAttention(nn.Module):
-    """``x [B, T, D]``, media ``[B, N, S, E]`` (N images of S tokens), ``media_mask [B, T, N]``
+class GatedCrossAttention(Block):
+    """``x [B, T, D]``, media ``[B, M, P, E]`` (M images or clips of P tokens), ``media_mask [B, T, M]``
     -> ``[B, T, D]``.
 
     ``media=None`` means no images: only the (ungated by media) dense branch acts, as in HF with an
@@ -124,40 +113,39 @@ class GatedCrossAttention(nn.Module):
     """
 
     config: XattnConfig
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxTxD, media_BxNxSxE=None, media_mask_BxTxN=None):
+    def __call__(self, x_BxTxD, media_BxMxPxE=None, media_mask_BxTxM=None):
         c = self.config
         b, t, _ = x_BxTxD.shape
-        if media_BxNxSxE is None:  # a single dummy image nobody may see: params exist, output is gated off
-            media_BxNxSxE = jnp.zeros((b, 1, 1, c.kv_dim), self.dtype)
-            media_mask_BxTxN = jnp.zeros((b, t, 1), bool)
-        if media_mask_BxTxN is None:
-            raise ValueError("gated cross-attention needs media_mask [B, T, N] together with the media")
-        _, n, s, e = media_BxNxSxE.shape
-        if media_mask_BxTxN.shape != (b, t, n):
-            raise ValueError(f"media_mask must be {(b, t, n)} for {n} images, got {media_mask_BxTxN.shape}")
-        mask_Bx1xTxK, gate_BxT = expand_media_mask(media_mask_BxTxN, s)
+        if media_BxMxPxE is None:  # a single dummy image nobody may see: params exist, output is gated off
+            media_BxMxPxE = jnp.zeros((b, 1, 1, c.kv_dim), self.dtype)
+            media_mask_BxTxM = jnp.zeros((b, t, 1), bool)
+        if media_mask_BxTxM is None:
+            raise ValueError("gated cross-attention needs media_mask [B, T, M] together with the media")
+        _, m, p, e = media_BxMxPxE.shape
+        if media_mask_BxTxM.shape != (b, t, m):
+            raise ValueError(f"media_mask must be {(b, t, m)} for {m} images, got {media_mask_BxTxM.shape}")
+        mask_Bx1xTxS, gate_BxT = expand_media_mask(media_mask_BxTxM, p)
         param = lambda name: self.param(  # noqa: E731
             name, nn.with_logical_partitioning(_alpha_init(c), (None,) * len(c.alpha_shape)), c.alpha_shape
         )
         alpha_xattn, alpha_dense = param("alpha_cross_attn"), param("alpha_dense")
 
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxTxD)
-        media_BxKxE = media_BxNxSxE.reshape(b, n * s, e).astype(self.dtype)
-        h = CrossAttention(c, self.dtype, name="cross_attn")(h, media_BxKxE, mask_Bx1xTxK)
+        media_BxSxE = media_BxMxPxE.reshape(b, m * p, e).astype(self.dtype)  # S = M·P keys
+        h = CrossAttention(c, self.dtype, self.attention, name="cross_attn")(h, media_BxSxE, mask_Bx1xTxS)
         h = jnp.where(gate_BxT[..., None], h, jnp.zeros((), h.dtype))
         x_BxTxD = x_BxTxD + jnp.tanh(alpha_xattn).astype(self.dtype) * h
 
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxTxD)
-        h = XattnMlp(c, self.dtype, name="mlp")(h)
+        h = GatedMlp(c.intermediate_size, c.act, False, self.dtype, name="mlp")(h)
         x_BxTxD = x_BxTxD + jnp.tanh(alpha_dense).astype(self.dtype) * h
         return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
 
 
 def latest_image_mask(tokens_BxT, image_token_id: int, num_images: int, eod_token_id: int | None = None):
-    """IdeficsProcessor's ``image_attention_mask`` computed from token ids: bool ``[B, T, N]``.
+    """IdeficsProcessor's ``image_attention_mask`` computed from token ids: bool ``[B, T, M]``.
 
     Token ``t`` may see the latest ``<image>`` at or before it (the k-th image token is image ``k``), none
     before the first image, none after an end-of-document token until the next image (so packed documents

@@ -4,28 +4,17 @@ The conversion modules are called directly (read_safetensors + normalize_keys + 
 these tests do not depend on the ``mllm_jax.hf`` dispatch table.
 """
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from blip2_fixtures import NUM_QUERY_TOKENS, QFORMER_VOCAB, build_blip2
+from hf_fixtures import built_once, convert, export_exact
 from transformers import AutoConfig, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
 from mllm_jax.hf import blip2 as hf_blip2
 from mllm_jax.hf import instructblip as hf_instructblip
-from mllm_jax.hf.common import (
-    hf_to_params,
-    merge_config,
-    normalize_keys,
-    params_to_hf,
-    read_config,
-    read_safetensors,
-    write_safetensors,
-)
 from mllm_jax.inference.generate import generate
 from mllm_jax.models.blip2 import Blip2
 from mllm_jax.models.eva import EvaTower
@@ -55,12 +44,7 @@ class Checkpoint:
         self.torch_cls = (
             InstructBlipForConditionalGeneration if self.instruct else Blip2ForConditionalGeneration
         )
-        self.hf_config = read_config(path)
-        self.tensors = read_safetensors(path)
-        self.config = self.module.config_from_hf(self.hf_config)
-        self.params = hf_to_params(
-            normalize_keys(self.tensors, self.module.ALIASES), self.module.rules(self.config), name
-        )
+        self.hf_config, self.tensors, self.config, self.params = convert(path, self.module)
         self.model = Blip2(self.config)
         self.torch_model = self.torch_cls.from_pretrained(path).eval()
         rng = np.random.default_rng(len(name))
@@ -95,27 +79,22 @@ class Checkpoint:
 
     def our_logits(self):
         extra = (
-            (jnp.asarray(self.qformer_tokens), jnp.asarray(self.qformer_mask))
+            {
+                "qformer_tokens_BxT": jnp.asarray(self.qformer_tokens),
+                "qformer_mask_BxT": jnp.asarray(self.qformer_mask),
+            }
             if self.instruct
-            else (None,) * 2
+            else {}
         )
-        fn = jax.jit(lambda p, t, i, m: self.model.apply({"params": p}, t, i, None, m, None, None, *extra)[0])
+        fn = jax.jit(lambda p, t, i, m: self.model.apply({"params": p}, t, i, None, m, **extra)[0])
         images = jnp.asarray(self.pixels.transpose(0, 2, 3, 1)[:, None])
         return np.asarray(fn(self.params, jnp.asarray(self.tokens), images, jnp.asarray(self.mask)))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cache = {}
-
-    def get(name: str) -> Checkpoint:
-        if name not in cache:
-            path = str(tmp_path_factory.mktemp(f"blip2_{name}"))
-            build_blip2(path, seed=len(cache) + 1, **VARIANTS[name])
-            cache[name] = Checkpoint(path, name)
-        return cache[name]
-
-    return get
+    build = lambda path, seed, name: Checkpoint(build_blip2(path, seed=seed + 1, **VARIANTS[name]), name)  # noqa: E731
+    return built_once(tmp_path_factory, "blip2", build)
 
 
 def valid(logits, mask):
@@ -150,16 +129,8 @@ def test_eva_hidden_states_match_transformers(checkpoint):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_export_is_bit_exact_and_loads_cleanly(name, checkpoint, tmp_path):
     ck = checkpoint(name)
-    tensors = params_to_hf(ck.params, ck.module.rules(ck.config), f"export {name}")
-    assert sorted(tensors) == sorted(ck.tensors)
-    for k, v in ck.tensors.items():
-        assert tensors[k].dtype == v.dtype and tensors[k].shape == v.shape, k
-        assert tensors[k].tobytes() == v.tobytes(), k
     out = str(tmp_path / "export")
-    write_safetensors(out, tensors)
-    d = merge_config(ck.hf_config, ck.module.config_to_hf(ck.config, ck.hf_config))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(d, f)
+    export_exact(out, ck.module, ck.config, ck.params, ck.tensors, ck.hf_config)
     ignore = {"transformers_version", "_name_or_path"}
     ca = {k: v for k, v in AutoConfig.from_pretrained(ck.path).to_dict().items() if k not in ignore}
     cb = {k: v for k, v in AutoConfig.from_pretrained(out).to_dict().items() if k not in ignore}

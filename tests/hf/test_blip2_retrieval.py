@@ -13,8 +13,8 @@ import torch
 from blip2_fixtures import ITC_DIM, NUM_QUERY_TOKENS, QFORMER_VOCAB, build_blip2, build_blip2_retrieval
 from transformers import AutoConfig, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-from mllm_jax import hf
 from mllm_jax.errors import ConversionError
+from mllm_jax.families import store
 from mllm_jax.hf import blip2_retrieval
 from mllm_jax.hf.common import hf_to_params, normalize_keys, params_to_hf, read_safetensors
 from mllm_jax.models import blip2_stage1
@@ -24,7 +24,7 @@ from mllm_jax.models.blip2 import Blip2
 @pytest.fixture(scope="module")
 def retrieval(tmp_path_factory):
     path = build_blip2_retrieval(str(tmp_path_factory.mktemp("blip2_itm")), seed=3)
-    return path, hf.load_pretrained(path)
+    return path, store.load_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_round_trip_is_bit_exact_and_loads_cleanly(retrieval, tmp_path):
     for k, v in tensors.items():
         assert exported[k].dtype == v.dtype and exported[k].tobytes() == v.tobytes(), k
     out = str(tmp_path / "export")
-    hf.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config)
+    store.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config)
     ignore = {"transformers_version", "_name_or_path"}
     ca = {k: v for k, v in AutoConfig.from_pretrained(path).to_dict().items() if k not in ignore}
     cb = {k: v for k, v in AutoConfig.from_pretrained(out).to_dict().items() if k not in ignore}
@@ -100,9 +100,9 @@ def test_round_trip_is_bit_exact_and_loads_cleanly(retrieval, tmp_path):
 
 def test_dispatch_tells_retrieval_from_generation_and_keeps_the_image_token(tmp_path):
     path = build_blip2_retrieval(str(tmp_path / "itm"), image_token=True, cross_attention_frequency=1)
-    pretrained = hf.load_pretrained(path)
-    assert hf.architecture(pretrained.hf_config)[1] is blip2_retrieval
-    hf.save_pretrained(
+    pretrained = store.load_pretrained(path)
+    assert store.architecture(pretrained.hf_config)[1] is blip2_retrieval
+    store.save_pretrained(
         str(tmp_path / "out"), "blip2", pretrained.config, pretrained.params, pretrained.hf_config
     )
     with open(os.path.join(tmp_path / "out", "config.json")) as f:
@@ -116,7 +116,7 @@ def test_dispatch_tells_retrieval_from_generation_and_keeps_the_image_token(tmp_
 def test_generation_export_drops_the_stage1_heads(tmp_path):
     """A stage-1 trained BLIP-2 (heads + LLM) exports to Blip2ForConditionalGeneration without them."""
     path = build_blip2(str(tmp_path / "gen"), text="opt", qformer_text_input=True)
-    pretrained = hf.load_pretrained(path)
+    pretrained = store.load_pretrained(path)
     assert pretrained.config.itc_embed_dim == 0
     config = dataclasses.replace(pretrained.config, itc_embed_dim=ITC_DIM)
     rng = np.random.default_rng(0)
@@ -139,12 +139,12 @@ def test_generation_export_drops_the_stage1_heads(tmp_path):
     }
     params = dict(pretrained.params, adapter=dict(pretrained.params["adapter"], **heads))
     out = str(tmp_path / "out")
-    hf.save_pretrained(out, "blip2", config, params, pretrained.hf_config)
+    store.save_pretrained(out, "blip2", config, params, pretrained.hf_config)
     model, info = Blip2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     a, b = read_safetensors(path), read_safetensors(out)
     assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
-    assert hf.load_pretrained(out).config == pretrained.config
+    assert store.load_pretrained(out).config == pretrained.config
 
 
 def test_bad_configs_are_refused(retrieval):

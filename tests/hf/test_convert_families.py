@@ -7,9 +7,8 @@ import pytest
 from blip2_fixtures import build_blip2, build_opt
 from idefics_fixtures import IDEFICS_VARIANTS, build_idefics
 
-from mllm_jax import hf
+from mllm_jax.families import store
 from mllm_jax.hf.common import read_safetensors
-from mllm_jax.training import checkpoint
 
 BUILDERS = {
     "blip2_opt": lambda d: build_blip2(d, text="opt"),
@@ -26,7 +25,7 @@ def test_convert_round_trip(name, tmp_path):
     for flags in ([f"--from_hf={src}", f"--to={ckpt}"], [f"--from={ckpt}", f"--to_hf={back}"]):
         r = subprocess.run([sys.executable, "-m", "mllm_jax.convert", *flags], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-    assert checkpoint.read_model_config(ckpt)[0] == hf.load_pretrained(src).family
+    assert store.read_model_config(ckpt)[0] == store.load_pretrained(src).family
     a, b = read_safetensors(src), read_safetensors(back)
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)

@@ -6,8 +6,6 @@ Conversion goes through ``mllm_jax.hf.idefics`` directly (read + normalize + rul
 
 import dataclasses
 import functools
-import json
-import os
 
 import hf_fixtures
 import idefics_fixtures as fx
@@ -18,17 +16,8 @@ import pytest
 import torch
 from transformers import AutoConfig, IdeficsForVisionText2Text
 
+from mllm_jax.errors import ConversionError
 from mllm_jax.hf import idefics as conv
-from mllm_jax.hf.common import (
-    ConversionError,
-    hf_to_params,
-    merge_config,
-    normalize_keys,
-    params_to_hf,
-    read_config,
-    read_safetensors,
-    write_safetensors,
-)
 from mllm_jax.models.idefics import Idefics
 from mllm_jax.models.llm import init_cache
 from mllm_jax.models.xattn import latest_image_mask
@@ -51,15 +40,14 @@ def processor():
 
 
 def load(model_dir):
-    config = conv.config_from_hf(read_config(model_dir))
-    tensors = normalize_keys(read_safetensors(model_dir), conv.ALIASES)
-    return config, hf_to_params(tensors, conv.rules(config), model_dir)
+    _, _, config, params = hf_fixtures.convert(model_dir, conv)
+    return config, params
 
 
 @functools.cache
 def forward_fn(config):
     return jax.jit(
-        lambda p, t, i, a, m: Idefics(config).apply({"params": p}, t, i, None, a, image_mask_BxLxN=m)[0]
+        lambda p, t, i, a, m: Idefics(config).apply({"params": p}, t, i, None, a, image_mask_BxTxM=m)[0]
     )
 
 
@@ -112,18 +100,9 @@ def test_logits_match_transformers(variant, converted):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_export_loads_cleanly_round_trips_and_gives_same_logits(variant, converted, tmp_path):
     model_dir, config, params, inputs, ours = converted(variant)
-    tensors = params_to_hf(params, conv.rules(config), "export")
-    original = read_safetensors(model_dir)
-    assert sorted(tensors) == sorted(original)
-    for k, v in original.items():
-        assert v.dtype == tensors[k].dtype and v.shape == tensors[k].shape, k
-        assert v.tobytes() == tensors[k].tobytes(), k
-
     out = str(tmp_path / "export")
-    base = read_config(model_dir)
-    write_safetensors(out, tensors)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(merge_config(base, conv.config_to_hf(config, base)), f, indent=2)
+    base, original, _, _ = hf_fixtures.convert(model_dir, conv)
+    hf_fixtures.export_exact(out, conv, config, params, original, base)
     model, info = IdeficsForVisionText2Text.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
@@ -164,21 +143,21 @@ def test_image_mask_from_tokens_matches_the_processor(processor):
     np.testing.assert_array_equal(np.asarray(ours), inputs["image_attention_mask"].numpy().astype(bool))
 
 
-def greedy(config, params, tokens_1xL, pixels, image_mask_1xLxN, steps):
+def greedy(config, params, tokens_1xT, pixels, image_mask_1xTxM, steps):
     """Prefill + one-token steps over a KV cache; each new token sees the images the last prompt token
     sees (HF's rule in ``_update_model_kwargs_for_generation``).
 
     Returns (prefill logits ``[1, L, V]``, per-step next-token logits ``[steps, V]``, new ids)."""
     model = Idefics(config)
     apply = functools.partial(jax.jit(model.apply, static_argnames="method"), {"params": params})
-    length = tokens_1xL.shape[1]
+    length = tokens_1xT.shape[1]
     media = apply(pixels, method="media")  # once: the cross-attention K/V are recomputed from it per step
     cache = init_cache(config.llm, 1, length + steps)
     positions = jnp.arange(length)[None]
-    embeds = apply(tokens_1xL, method="embed")
+    embeds = apply(tokens_1xT, method="embed")
     zero = jnp.zeros((1,), jnp.int32)
-    prefill, cache = apply(embeds, positions, None, cache, zero, media, image_mask_1xLxN, method="decode")
-    step_mask = image_mask_1xLxN[:, -1:]
+    prefill, cache = apply(embeds, positions, None, cache, zero, media, image_mask_1xTxM, method="decode")
+    step_mask = image_mask_1xTxM[:, -1:]
     next_logits, out_logits, out_ids = prefill[:, -1], [], []
     for i in range(steps):
         token = jnp.argmax(next_logits, -1)

@@ -14,7 +14,8 @@ from conftest import LLAVA_VARIANTS
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from mllm_jax import hf, models
+from mllm_jax import families
+from mllm_jax.families import store
 from mllm_jax.hf.common import read_safetensors
 
 PROMPT = "USER : <image> what color is this <image> ? ASSISTANT :"
@@ -36,7 +37,7 @@ def torch_logits(model_dir, inputs):
 
 
 def our_logits(pretrained, inputs):
-    model = models.build(pretrained.family, pretrained.config)
+    model = families.build(pretrained.family, pretrained.config)
     images = inputs["pixel_values"].transpose(0, 2, 3, 1)[None]
     fn = jax.jit(lambda p, t, i: model.apply({"params": p}, t, i)[0])
     return np.asarray(fn(pretrained.params, jnp.asarray(inputs["input_ids"]), jnp.asarray(images)))
@@ -46,7 +47,7 @@ def our_logits(pretrained, inputs):
 def test_logits_match_transformers(variant, llava_dir, image_files):
     model_dir = llava_dir(variant)
     inputs = hf_inputs(model_dir, image_files)
-    ours = our_logits(hf.load_pretrained(model_dir), inputs)
+    ours = our_logits(store.load_pretrained(model_dir), inputs)
     ref = torch_logits(model_dir, inputs)
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
@@ -55,9 +56,9 @@ def test_logits_match_transformers(variant, llava_dir, image_files):
 @pytest.mark.parametrize("variant", ["clip_default", "siglip_qwen2_linear"])
 def test_export_loads_cleanly_and_gives_same_logits(variant, llava_dir, image_files, tmp_path):
     model_dir = llava_dir(variant)
-    pretrained = hf.load_pretrained(model_dir)
+    pretrained = store.load_pretrained(model_dir)
     out = str(tmp_path / "export")
-    hf.save_pretrained(
+    store.save_pretrained(
         out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config, model_dir
     )
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)

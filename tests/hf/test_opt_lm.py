@@ -1,26 +1,16 @@
 """Stand-alone OPTForCausalLM against transformers: logits with left padding, export, round trip."""
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from blip2_fixtures import build_opt
+from hf_fixtures import convert, export_exact
 from transformers import AutoModelForCausalLM
 
 from mllm_jax.hf import opt as hf_opt
-from mllm_jax.hf.common import (
-    hf_to_params,
-    merge_config,
-    normalize_keys,
-    params_to_hf,
-    read_config,
-    read_safetensors,
-    write_safetensors,
-)
+from mllm_jax.hf.common import hf_to_params, normalize_keys
 from mllm_jax.models.opt import Opt
 
 # opt-350m's shape (narrow word embeddings with project_in/out, post-LN) and a bias-free, untied,
@@ -34,9 +24,7 @@ VARIANTS = {
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_opt_matches_transformers_and_round_trips(name, tmp_path):
     path = build_opt(str(tmp_path / name), seed=7, **VARIANTS[name])
-    hf_config, tensors = read_config(path), read_safetensors(path)
-    config = hf_opt.config_from_hf(hf_config)
-    params = hf_to_params(normalize_keys(tensors, hf_opt.ALIASES), hf_opt.rules(config), name)
+    hf_config, tensors, config, params = convert(path, hf_opt)
     assert config.projects == (name == "proj_post_ln")
 
     rng = np.random.default_rng(0)
@@ -58,16 +46,8 @@ def test_opt_matches_transformers_and_round_trips(name, tmp_path):
     keep = mask.astype(bool)
     np.testing.assert_allclose(ours[keep], ref[keep], atol=1e-4, rtol=0)
 
-    exported = params_to_hf(params, hf_opt.rules(config), f"export {name}")
-    assert sorted(exported) == sorted(tensors)
-    assert all(
-        exported[k].dtype == v.dtype and exported[k].tobytes() == v.tobytes() for k, v in tensors.items()
-    )
     out = str(tmp_path / "export")
-    write_safetensors(out, exported)
-    d = merge_config(hf_config, dict(hf_opt.config_to_hf(config), architectures=[hf_opt.ARCHITECTURE]))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(d, f)
+    export_exact(out, hf_opt, config, params, tensors, hf_config)  # architectures: the original's
     again, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert type(again).__name__ == hf_opt.ARCHITECTURE
@@ -83,9 +63,7 @@ def test_opt_matches_transformers_and_round_trips(name, tmp_path):
 
 def test_legacy_decoder_prefix_is_accepted(tmp_path):
     path = build_opt(str(tmp_path / "legacy"), seed=1)
-    tensors = read_safetensors(path)
+    _, tensors, config, a = convert(path, hf_opt)
     legacy = {k.removeprefix("model."): v for k, v in tensors.items()}  # as saved from OPTModel
-    config = hf_opt.config_from_hf(read_config(path))
-    a = hf_to_params(normalize_keys(tensors, hf_opt.ALIASES), hf_opt.rules(config), "new")
     b = hf_to_params(normalize_keys(legacy, hf_opt.ALIASES), hf_opt.rules(config), "legacy")
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))

@@ -11,19 +11,20 @@ import torch
 from hf_fixtures import build_causal_lm, build_vision
 from transformers import AutoModel, AutoModelForCausalLM
 
-from mllm_jax import hf, models
+from mllm_jax import families
 from mllm_jax.errors import ConversionError
+from mllm_jax.families import store
 from mllm_jax.hf.common import read_safetensors, write_safetensors
 
 
 @pytest.mark.parametrize("vision", ["clip", "siglip"])
 def test_vision_tower_matches_transformers(vision, tmp_path):
     model_dir = build_vision(str(tmp_path / vision), vision, seed=3)
-    pretrained = hf.load_pretrained(model_dir)
+    pretrained = store.load_pretrained(model_dir)
     pixels = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
         ref = AutoModel.from_pretrained(model_dir).eval()(torch.tensor(pixels), output_hidden_states=True)
-    module = models.build("vit", pretrained.config)
+    module = families.build("vit", pretrained.config)
     hidden, pooled = jax.jit(lambda p, x: module.apply({"params": p}, x))(
         pretrained.params, jnp.asarray(pixels.transpose(0, 2, 3, 1))
     )
@@ -44,9 +45,9 @@ DECODERS = {
 @pytest.mark.parametrize("name", sorted(DECODERS))
 def test_decoder_matches_transformers_and_exports_cleanly(name, tmp_path):
     model_dir = build_causal_lm(str(tmp_path / name), seed=5, **DECODERS[name])
-    pretrained = hf.load_pretrained(model_dir)
+    pretrained = store.load_pretrained(model_dir)
     tokens = np.random.default_rng(1).integers(0, 40, size=(2, 20))
-    module = models.build("llm", pretrained.config)
+    module = families.build("llm", pretrained.config)
 
     @jax.jit
     def logits_fn(params, tokens):
@@ -57,7 +58,7 @@ def test_decoder_matches_transformers_and_exports_cleanly(name, tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     out = str(tmp_path / "export")
-    hf.save_pretrained(
+    store.save_pretrained(
         out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config, model_dir
     )
     exported, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -73,10 +74,10 @@ def test_bf16_checkpoint_round_trips_in_bf16(tmp_path):
     src = str(tmp_path / "bf16")
     model = AutoModel.from_pretrained(build_vision(str(tmp_path / "f32"), "clip")).to(torch.bfloat16)
     model.save_pretrained(src)
-    pretrained = hf.load_pretrained(src)
+    pretrained = store.load_pretrained(src)
     assert pretrained.params["position_embedding"].dtype == ml_dtypes.bfloat16
     out = str(tmp_path / "out")
-    hf.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config)
+    store.save_pretrained(out, pretrained.family, pretrained.config, pretrained.params, pretrained.hf_config)
     a, b = read_safetensors(src), read_safetensors(out)
     assert (
         all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a) and a.keys() == b.keys()
@@ -106,7 +107,7 @@ def test_pickled_checkpoints_are_refused_with_a_clear_error(tmp_path):
     os.remove(os.path.join(model_dir, "model.safetensors"))
     open(os.path.join(model_dir, "pytorch_model.bin"), "wb").close()
     with pytest.raises(ConversionError, match="safetensors is required"):
-        hf.load_pretrained(model_dir)
+        store.load_pretrained(model_dir)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -114,4 +115,4 @@ def test_unsupported_architecture_is_named(tmp_path):
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         f.write('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ConversionError, match="'gpt2'.*not supported"):
-        hf.load_pretrained(model_dir)
+        store.load_pretrained(model_dir)

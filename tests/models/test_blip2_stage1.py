@@ -341,13 +341,9 @@ def sharded_losses() -> dict:
 def test_sharded_loss_equals_single_device(reference):
     """The batch of ``reference`` split over 8 devices (data 4 x fsdp 2), params sharded by the rules."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    this_file = [sys.executable, os.path.abspath(__file__)]
     r = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=os.path.dirname(TESTS),
-        timeout=600,
+        this_file, capture_output=True, text=True, env=env, cwd=os.path.dirname(TESTS), timeout=600
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoder_checks import assert_cached_decoding_matches, assert_causal, forward
 
 from mllm_jax.models.llm import Llm, LlmConfig, init_cache, rope_inv_freq
 
@@ -28,10 +29,6 @@ def model_and_params():
     return model, nn.meta.unbox(variables["params"])
 
 
-def forward(model, params, tokens, **kw):
-    return model.apply({"params": params}, model.apply({"params": params}, tokens, method="embed"), **kw)[0]
-
-
 @jax.jit
 def jit_forward(params, tokens, positions=None, mask=None):
     return forward(Llm(CONFIG), params, tokens, positions_BxT=positions, attention_mask_BxT=mask)
@@ -50,34 +47,12 @@ class LlmVariantsTest(chex.TestCase):
 
 
 def test_no_gradient_from_future_tokens(model_and_params):
-    model, params = model_and_params
-    embeds = jax.random.normal(jax.random.key(2), (1, 8, 32))
-    t = 3
-    grad = jax.jit(jax.grad(lambda e: model.apply({"params": params}, e)[0][0, t].sum()))(embeds)
-    assert np.all(np.asarray(grad[0, t + 1 :]) == 0)
-    assert np.any(np.asarray(grad[0, : t + 1]) != 0)
+    assert_causal(*model_and_params, CONFIG.hidden_size)
 
 
 def test_kv_cache_decoding_equals_full_forward(model_and_params):
     model, params = model_and_params
-    tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, 50)
-    full = jit_forward(params, tokens)
-
-    @jax.jit
-    def step(tokens, positions, cache, index):
-        embeds = model.apply({"params": params}, tokens, method="embed")
-        return model.apply({"params": params}, embeds, positions, None, cache, index)
-
-    cache = init_cache(CONFIG, 2, 16)
-    logits, cache = step(
-        tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (2, 5)), cache, jnp.zeros((2,), jnp.int32)
-    )
-    steps = [logits]
-    for i in range(5, 9):
-        pos = jnp.full((2, 1), i)
-        logits, cache = step(tokens[:, i : i + 1], pos, cache, pos[:, 0])
-        steps.append(logits)
-    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    assert_cached_decoding_matches(model, params, init_cache(CONFIG, 2, 16), CONFIG.vocab_size)
 
 
 def test_padding_mask_hides_pad_keys(model_and_params):

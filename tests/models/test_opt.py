@@ -4,9 +4,9 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from blip2_fixtures import random_params
+from decoder_checks import assert_cached_decoding_matches, assert_causal, forward
 
 from mllm_jax.models import llm
 from mllm_jax.models.opt import Opt, OptConfig, init_cache
@@ -32,10 +32,6 @@ def param_shapes(config):
 @pytest.fixture(scope="module")
 def model_and_params():
     return init(CONFIG)
-
-
-def forward(model, params, tokens, **kw):
-    return model.apply({"params": params}, model.apply({"params": params}, tokens, method="embed"), **kw)[0]
 
 
 @jax.jit
@@ -67,36 +63,16 @@ def test_param_tree_follows_the_config():
 
 
 def test_no_gradient_from_future_tokens(model_and_params):
-    model, params = model_and_params
-    embeds = jax.random.normal(jax.random.key(2), (1, 8, 32))
-    t = 3
-    grad = jax.jit(jax.grad(lambda e: model.apply({"params": params}, e)[0][0, t].sum()))(embeds)
-    assert np.all(np.asarray(grad[0, t + 1 :]) == 0)
-    assert np.any(np.asarray(grad[0, : t + 1]) != 0)
+    assert_causal(*model_and_params, CONFIG.hidden_size)
 
 
 @pytest.mark.parametrize("config", [CONFIG, PROJ], ids=["pre_ln", "proj_post_ln"])
 def test_kv_cache_decoding_equals_full_forward(config):
     model, params = init(config)
-    tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, 50)
-    full = jax.jit(lambda p, t: forward(model, p, t))(params, tokens)
     # pre_ln passes positions explicitly; proj_post_ln leaves them to default to the cache offset.
-    explicit = config is CONFIG
-
-    @jax.jit
-    def step(tokens, positions, cache, index):
-        embeds = model.apply({"params": params}, tokens, method="embed")
-        return model.apply({"params": params}, embeds, positions if explicit else None, None, cache, index)
-
-    cache = init_cache(config, 2, 16)
-    prefill = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    logits, cache = step(tokens[:, :5], prefill, cache, jnp.zeros((2,), jnp.int32))
-    steps = [logits]
-    for i in range(5, 9):
-        pos = jnp.full((2, 1), i)
-        logits, cache = step(tokens[:, i : i + 1], pos, cache, pos[:, 0])
-        steps.append(logits)
-    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    assert_cached_decoding_matches(
+        model, params, init_cache(config, 2, 16), 50, explicit_positions=config is CONFIG
+    )
 
 
 def test_left_padding_takes_positions_from_the_mask(model_and_params):

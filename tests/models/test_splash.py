@@ -1,6 +1,6 @@
 """The splash attention kernel (Pallas, TPU) against XLA attention, run in the Pallas interpreter on CPU:
 causal with key padding on either side, grouped-query heads, lengths that are not whole blocks, a
-sliding window, gradients, and a whole LLM forward with the run-level switch."""
+sliding window, gradients, and a whole LLM forward with the kernel as the model's field."""
 
 import chex
 import jax
@@ -42,13 +42,6 @@ def causal(key_valid=None, window=None):
     return layers.causal_mask(idx, idx, None if key_valid is None else jnp.asarray(key_valid), window)
 
 
-@pytest.fixture
-def interpreted_splash(monkeypatch):
-    """The run-level switch set to splash, its kernel run by the Pallas interpreter."""
-    monkeypatch.setitem(layers.ATTENTION_IMPLEMENTATION, "name", "splash")
-    monkeypatch.setitem(layers.ATTENTION_IMPLEMENTATION, "interpret", True)
-
-
 def test_causal_with_key_padding_and_grouped_heads_matches_xla_with_gradients():
     q, k, v = qkv()
     key_valid = jnp.asarray(KEY_VALID)
@@ -81,30 +74,31 @@ def test_block_sizes_divide_the_padded_length():
     assert [splash.block_size(n) for n in (128, 256, 384, 512, 640, 2048)] == [128, 256, 128, 512, 128, 512]
 
 
-def test_llm_forward_with_the_splash_switch_matches_xla(interpreted_splash):
+def test_llm_forward_with_the_splash_kernel_matches_xla():
     config = LlmConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8
     )
-    model = Llm(config)
     tokens = jax.random.randint(jax.random.key(4), (B, T), 0, 64)
     mask = jnp.asarray(KEY_VALID, jnp.int32)
-    params = model.init(jax.random.key(5), jnp.zeros((1, 4, 32)))
-    embeds = model.apply(params, tokens, method=Llm.embed)
-    forward = lambda: jax.jit(model.apply)(params, embeds, attention_mask_BxT=mask)[0]  # noqa: E731
-    got = forward()
-    layers.ATTENTION_IMPLEMENTATION["name"] = None
-    want = forward()
+    params = Llm(config).init(jax.random.key(5), jnp.zeros((1, 4, 32)))
+    embeds = Llm(config).apply(params, tokens, method=Llm.embed)
+
+    def forward(kernel):  # the kernel is the model's own field: same params, another module
+        return jax.jit(Llm(config, attention=kernel).apply)(params, embeds, attention_mask_BxT=mask)[0]
+
+    got = forward(layers.AttentionKernel("splash", interpret=True))  # the Pallas interpreter on CPU
+    want = forward(layers.AttentionKernel())
     chex.assert_trees_all_close(got[KEY_VALID], want[KEY_VALID], atol=1e-5)
 
 
-def test_splash_is_refused_off_tpu(monkeypatch):
-    monkeypatch.setitem(layers.ATTENTION_IMPLEMENTATION, "name", None)
+def test_splash_is_refused_off_tpu():
     with pytest.raises(ValueError, match="'splash' is a TPU kernel .* compiles for cpu: use 'xla'"):
-        layers.use_attention("splash")
-    assert layers.ATTENTION_IMPLEMENTATION["name"] is None
+        layers.attention_kernel("splash")
     with pytest.raises(ValueError, match="attention 'flash': one of"):
-        layers.use_attention("flash")
+        layers.attention_kernel("flash")
+    # a kernel built around attention_kernel is refused when a step is traced with it
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+        layers.attention(q, k, v, kernel=layers.AttentionKernel("splash"))
     # a plan for a TPU slice compiles for it from this CPU host
-    monkeypatch.setitem(layers.ATTENTION_IMPLEMENTATION, "platform", "tpu")
-    layers.use_attention("splash")
-    assert layers.ATTENTION_IMPLEMENTATION["name"] == "splash"
+    assert layers.attention_kernel("splash", platform="tpu") == layers.AttentionKernel("splash", "tpu")

@@ -8,18 +8,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from blip2_fixtures import tiny_blip2_config
 
 from mllm_jax.errors import ConversionError
-from mllm_jax.hf import config_to_hf
-from mllm_jax.models.blip2 import Blip2, Blip2Config
-from mllm_jax.models.eva import EvaConfig
+from mllm_jax.families import get as family
+from mllm_jax.models.blip2 import Blip2
 from mllm_jax.models.idefics import Idefics, IdeficsConfig
 from mllm_jax.models.llm import LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
-from mllm_jax.models.opt import OptConfig
 from mllm_jax.models.perceiver import PerceiverConfig
 from mllm_jax.models.projector import ProjectorConfig
-from mllm_jax.models.qformer import QFormerConfig
 from mllm_jax.models.vit import VitConfig
 from mllm_jax.models.xattn import XattnConfig
 
@@ -41,19 +39,7 @@ IDEFICS_VIDEO = dataclasses.replace(
     IDEFICS, frames_per_clip=T, perceiver=dataclasses.replace(IDEFICS.perceiver, max_frames=T)
 )
 LLAVA = LlavaConfig(vision=VIT, projector=ProjectorConfig(12, 16), llm=LLM, image_token_id=IMG)
-BLIP2 = Blip2Config(
-    vision=EvaConfig(
-        hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, image_size=8, patch_size=4
-    ),
-    qformer=QFormerConfig(
-        hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, encoder_hidden_size=16
-    ),
-    llm=OptConfig(
-        vocab_size=40, hidden_size=24, intermediate_size=32, num_layers=1, num_heads=2, max_positions=32
-    ),
-    num_query_tokens=3,
-    image_token_id=IMG,
-)
+BLIP2 = tiny_blip2_config(num_layers=1, vocab_size=40, image_token_id=IMG)
 TOKENS = jnp.array([[1, IMG, 5, 6, 7], [1, 8, IMG, 9, 10]])  # one clip (IDEFICS: one image token) each
 
 
@@ -144,14 +130,13 @@ def test_mean_pool_is_the_mean_of_the_frames_features(family):
 
 
 def test_clip_merging_models_are_not_exported():
-    for family, config in (
+    for name, config in (
         ("idefics", IDEFICS_VIDEO),
         ("llava", dataclasses.replace(LLAVA, frames_per_clip=T, video_pool="mean")),
         ("blip2", dataclasses.replace(BLIP2, frames_per_clip=T, video_pool="mean")),
     ):
         with pytest.raises(ConversionError, match="transformers has no equivalent"):
-            config_to_hf(family, config)
+            family(name).config_to_hf(config)
     # concatenated frames are plain images: LLaVA exports as before
-    assert config_to_hf("llava", dataclasses.replace(LLAVA, frames_per_clip=T)) == config_to_hf(
-        "llava", LLAVA
-    )
+    llava = family("llava")
+    assert llava.config_to_hf(dataclasses.replace(LLAVA, frames_per_clip=T)) == llava.config_to_hf(LLAVA)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -7,13 +9,9 @@ import pytest
 from mllm_jax.models.vit import VisionTower, VitConfig, select_features
 
 CLIP = VitConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=16, patch_size=4)
-SIGLIP = VitConfig(
-    hidden_size=32,
-    intermediate_size=64,
+SIGLIP = dataclasses.replace(
+    CLIP,
     num_layers=2,
-    num_heads=4,
-    image_size=16,
-    patch_size=4,
     act="gelu_pytorch_tanh",
     class_token=False,
     pre_norm=False,

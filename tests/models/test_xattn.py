@@ -85,7 +85,7 @@ def model():
 
 @jax.jit
 def model_apply(params, tokens, images):
-    return Idefics(CONFIG).apply({"params": params}, tokens, images, image_mask_BxLxN=MASK)[0]
+    return Idefics(CONFIG).apply({"params": params}, tokens, images, image_mask_BxTxM=MASK)[0]
 
 
 class XattnVariantsTest(chex.TestCase):
