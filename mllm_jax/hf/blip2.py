@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from mllm_jax.errors import ConversionError
 from mllm_jax.hf import eva, llama, opt
-from mllm_jax.hf.common import Rule, prefixed
-from mllm_jax.hf.eva import dense, ln
+from mllm_jax.hf.common import Rule, dense, dims_from_hf, dims_to_hf, ln, prefixed
 from mllm_jax.models.blip2 import Blip2Config
 from mllm_jax.models.opt import OptConfig
 from mllm_jax.models.qformer import QFormerConfig
@@ -21,10 +20,7 @@ ALIASES = ()
 
 def qformer_config_from_hf(d: dict, encoder_hidden_size: int, text_input: bool) -> QFormerConfig:
     return QFormerConfig(
-        hidden_size=d.get("hidden_size", 768),
-        intermediate_size=d.get("intermediate_size", 3072),
-        num_layers=d.get("num_hidden_layers", 12),
-        num_heads=d.get("num_attention_heads", 12),
+        **dims_from_hf(d, dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12)),
         act=d.get("hidden_act", "gelu"),
         layer_norm_eps=d.get("layer_norm_eps", 1e-12),
         cross_attention_frequency=d.get("cross_attention_frequency", 2),
@@ -38,10 +34,7 @@ def qformer_config_from_hf(d: dict, encoder_hidden_size: int, text_input: bool) 
 
 def qformer_config_to_hf(c: QFormerConfig) -> dict:
     return dict(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
+        **dims_to_hf(c),
         hidden_act=c.act,
         layer_norm_eps=c.layer_norm_eps,
         cross_attention_frequency=c.cross_attention_frequency,

@@ -16,8 +16,7 @@ import numpy as np
 
 from mllm_jax.errors import ConversionError
 from mllm_jax.hf import blip2, eva
-from mllm_jax.hf.common import Rule, prefixed
-from mllm_jax.hf.eva import dense
+from mllm_jax.hf.common import Rule, dense, prefixed
 from mllm_jax.models.blip2 import Blip2Config
 from mllm_jax.models.qformer import INIT_TEMP
 

@@ -7,7 +7,7 @@ Keys are relative to the vision model root as transformers 5 saves it (``embeddi
 from __future__ import annotations
 
 from mllm_jax.errors import ConversionError
-from mllm_jax.hf.common import CONV, LINEAR, SAME, SPLIT3, SPLIT3_LINEAR, Rule
+from mllm_jax.hf.common import CONV, SPLIT3, SPLIT3_LINEAR, Rule, dense, dims_from_hf, dims_to_hf, ln
 from mllm_jax.models.vit import VitConfig
 
 # model_type -> the switches that tell the two towers apart.
@@ -38,10 +38,7 @@ def config_from_hf(d: dict) -> VitConfig:
         raise ConversionError(f"vision model_type {model_type!r} not supported; supported: {sorted(TOWERS)}")
     t = TOWERS[model_type]
     return VitConfig(
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
+        **dims_from_hf(d),
         image_size=d["image_size"],
         patch_size=d["patch_size"],
         num_channels=d.get("num_channels", 3),
@@ -67,10 +64,7 @@ def config_to_hf(c: VitConfig) -> dict:
     model_type = model_type_of(c)
     d = dict(
         model_type=model_type,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
+        **dims_to_hf(c),
         image_size=c.image_size,
         patch_size=c.patch_size,
         num_channels=c.num_channels,
@@ -84,18 +78,6 @@ def config_to_hf(c: VitConfig) -> dict:
     return d
 
 
-def _ln(hf: str, ours: str, layers: int = 0) -> list[Rule]:
-    return [
-        Rule(f"{hf}.weight", f"{ours}/scale", SAME, layers),
-        Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers),
-    ]
-
-
-def _dense(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{hf}.weight", f"{ours}/kernel", LINEAR, layers)]
-    return rules + ([Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else [])
-
-
 def rules(c: VitConfig) -> list[Rule]:
     n = c.num_layers
     out = [
@@ -107,16 +89,16 @@ def rules(c: VitConfig) -> list[Rule]:
     if c.class_token:
         out.append(Rule("embeddings.class_embedding", "class_embedding"))
     if c.pre_norm:
-        out += _ln("pre_layrnorm", "pre_layrnorm")
+        out += ln("pre_layrnorm", "pre_layrnorm")
     layer = "encoder.layers.{i}"
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        out += _dense(f"{layer}.self_attn.{proj}", f"layers_{{i}}/self_attn/{proj}", n)
-    out += _dense(f"{layer}.mlp.fc1", "layers_{i}/mlp/fc1", n) + _dense(
+        out += dense(f"{layer}.self_attn.{proj}", f"layers_{{i}}/self_attn/{proj}", n)
+    out += dense(f"{layer}.mlp.fc1", "layers_{i}/mlp/fc1", n) + dense(
         f"{layer}.mlp.fc2", "layers_{i}/mlp/fc2", n
     )
-    out += _ln(f"{layer}.layer_norm1", "layers_{i}/layer_norm1", n)
-    out += _ln(f"{layer}.layer_norm2", "layers_{i}/layer_norm2", n)
-    out += _ln("post_layernorm", "post_layernorm")
+    out += ln(f"{layer}.layer_norm1", "layers_{i}/layer_norm1", n)
+    out += ln(f"{layer}.layer_norm2", "layers_{i}/layer_norm2", n)
+    out += ln("post_layernorm", "post_layernorm")
     if c.pooling_head:
         qkv = ("head/q_proj/{}", "head/k_proj/{}", "head/v_proj/{}")
         out += [
@@ -124,6 +106,6 @@ def rules(c: VitConfig) -> list[Rule]:
             Rule("head.attention.in_proj_weight", tuple(p.format("kernel") for p in qkv), SPLIT3_LINEAR),
             Rule("head.attention.in_proj_bias", tuple(p.format("bias") for p in qkv), SPLIT3),
         ]
-        out += _dense("head.attention.out_proj", "head/out_proj") + _ln("head.layernorm", "head/layernorm")
-        out += _dense("head.mlp.fc1", "head/mlp/fc1") + _dense("head.mlp.fc2", "head/mlp/fc2")
+        out += dense("head.attention.out_proj", "head/out_proj") + ln("head.layernorm", "head/layernorm")
+        out += dense("head.mlp.fc1", "head/mlp/fc1") + dense("head.mlp.fc2", "head/mlp/fc2")
     return out

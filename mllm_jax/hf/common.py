@@ -171,6 +171,36 @@ class Rule:
             yield self.hf.format(i=i), tuple(p.format(i=i) for p in ours)
 
 
+# HF's names of the sizes every transformer config has -> our config fields.
+DIMS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+}
+
+
+def dims_from_hf(d: dict, defaults: dict | None = None) -> dict:
+    """Our size fields from an HF config; without ``defaults`` (ours, by our names) each must be there."""
+    return {ours: d[hf] if defaults is None else d.get(hf, defaults[ours]) for hf, ours in DIMS.items()}
+
+
+def dims_to_hf(c) -> dict:
+    return {hf: getattr(c, ours) for hf, ours in DIMS.items()}
+
+
+def ln(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Rule]:
+    """A LayerNorm (without ``bias``: an RMSNorm): HF ``weight`` / ``bias`` <-> our ``scale`` / ``bias``."""
+    rules = [Rule(f"{hf}.weight", f"{ours}/scale", SAME, layers)]
+    return rules + ([Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else [])
+
+
+def dense(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Rule]:
+    """A torch Linear <-> our ``Dense``."""
+    rules = [Rule(f"{hf}.weight", f"{ours}/kernel", LINEAR, layers)]
+    return rules + ([Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else [])
+
+
 def prefixed(rules: Sequence[Rule], hf_prefix: str, our_prefix: str) -> list[Rule]:
     """Re-root a sub-model's rules (e.g. the vision tower's) inside a composite."""
     out = []

@@ -9,7 +9,7 @@ EVA's separate ``q_bias`` / ``v_bias``.
 from __future__ import annotations
 
 from mllm_jax.errors import ConversionError
-from mllm_jax.hf.common import CONV, LINEAR, SAME, Rule
+from mllm_jax.hf.common import CONV, Rule, dense, dims_from_hf, dims_to_hf, ln
 from mllm_jax.models.eva import EvaConfig
 
 MODEL_TYPES = ("blip_2_vision_model", "instructblip_vision_model")
@@ -31,10 +31,7 @@ def config_from_hf(d: dict) -> EvaConfig:
             f"vision model_type {model_type!r} is not an EVA tower; supported: {MODEL_TYPES}"
         )
     return EvaConfig(
-        hidden_size=d.get("hidden_size", 1408),
-        intermediate_size=d.get("intermediate_size", 6144),
-        num_layers=d.get("num_hidden_layers", 39),
-        num_heads=d.get("num_attention_heads", 16),
+        **dims_from_hf(d, dict(hidden_size=1408, intermediate_size=6144, num_layers=39, num_heads=16)),
         image_size=_square(d.get("image_size", 224), "image_size"),
         patch_size=_square(d.get("patch_size", 14), "patch_size"),
         act=d.get("hidden_act", "gelu"),
@@ -48,28 +45,13 @@ def config_to_hf(c: EvaConfig, model_type: str = MODEL_TYPES[0]) -> dict:
         raise ConversionError(f"HF EVA towers take 3-channel images, this one takes {c.num_channels}")
     return dict(
         model_type=model_type,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
+        **dims_to_hf(c),
         image_size=c.image_size,
         patch_size=c.patch_size,
         hidden_act=c.act,
         layer_norm_eps=c.layer_norm_eps,
         qkv_bias=c.qkv_bias,
     )
-
-
-def ln(hf: str, ours: str, layers: int = 0) -> list[Rule]:
-    return [
-        Rule(f"{hf}.weight", f"{ours}/scale", SAME, layers),
-        Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers),
-    ]
-
-
-def dense(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{hf}.weight", f"{ours}/kernel", LINEAR, layers)]
-    return rules + ([Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else [])
 
 
 def rules(c: EvaConfig) -> list[Rule]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mllm_jax.errors import ConversionError
 from mllm_jax.hf import clip, llama
-from mllm_jax.hf.common import LINEAR, SAME, Rule, prefixed
+from mllm_jax.hf.common import LINEAR, SAME, Rule, ln, prefixed
 from mllm_jax.models.idefics import IdeficsConfig
 from mllm_jax.models.perceiver import PerceiverConfig
 from mllm_jax.models.xattn import XattnConfig
@@ -20,51 +20,28 @@ ALIASES = ()
 # What tied checkpoints may store anyway (a loader drops them when ``llm.tie_embeddings``).
 TIED_KEYS = ("lm_head.weight", "lm_head.additional_fc.weight")
 
-# IdeficsVisionConfig / IdeficsPerceiverConfig / IdeficsConfig defaults, for configs that omit keys.
-_VISION_DEFAULTS = dict(
-    embed_dim=768,
-    image_size=224,
-    intermediate_size=5120,
-    patch_size=14,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    num_channels=3,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
+# The decoder's fields at the top level of an IdeficsConfig (LLaMA's names), and its RoPE settings.
+_TEXT_KEYS = tuple(
+    "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads hidden_act rms_norm_eps "
+    "max_position_embeddings tie_word_embeddings".split()
 )
-_PERCEIVER_DEFAULTS = dict(
-    resampler_n_latents=64,
-    resampler_depth=6,
-    resampler_n_heads=16,
-    resampler_head_dim=96,
-    qk_layer_norms_perceiver=False,
-)
-_TEXT_DEFAULTS = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    hidden_act="silu",
-    rms_norm_eps=1e-6,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
-_TEXT_KEYS = (*_TEXT_DEFAULTS, "rope_parameters", "rope_theta", "rope_scaling")
+_ROPE_KEYS = ("rope_parameters", "rope_theta", "rope_scaling")
+
+
+def _hf_defaults() -> dict:
+    """transformers' own IdeficsConfig defaults (sub-configs included), for configs that omit keys."""
+    from transformers import IdeficsConfig
+
+    return IdeficsConfig().to_dict()
 
 
 def config_from_hf(d: dict) -> IdeficsConfig:
-    v = {**_VISION_DEFAULTS, **(d.get("vision_config") or {})}
-    vision = clip.config_from_hf(
-        dict(
-            model_type="clip_vision_model",
-            hidden_size=v["embed_dim"],
-            **{k: v[k] for k in _VISION_DEFAULTS if k != "embed_dim"},
-        )
-    )
-    text = {**_TEXT_DEFAULTS, **{k: d[k] for k in _TEXT_KEYS if k in d}}
+    defaults = _hf_defaults()
+    v = {**defaults["vision_config"], **(d.get("vision_config") or {})}
+    vision = clip.config_from_hf({**v, "model_type": "clip_vision_model", "hidden_size": v["embed_dim"]})
+    text = {k: defaults[k] for k in _TEXT_KEYS} | {k: d[k] for k in (*_TEXT_KEYS, *_ROPE_KEYS) if k in d}
     llm = llama.config_from_hf({"model_type": "llama", **text})
-    p = {**_PERCEIVER_DEFAULTS, **(d.get("perceiver_config") or {})}
+    p = {**defaults["perceiver_config"], **(d.get("perceiver_config") or {})}
     perceiver = PerceiverConfig(
         embed_dim=vision.hidden_size,
         num_latents=p["resampler_n_latents"],
@@ -144,7 +121,7 @@ def config_to_hf(c: IdeficsConfig, base: dict | None = None) -> dict:
     return dict(
         model_type="idefics",
         architectures=["IdeficsForVisionText2Text"],
-        **{k: text[k] for k in (*_TEXT_DEFAULTS, "rope_parameters")},
+        **{k: text[k] for k in (*_TEXT_KEYS, "rope_parameters")},
         additional_vocab_size=c.additional_vocab_size,
         alpha_type=c.xattn.alpha_type,
         # HF knows no "constant" init; the exported gates carry their trained values anyway
@@ -166,23 +143,18 @@ def config_to_hf(c: IdeficsConfig, base: dict | None = None) -> dict:
     )
 
 
-def _ln(hf: str, ours: str, layers: int = 0, bias: bool = True) -> list[Rule]:
-    out = [Rule(f"{hf}.weight", f"{ours}/scale", SAME, layers)]
-    return out + ([Rule(f"{hf}.bias", f"{ours}/bias", SAME, layers)] if bias else [])
-
-
 def perceiver_rules(c: PerceiverConfig) -> list[Rule]:
     """Relative to ``IdeficsPerceiverResampler`` (``blocks.i.0`` attention, ``blocks.i.1`` MLP)."""
     n = c.depth
-    out = [Rule("latents", "latents")] + _ln("layer_norm", "layer_norm")
+    out = [Rule("latents", "latents")] + ln("layer_norm", "layer_norm")
     attn, mlp = "blocks.{i}.0", "blocks.{i}.1"
     for name in ("context_layer_norm", "latents_layer_norm") + (
         ("q_layer_norm", "k_layer_norm") if c.qk_layer_norms else ()
     ):
-        out += _ln(f"{attn}.{name}", f"blocks_{{i}}/attn/{name}", n)
+        out += ln(f"{attn}.{name}", f"blocks_{{i}}/attn/{name}", n)
     for proj in ("q_proj", "k_proj", "v_proj", "output_proj"):
         out.append(Rule(f"{attn}.{proj}.weight", f"blocks_{{i}}/attn/{proj}/kernel", LINEAR, n))
-    out += _ln(f"{mlp}.ln", "blocks_{i}/mlp/ln", n)
+    out += ln(f"{mlp}.ln", "blocks_{i}/mlp/ln", n)
     for proj in ("fc", "c_proj"):
         out.append(Rule(f"{mlp}.{proj}.weight", f"blocks_{{i}}/mlp/{proj}/kernel", LINEAR, n))
     return out
@@ -194,15 +166,15 @@ def xattn_rules(c: XattnConfig, n: int) -> list[Rule]:
         Rule("{i}.alpha_cross_attn", "xattn_{i}/alpha_cross_attn", SAME, n),
         Rule("{i}.alpha_dense", "xattn_{i}/alpha_dense", SAME, n),
     ]
-    out += _ln("{i}.input_layernorm", "xattn_{i}/input_layernorm", n, bias=False)
-    out += _ln("{i}.post_attention_layernorm", "xattn_{i}/post_attention_layernorm", n, bias=False)
+    out += ln("{i}.input_layernorm", "xattn_{i}/input_layernorm", n, bias=False)
+    out += ln("{i}.post_attention_layernorm", "xattn_{i}/post_attention_layernorm", n, bias=False)
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         out.append(
             Rule(f"{{i}}.cross_attn.{proj}.weight", f"xattn_{{i}}/cross_attn/{proj}/kernel", LINEAR, n)
         )
     if c.qk_layer_norms:
         for name in ("q_layer_norm", "k_layer_norm"):
-            out += _ln(f"{{i}}.cross_attn.{name}", f"xattn_{{i}}/cross_attn/{name}", n, bias=False)
+            out += ln(f"{{i}}.cross_attn.{name}", f"xattn_{{i}}/cross_attn/{name}", n, bias=False)
     for proj in ("gate_proj", "up_proj", "down_proj"):
         out.append(Rule(f"{{i}}.mlp.{proj}.weight", f"xattn_{{i}}/mlp/{proj}/kernel", LINEAR, n))
     return out

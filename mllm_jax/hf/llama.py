@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mllm_jax.errors import ConversionError
-from mllm_jax.hf.common import LINEAR, SAME, Rule
+from mllm_jax.hf.common import LINEAR, SAME, Rule, dims_from_hf, dims_to_hf
 from mllm_jax.models.llm import ROPE_TYPES, LlmConfig
 
 # model_type -> (architecture, how its attention biases follow from the config).
@@ -35,15 +35,12 @@ def config_from_hf(d: dict) -> LlmConfig:
     if model_type == "qwen2" and d.get("use_sliding_window"):
         raise ConversionError("Qwen2 per-layer sliding window attention is not supported")
     qkv_bias, o_bias = DECODERS[model_type][1](d)
-    heads = d["num_attention_heads"]
+    dims = dims_from_hf(d)
     return LlmConfig(
         vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        **dims,
+        num_kv_heads=d.get("num_key_value_heads") or dims["num_heads"],
+        head_dim=d.get("head_dim") or dims["hidden_size"] // dims["num_heads"],
         act=d.get("hidden_act", "silu"),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         max_positions=d.get("max_position_embeddings", 2048),
@@ -78,10 +75,7 @@ def config_to_hf(c: LlmConfig, model_type: str = "llama") -> dict:
     d = dict(
         model_type=model_type,
         vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
+        **dims_to_hf(c),
         num_key_value_heads=c.num_kv_heads,
         head_dim=c.head_dim,
         hidden_act=c.act,

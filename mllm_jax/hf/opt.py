@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from mllm_jax.errors import ConversionError
-from mllm_jax.hf.common import LINEAR, Rule
-from mllm_jax.hf.eva import dense, ln
+from mllm_jax.hf.common import LINEAR, Rule, dense, ln
 from mllm_jax.models.opt import OptConfig
 
 ARCHITECTURE = "OPTForCausalLM"
