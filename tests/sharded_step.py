@@ -40,7 +40,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mllm_jax.training import optim, presets, runconfig, train  # noqa: E402
+from mllm_jax.models import params as param_tree  # noqa: E402
+from mllm_jax.training import presets, runconfig, train  # noqa: E402
 
 MESHES = {"single": None, "d2f2t2": dict(data=2, fsdp=2, tensor=2), "fsdp8": dict(data=1, fsdp=8, tensor=1)}
 EPS = 1e-2
@@ -125,10 +126,10 @@ def _shards(x):
 def one_step(trainer, stage, params, batch, case: str, mesh_name: str, out_dir: str):
     state, tx, lr = trainer.stage_state(stage, params)
     state, metrics = trainer.step(stage, tx, lr, state, batch, jax.random.fold_in(jax.random.key(0), 0))
-    trainable = optim.flatten(state["trainable"])
-    mu = optim.flatten(optax.tree_utils.tree_get(state["opt_state"], "mu"))
-    nu = optim.flatten(optax.tree_utils.tree_get(state["opt_state"], "nu"))
-    after = optim.flatten(jax.device_get(optim.merge_params(state["trainable"], state["frozen"])))
+    trainable = param_tree.flatten(state["trainable"])
+    mu = param_tree.flatten(optax.tree_utils.tree_get(state["opt_state"], "mu"))
+    nu = param_tree.flatten(optax.tree_utils.tree_get(state["opt_state"], "nu"))
+    after = param_tree.flatten(jax.device_get(param_tree.merge_params(state["trainable"], state["frozen"])))
     after.update({f"mu/{k}": v for k, v in jax.device_get(mu).items()})
     np.savez(os.path.join(out_dir, f"{case}-{mesh_name}.npz"), **after)
     return {
@@ -151,7 +152,7 @@ def run_case(case: str, out_dir: str):
         if host_params is None:  # the reference: initialised as training does, on one device
             params, _ = trainer._initial_params(None)
             host_params = jax.device_get(params)
-            np.savez(os.path.join(out_dir, f"{case}-init.npz"), **optim.flatten(host_params))
+            np.savez(os.path.join(out_dir, f"{case}-init.npz"), **param_tree.flatten(host_params))
             batch = next(trainer.setup.data_iterator(stage, seed=0))
         else:
             _, shardings = trainer._abstract_params()

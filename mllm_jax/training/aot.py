@@ -23,7 +23,8 @@ import numpy as np
 from mllm_jax import sharding
 from mllm_jax.errors import PlanError
 from mllm_jax.models import flops
-from mllm_jax.training import optim, step, train
+from mllm_jax.models import params as param_tree
+from mllm_jax.training import step, train
 
 GIB = 1024**3
 
@@ -162,10 +163,12 @@ class Planner:
             if name not in names:
                 raise PlanError(f"--stage {name!r}: the config's stages are {names}")
             return self.run.stages[names.index(name)]
-        flat = optim.flatten(self.trainer.abstract_params())
+        flat = param_tree.flatten(self.trainer.abstract_params())
 
         def weight(stage) -> tuple[int, int]:  # ties: the one with more tokens per step
-            trainable = sum(math.prod(v.shape) for k, v in flat.items() if optim.matches(k, stage.trainable))
+            trainable = sum(
+                math.prod(v.shape) for k, v in flat.items() if param_tree.matches(k, stage.trainable)
+            )
             return trainable, stage.batch_size * stage.data.max_length
 
         return max(reversed(self.run.stages), key=weight)

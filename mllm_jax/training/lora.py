@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mllm_jax import schema
 from mllm_jax.errors import ConfigError
-from mllm_jax.training import optim
+from mllm_jax.models import params as param_tree
 
 KEY = "lora"  # top-level key of the factors in a stage's trainable tree
 DEFAULT_TARGETS = (r"llm/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",)
@@ -83,7 +83,7 @@ def check_stage(stage_name: str, shapes: dict[str, tuple], config: LoraConfig, t
         raise ConfigError(
             f"{where} {list(config.targets)} match no kernel (kernels look like {', '.join(kernels[:3])})"
         )
-    both = [p for p in paths if optim.matches(p, trainable)]
+    both = [p for p in paths if param_tree.matches(p, trainable)]
     if both:
         raise ConfigError(
             f"{where} and config.stages.{stage_name}.trainable both select {both[0]}: a LoRA target stays "
@@ -94,7 +94,7 @@ def check_stage(stage_name: str, shapes: dict[str, tuple], config: LoraConfig, t
 def init_factors(rng, params, config: LoraConfig):
     """``{path: {"a": A, "b": B}}`` (nested like ``params``) for every target: ``A`` uniform in
     ``±1/sqrt(in)`` (PEFT's kaiming init), ``B`` zeros, both in the kernel's dtype."""
-    flat = optim.flatten(params)
+    flat = param_tree.flatten(params)
     out = {}
     for i, path in enumerate(target_paths({p: v.shape for p, v in flat.items()}, config)):
         w = flat[path]
@@ -103,39 +103,22 @@ def init_factors(rng, params, config: LoraConfig):
         key = jax.random.fold_in(rng, i)
         out[f"{path}/a"] = jax.random.uniform(key, (*lead, d_in, config.rank), w.dtype, -bound, bound)
         out[f"{path}/b"] = jnp.zeros((*lead, config.rank, d_out), w.dtype)
-    return optim.unflatten(out)
+    return param_tree.unflatten(out)
 
 
 def factor_shardings(params, factors):
     """``A`` is split like its kernel's input (and layer) dims, ``B`` like its output dim; the rank
     dim is replicated. So FSDP and tensor parallelism keep the factors next to their kernels."""
-    flat = optim.flatten(params)
+    flat = param_tree.flatten(params)
     out = {}
-    for path in optim.flatten(factors):
+    for path in param_tree.flatten(factors):
         kernel_path, which = path.rsplit("/", 1)
         sharding = flat[kernel_path].sharding
         ndim = flat[kernel_path].ndim
         spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
         spec = spec[:-1] + [None] if which == "a" else spec[:-2] + [None, spec[-1]]
         out[path] = NamedSharding(sharding.mesh, PartitionSpec(*spec))
-    return optim.unflatten(out)
-
-
-def merge_kernel(w, a, b, scale: float):
-    """``W + scale * A @ B`` (batched over leading layer dims), in f32, returned in ``W``'s dtype."""
-    delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
-
-
-def merge(params, factors, scale: float):
-    """``params`` with every factored kernel replaced by its merged value."""
-    flat = optim.flatten(params)
-    flat_factors = optim.flatten(factors)
-    for path in sorted({p.rsplit("/", 1)[0] for p in flat_factors}):
-        if path not in flat:
-            raise ValueError(f"LoRA factors for {path}, which is not a param")
-        flat[path] = merge_kernel(flat[path], flat_factors[f"{path}/a"], flat_factors[f"{path}/b"], scale)
-    return optim.unflatten(flat)
+    return param_tree.unflatten(out)
 
 
 def split_off(tree):
@@ -148,7 +131,7 @@ def split_off(tree):
 def merged(tree, scale: float):
     """Plain params from a tree that may hold factors under ``KEY``."""
     params, factors = split_off(tree)
-    return merge(params, factors, scale) if factors else params
+    return param_tree.merge_lora(params, factors, scale) if factors else params
 
 
 def merging(loss_fn, scale: float):

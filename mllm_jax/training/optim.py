@@ -8,13 +8,11 @@ optimizer state covers only it: frozen params cost neither gradient memory nor A
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Sequence
 
 import optax
-from flax import traverse_util
 
 from mllm_jax import schema
+from mllm_jax.models import params as param_tree
 
 SCHEDULES = ("cosine", "linear", "constant")
 # params without weight decay by default: biases, norm scales, embedding tables
@@ -44,35 +42,6 @@ class OptimConfig:
         schema.regexes(self.no_decay, where + "no_decay")
 
 
-def flatten(tree) -> dict[str, object]:
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def unflatten(flat: dict[str, object]):
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def matches(path: str, patterns: Sequence[str]) -> bool:
-    return any(re.fullmatch(p, path) for p in patterns)
-
-
-def split_params(params, trainable: Sequence[str]):
-    """``(trainable_tree, frozen_tree)``; raises if the patterns select nothing (a typo, most likely)."""
-    flat = flatten(params)
-    train = {k: v for k, v in flat.items() if matches(k, trainable)}
-    if not train:
-        examples = ", ".join(sorted(flat)[:3])
-        raise ValueError(
-            f"trainable patterns {list(trainable)} match no parameter (paths look like {examples})"
-        )
-    frozen = {k: v for k, v in flat.items() if k not in train}
-    return unflatten(train), (unflatten(frozen) if frozen else {})
-
-
-def merge_params(trainable, frozen):
-    return unflatten({**flatten(frozen), **flatten(trainable)}) if frozen else trainable
-
-
 def schedule(c: OptimConfig, total_steps: int) -> optax.Schedule:
     if c.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
@@ -95,8 +64,8 @@ def make_optimizer(c: OptimConfig, total_steps: int) -> tuple[optax.GradientTran
     lr = schedule(c, total_steps)
 
     def decay_mask(tree):
-        flat = flatten(tree)
-        return unflatten({k: not matches(k, c.no_decay) for k in flat})
+        flat = param_tree.flatten(tree)
+        return param_tree.unflatten({k: not param_tree.matches(k, c.no_decay) for k in flat})
 
     parts = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
     parts.append(optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))

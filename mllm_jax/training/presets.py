@@ -45,7 +45,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
 
 
 def model(family: str, **overrides) -> ml_collections.ConfigDict:
-    """``config.model`` of ``family``: its settings' defaults (``families/<family>.py``) with ``overrides``."""
+    """``config.model`` of ``family``: its settings' defaults (families/<family>.py) with ``overrides``."""
     return _with(families.trainable(family).settings_cls, dict(family=family, **overrides))
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from mllm_jax import sharding
+from mllm_jax.models import params as param_tree
 from mllm_jax.training import lora, optim
 from mllm_jax.training.runconfig import Stage
 
@@ -57,7 +58,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: 
     """
 
     def grads_of(trainable, frozen, batch, rng):
-        fn = lambda t: loss_fn(model, optim.merge_params(t, frozen), batch, rng)  # noqa: E731
+        fn = lambda t: loss_fn(model, param_tree.merge_params(t, frozen), batch, rng)  # noqa: E731
         (loss_sum, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
         return grads, loss_sum, aux
 
@@ -130,7 +131,7 @@ def init_state(stage: Stage, params, mesh, seed: int, start: int = 0):
     input dims, ``B`` like its output dim), scalars are replicated. Stable shardings are also what keeps
     the step from recompiling after step one."""
     abstract = is_abstract(params)
-    trainable, frozen = optim.split_params(params, stage.trainable)
+    trainable, frozen = param_tree.split_params(params, stage.trainable)
     if stage.lora.enabled:  # B = 0: the stage starts exactly at its base
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
         init = functools.partial(lora.init_factors, params=shapes, config=stage.lora)

@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 
 from mllm_jax import sharding
 from mllm_jax.errors import Diverged, Preempted
-from mllm_jax.training import checkpoint, logger, lora, optim, step, wiring
+from mllm_jax.models import params as param_tree
+from mllm_jax.training import checkpoint, logger, lora, step, wiring
 from mllm_jax.training.runconfig import RunConfig, Stage
 
 PREEMPTED_EXIT_CODE = 143
@@ -71,9 +72,9 @@ class Trainer:
         self.ckpt = None
 
     def _check_trainable(self):
-        paths = optim.flatten(self._abstract_params()[0])
+        paths = param_tree.flatten(self._abstract_params()[0])
         for stage in self.run_config.stages:
-            if not any(optim.matches(p, stage.trainable) for p in paths):
+            if not any(param_tree.matches(p, stage.trainable) for p in paths):
                 examples = ", ".join(sorted(paths)[:3])
                 raise ValueError(
                     f"config.stages.{stage.name}.trainable {list(stage.trainable)} match no parameter "
@@ -259,7 +260,7 @@ class Trainer:
 
     def _params_of(self, stage: Stage, state, shardings):
         """The stage's current params, with its LoRA factors merged (laid out like the base)."""
-        params = optim.merge_params(state["trainable"], state["frozen"])
+        params = param_tree.merge_params(state["trainable"], state["frozen"])
         if not stage.lora.enabled:
             return params
         merge = jax.jit(lambda t: lora.merged(t, stage.lora.scale), out_shardings=shardings)
@@ -307,7 +308,7 @@ class Trainer:
         stage: ``params`` as given (merged)."""
         trainable, factors = lora.split_off(state["trainable"])
         if params is None:
-            params = optim.merge_params(trainable, state["frozen"])
+            params = param_tree.merge_params(trainable, state["frozen"])
         meta = {
             "stage": stage.name,
             "stage_step": stage_step,

@@ -19,7 +19,7 @@ from PIL import Image
 from test_train import ROOT, main_cmd, read_metrics
 
 from mllm_jax.families import store
-from mllm_jax.training import optim
+from mllm_jax.models import params as param_tree
 
 # Two stages with mid-stage checkpoints (async, the default) every 2 steps; global steps 1-10 are
 # `align`, 11-30 `instruct`.
@@ -209,7 +209,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_and_stays_intact(r
         error_line(err),
     ), error_line(err)
     assert store.latest_step(reference) == before
-    assert optim.flatten(store.load_model(reference).params)
+    assert param_tree.flatten(store.load_model(reference).params)
 
 
 # ---------------------------------------------------------------- bad data and NaN steps
@@ -281,7 +281,7 @@ def test_corrupt_images_are_skipped_and_counted_and_a_nan_step_changes_nothing(d
     assert [r["train/skipped_steps"] for r in got] == [0] * 4 + [1] * 8
     assert not math.isfinite(got[4]["loss"])
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(got) if i != 4)
-    params = {s: optim.flatten(store.load_model(workdir, s).params) for s in (4, 5, 6)}
+    params = {s: param_tree.flatten(store.load_model(workdir, s).params) for s in (4, 5, 6)}
     for path, value in params[4].items():
         np.testing.assert_array_equal(params[5][path], value, err_msg=path)
     assert any(not np.array_equal(params[6][p], v) for p, v in params[5].items())
@@ -301,8 +301,8 @@ def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(
     assert store.latest_step(workdir) == 2
     assert sorted(os.listdir(os.path.join(workdir, store.CHECKPOINTS))) == ["2"]
     # step 2 as the run without the NaN streak saved it, bit for bit
-    kept = optim.flatten(store.load_model(workdir).params)
-    for path, value in optim.flatten(store.load_model(dirty_run, 2).params).items():
+    kept = param_tree.flatten(store.load_model(workdir).params)
+    for path, value in param_tree.flatten(store.load_model(dirty_run, 2).params).items():
         np.testing.assert_array_equal(kept[path], value, err_msg=path)
 
 

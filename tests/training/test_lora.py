@@ -16,7 +16,8 @@ from test_train import ROOT, SMALL, read_metrics
 
 from mllm_jax import errors
 from mllm_jax.families import store
-from mllm_jax.training import checkpoint, lora, optim, runconfig
+from mllm_jax.models import params as param_tree
+from mllm_jax.training import checkpoint, lora, runconfig
 
 # ---------------------------------------------------------------- merge math
 
@@ -40,7 +41,7 @@ CONFIG = lora.LoraConfig(rank=4, alpha=8.0)
 
 def test_init_factors_shapes_and_zero_b_merge_to_exactly_the_base():
     params = _params()
-    factors = optim.flatten(lora.init_factors(jax.random.key(0), params, CONFIG))
+    factors = param_tree.flatten(lora.init_factors(jax.random.key(0), params, CONFIG))
     assert sorted(factors) == [
         "llm/layers/mlp/up_proj/kernel/a",
         "llm/layers/mlp/up_proj/kernel/b",
@@ -52,7 +53,7 @@ def test_init_factors_shapes_and_zero_b_merge_to_exactly_the_base():
     chex.assert_shape(factors["llm/layers/mlp/up_proj/kernel/a"], (3, 8, 4))  # one pair per layer
     chex.assert_shape(factors["llm/layers/mlp/up_proj/kernel/b"], (3, 4, 10))
     assert np.abs(np.asarray(factors["llm/layers/mlp/up_proj/kernel/a"])).max() > 0
-    merged = lora.merge(params, optim.unflatten(factors), CONFIG.scale)
+    merged = param_tree.merge_lora(params, param_tree.unflatten(factors), CONFIG.scale)
     chex.assert_trees_all_equal(merged, params)  # B = 0: the stage starts at its base, bit for bit
 
 
@@ -63,8 +64,8 @@ def test_merge_is_base_plus_alpha_over_rank_a_times_b():
         lambda x: rng.normal(size=x.shape).astype(np.float32),
         lora.init_factors(jax.random.key(0), params, CONFIG),
     )
-    merged = optim.flatten(lora.merge(params, factors, 2.0))
-    flat_f, flat_p = optim.flatten(factors), optim.flatten(params)
+    merged = param_tree.flatten(param_tree.merge_lora(params, factors, 2.0))
+    flat_f, flat_p = param_tree.flatten(factors), param_tree.flatten(params)
     q = "llm/layers_0/self_attn/q_proj/kernel"
     np.testing.assert_allclose(
         merged[q], flat_p[q] + 2.0 * flat_f[q + "/a"] @ flat_f[q + "/b"], rtol=1e-5, atol=1e-5
@@ -77,7 +78,7 @@ def test_merge_is_base_plus_alpha_over_rank_a_times_b():
         np.testing.assert_array_equal(merged[path], flat_p[path])
     # the merge keeps each param's dtype
     bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    out = lora.merge(bf16, jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), factors), 2.0)
+    out = param_tree.merge_lora(bf16, jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), factors), 2.0)
     chex.assert_trees_all_equal_dtypes(out, bf16)
 
 
@@ -103,7 +104,7 @@ def test_bad_lora_values_are_one_line_config_errors(lora_dict, message):
 
 
 def test_targets_must_select_frozen_kernels():
-    shapes = {p: np.shape(v) for p, v in optim.flatten(_params()).items()}
+    shapes = {p: np.shape(v) for p, v in param_tree.flatten(_params()).items()}
     check = lambda targets, trainable=("adapter/.*",): lora.check_stage(  # noqa: E731
         "instruct", shapes, lora.LoraConfig(rank=2, targets=targets), trainable
     )
@@ -117,7 +118,6 @@ def test_targets_must_select_frozen_kernels():
         match="and config.stages.instruct.trainable both select llm/layers/mlp/up_proj/kernel",
     ):
         check(lora.DEFAULT_TARGETS, ("adapter/.*", "llm/.*"))
-
 
 
 # ---------------------------------------------------------------- a LoRA stage in the Trainer
@@ -139,7 +139,7 @@ def test_lora_stage_trains_only_factors_and_trainable_and_compiles_once(tmp_path
     stage = run.stages[1]
     state, tx, lr = trainer.stage_state(stage, params)
     # Adam moments exist for the factors and the adapter only
-    mu = optim.flatten(state["opt_state"][1][0].mu)
+    mu = param_tree.flatten(state["opt_state"][1][0].mu)
     assert mu and all(p.startswith(("lora/llm/", "adapter/")) for p in mu), sorted(mu)
     assert {p.rsplit("/", 1)[0] for p in mu if p.startswith("lora/")} == {
         f"lora/llm/layers_0/{m}/kernel"
@@ -172,8 +172,8 @@ def test_lora_stage_trains_only_factors_and_trainable_and_compiles_once(tmp_path
         initial["adapter"]["linear_1"]["kernel"],
     )
     # merging changes exactly the targets
-    merged = optim.flatten(jax.tree.map(np.asarray, trainer._params_of(stage, state, shardings)))
-    flat_initial = optim.flatten(initial)
+    merged = param_tree.flatten(jax.tree.map(np.asarray, trainer._params_of(stage, state, shardings)))
+    flat_initial = param_tree.flatten(initial)
     assert merged.keys() == flat_initial.keys()
     for path, value in merged.items():
         if path.startswith("llm/"):
@@ -229,7 +229,7 @@ def lora_run(env, tmp_path_factory):
 def _raw(workdir, step, item="params"):
     ckpt = checkpoint.TrainCheckpointer(workdir, None, async_save=False)
     try:
-        return optim.flatten(jax.tree.map(np.asarray, ckpt.restore(step, item)))
+        return param_tree.flatten(jax.tree.map(np.asarray, ckpt.restore(step, item)))
     finally:
         ckpt.close()
 
@@ -245,9 +245,9 @@ def test_lora_run_freezes_the_base_and_checkpoints_what_it_needs(lora_run):
             np.testing.assert_array_equal(mid[path], value, err_msg=path)
     assert _raw_meta(lora_run, MID)["lora"] == {"rank": 16, "alpha": 32.0}
     # readers (predict, convert, evaluate) get the merged model of a mid-stage step
-    loaded = optim.flatten(store.load_model(lora_run, MID).params)
+    loaded = param_tree.flatten(store.load_model(lora_run, MID).params)
     for path in targets:
-        want = lora.merge_kernel(mid[path], factors[path + "/a"], factors[path + "/b"], 32.0 / 16)
+        want = param_tree.merge_kernel(mid[path], factors[path + "/a"], factors[path + "/b"], 32.0 / 16)
         np.testing.assert_allclose(loaded[path], want, rtol=1e-6, atol=1e-6)
         assert not np.array_equal(loaded[path], mid[path])
     # the stage's final checkpoint is plain params: targets merged, the tower frozen, no factors left

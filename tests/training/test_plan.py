@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from mllm_jax import errors, plan
+from mllm_jax.models import params as param_tree
 from mllm_jax.training import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,7 +111,7 @@ def test_the_planned_state_is_the_trainers(tmp_path):
     import jax
     import sharded_step
 
-    from mllm_jax.training import lora, optim, runconfig
+    from mllm_jax.training import lora, runconfig
 
     c = sharded_step.llava("tiny,lora")
     c.stages.instruct.batch_size = 2
@@ -119,10 +120,10 @@ def test_the_planned_state_is_the_trainers(tmp_path):
     assert planner.stage.lora.rank == 16
     state, tx, _ = planner.abstract_state()
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
-    factors = optim.flatten(state["trainable"][lora.KEY])
-    kernels = {k: v.shape for k, v in optim.flatten(state["frozen"]).items()}
+    factors = param_tree.flatten(state["trainable"][lora.KEY])
+    kernels = {k: v.shape for k, v in param_tree.flatten(state["frozen"]).items()}
     assert {p.rsplit("/", 1)[0] for p in factors} == set(lora.target_paths(kernels, planner.stage.lora))
-    mu = optim.flatten(state["opt_state"][1][0].mu)
+    mu = param_tree.flatten(state["opt_state"][1][0].mu)
     assert {p for p in mu if p.startswith(lora.KEY + "/")} == {f"{lora.KEY}/{p}" for p in factors}
 
     trainer = planner.trainer

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mllm_jax.families import store
-from mllm_jax.training import optim
+from mllm_jax.models import params as param_tree
 
 # A model small enough that each compilation takes a few seconds.
 SMALL = [
@@ -151,8 +151,8 @@ def test_stage_trains_only_its_trainable_params(tmp_path):
         "--config.stages.align.trainable=('adapter/.*',)",
         "--config.eval.num_questions=0",
     )
-    trained = optim.flatten(store.load_model(workdir).params)
-    initial = optim.flatten(_initial_params(workdir))
+    trained = param_tree.flatten(store.load_model(workdir).params)
+    initial = param_tree.flatten(_initial_params(workdir))
     assert trained.keys() == initial.keys()
     for path in trained:
         same = np.array_equal(np.asarray(trained[path]), np.asarray(initial[path]))
@@ -228,7 +228,6 @@ def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
     from hf_fixtures import build_causal_lm, build_vision
     from transformers import LlavaForConditionalGeneration
 
-
     vision_dir = build_vision(str(tmp_path / "clip"), "clip", seed=1)
     llm_dir = build_causal_lm(str(tmp_path / "llama"), seed=2, image_token=False)
     path, image_root = llava_json
@@ -264,7 +263,7 @@ def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
     assert trained.config.llm.vocab_size == 64  # 52 words + <image>, rounded up to 64
     vision, llm = store.load_pretrained(vision_dir), store.load_pretrained(llm_dir)
     for name, source in (("vision", vision.params), ("llm", llm.params)):
-        flat, ours = optim.flatten(source), optim.flatten(trained.params[name])
+        flat, ours = param_tree.flatten(source), param_tree.flatten(trained.params[name])
         for path_, value in flat.items():
             if path_ in ("embed_tokens/embedding", "lm_head/kernel"):  # grown: the old part is intact
                 value = np.asarray(value)
