@@ -16,8 +16,22 @@ import json
 import statistics
 import time
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags, logging
+
+from mllm_jax import families
+from mllm_jax.inference import generate
+from mllm_jax.models import flops, layers
+from mllm_jax.models.layers import AttentionKernel
+from mllm_jax.models.llm import LlmConfig
+from mllm_jax.models.mllm import Llava, LlavaConfig
+from mllm_jax.models.projector import ProjectorConfig
+from mllm_jax.models.vit import VitConfig
+from mllm_jax.training import step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "small", ["tiny", "small", "medium", "large"], "Model size (see SIZES).")
@@ -50,10 +64,6 @@ SIZES = {
 
 
 def bench_config(size: str):
-    from mllm_jax.models.llm import LlmConfig
-    from mllm_jax.models.mllm import LlavaConfig
-    from mllm_jax.models.projector import ProjectorConfig
-    from mllm_jax.models.vit import VitConfig
 
     vision_sizes, llm_sizes = SIZES[size]
     v = dict(zip(VISION_FIELDS, vision_sizes, strict=True))
@@ -101,16 +111,6 @@ def bench_jax(
     config, batch: dict, steps: int, decode_tokens: int, decode_batch: int, dtype: str, attention=None
 ) -> dict:
     """``attention``: a ``layers.AttentionKernel`` (default: XLA's)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from mllm_jax.inference import generate
-    from mllm_jax.models.layers import AttentionKernel
-    from mllm_jax.models.mllm import Llava
-    from mllm_jax.training import train
-
     model = Llava(config, jnp.dtype(dtype), attention=attention or AttentionKernel())
     params = nn.meta.unbox(
         jax.jit(model.init)(
@@ -118,7 +118,7 @@ def bench_jax(
         )["params"]
     )
     tx = optax.adamw(1e-4)
-    step_fn = jax.jit(train.make_train_step(model, tx, lambda s: 1e-4, 1), donate_argnums=0)
+    step_fn = jax.jit(step.make_train_step(model, tx, lambda s: 1e-4, 1), donate_argnums=0)
     state = {
         "trainable": params,
         "frozen": {},
@@ -148,13 +148,12 @@ def bench_torch(config, batch: dict, steps: int, decode_tokens: int, decode_batc
     import contextlib
 
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from mllm_jax import hf
+    from transformers import LlavaConfig as HfLlavaConfig
+    from transformers import LlavaForConditionalGeneration
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    d = hf.config_to_hf("llava", config)
-    hf_config = LlavaConfig(**{k: v for k, v in d.items() if k != "architectures"})
+    d = families.get("llava").config_to_hf(config)
+    hf_config = HfLlavaConfig(**{k: v for k, v in d.items() if k != "architectures"})
     model = LlavaForConditionalGeneration(hf_config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.tensor(batch["tokens"], dtype=torch.long, device=device)
@@ -207,11 +206,6 @@ def bench_torch(config, batch: dict, steps: int, decode_tokens: int, decode_batc
 
 def main(argv):
     del argv
-    import jax
-
-    from mllm_jax import families
-    from mllm_jax.models import flops, layers
-
     try:
         kernel = layers.attention_kernel(FLAGS.attention)
     except ValueError as e:
