@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mllm_jax.models import splash
+
 
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
@@ -315,8 +317,6 @@ def attention(
 
 
 def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, sliding_window, kernel):
-    from mllm_jax.models import splash  # the Pallas TPU ops are imported only when chosen
-
     kernel.check()  # a kernel built without attention_kernel is checked when a step is traced
     key_valid_BxS = None
     if mask_BxNxTxS is not None:
