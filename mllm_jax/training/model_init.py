@@ -32,7 +32,7 @@ from mllm_jax.families.trainable import InitSettings, ModelSettings
 class InitialModel:
     config: object
     tokenizer: object
-    pretrained: object = None  # store.Pretrained or {"vision": ..., "llm": ...} params to start from
+    params: dict | None = None  # the weights to start from (numpy; for init.vision/llm only those parts)
     hf_bases: dict = dataclasses.field(default_factory=dict)  # HF configs of pretrained vision / llm parts
 
 
@@ -51,14 +51,14 @@ def initial_model(family: TrainableFamily, m: ModelSettings, synthetic_config) -
             tok_dir if own_tokenizer else store.assets_dir(init.checkpoint), trust_remote_code=False
         )
         tokenizer = location_tokens(m, tokenizer, "config.model.init.checkpoint")
-        return InitialModel(pretrained.config, tokenizer, pretrained)
+        return InitialModel(pretrained.config, tokenizer, pretrained.params)
     if init.hf:
         pretrained = load_hf(init.hf, family.name, "config.model.init.hf")
         tokenizer = AutoTokenizer.from_pretrained(
             tok_dir if own_tokenizer else init.hf, trust_remote_code=False
         )
         return InitialModel(
-            pretrained.config, location_tokens(m, tokenizer, "config.model.init.hf"), pretrained
+            pretrained.config, location_tokens(m, tokenizer, "config.model.init.hf"), pretrained.params
         )
     if init.vision or init.llm:
         return _from_parts(family, m, tok_dir if own_tokenizer else init.llm)

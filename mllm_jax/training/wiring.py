@@ -57,7 +57,7 @@ class RunSetup:
                 config, AutoTokenizer.from_pretrained(self.assets, trust_remote_code=False)
             )
         self.config, self.tokenizer = start.config, start.tokenizer
-        self._pretrained, self._hf_bases = start.pretrained, start.hf_bases
+        self._pretrained, self._hf_bases = start.params, start.hf_bases
         try:
             self.config.validate()
         except ValueError as e:
@@ -97,7 +97,6 @@ class RunSetup:
         loaded = self._pretrained
         if loaded is None:
             return params
-        loaded = loaded.params if hasattr(loaded, "params") else loaded
         if self.family.scans_layers(self.model):
             loaded = scan.stack_layers(loaded)
         flat, flat_shardings = param_tree.flatten(params), param_tree.flatten(shardings)
