@@ -29,10 +29,9 @@ FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # IDEFICS wraps each image in th
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IdeficsSettings(ModelSettings):
     family: str = "idefics"
-    perceiver: dict = dataclasses.field(
-        default_factory=dict
-    )  # PerceiverConfig fields; embed_dim: the tower's
-    xattn: dict = dataclasses.field(default_factory=dict)  # XattnConfig fields; widths follow the LLM / media
+    # PerceiverConfig fields (embed_dim: the tower's), XattnConfig fields (widths: the LLM's and the media's)
+    perceiver: dict = dataclasses.field(default_factory=dict)
+    xattn: dict = dataclasses.field(default_factory=dict)
     use_resampler: bool = True  # False: the vision tokens go straight to the gated blocks
     cross_layer_interval: int = 1  # a gated block before every n-th decoder layer (IDEFICS-9B: 4)
     # frames_per_clip > 1: each clip is resampled, with frame embeddings, into one media item
