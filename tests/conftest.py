@@ -1,16 +1,33 @@
-"""Shared fixtures: tiny HF checkpoints are built once per session (they cost seconds each)."""
+"""Shared fixtures: tiny HF checkpoints are built once per session (they cost seconds each); the JAX
+compilation cache; background jobs (tests/jobs.py)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# A persistent compilation cache for this session, in a fresh directory (so that a run's time does not
+# depend on earlier runs): the same small programs, compiled by many tests and by the commands they run
+# (subprocesses inherit the environment), are compiled once. JAX reads these when it is imported, so
+# they are set before anything imports it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="mllm_jax_test_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+assert "jax" not in sys.modules, "conftest.py must set JAX's cache before JAX is imported"
+
 import hf_fixtures  # noqa: E402
+import jobs  # noqa: E402
 
 # name -> build_llava kwargs. Together they cover GQA, feature layers -2/-1/list, "default"/"full",
 # CLIP/SigLIP, tied embeddings, llama3/linear RoPE scaling and the Mistral/Qwen2 decoders.
@@ -62,3 +79,36 @@ def image_files(tmp_path_factory):
     return [
         hf_fixtures.save_image(d, seed, size) for seed, size in ((0, (20, 24)), (1, (32, 16)), (2, (16, 16)))
     ]
+
+
+# ---------------------------------------------------------------- background jobs (tests/jobs.py)
+
+
+def _uses_jobs(item) -> bool:
+    return any(jobs.is_job(name) for name in item.fixturenames)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules whose tests use background jobs run after the others (each module's tests stay together,
+    in their order): their jobs run meanwhile."""
+    late = {item.module.__name__ for item in items if _uses_jobs(item)}
+    items.sort(key=lambda item: item.module.__name__ in late)
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    jobs.start([name for item in session.items for name in item.fixturenames])
+
+
+def pytest_sessionfinish(session):
+    jobs.finish()
+
+
+def pytest_terminal_summary(terminalreporter):
+    done = jobs.timings()
+    if done:
+        line = ", ".join(
+            f"{name} {seconds:.0f}s" for name, seconds in sorted(done.items(), key=lambda x: -x[1])
+        )
+        terminalreporter.write_line(f"background jobs: {line}")

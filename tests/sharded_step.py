@@ -1,15 +1,16 @@
-"""One train step per family and stage on 8 simulated CPU devices under several meshes (run by
+"""One train step per family and stage on 8 simulated CPU devices under sharded meshes (run by
 tests/test_sharding.py in a subprocess, since the device count is fixed when JAX starts).
 
     python tests/sharded_step.py OUT_DIR [CASE ...]
 
 Each case is one family's stage on a shrunken tiny config, built through ``train.Trainer`` as training
 builds it (its mesh, param shardings, stage state, loss, jitted step and data iterator). The params are
-initialised once on one device; every mesh in ``MESHES`` then places them with the Trainer's shardings
-(as it places pretrained weights) and takes one step on the same batch. Per (case, mesh) it prints one
-JSON line (metrics, and the shard shapes of every trainable param and of its Adam moments) and writes
-``OUT_DIR/<case>-<mesh>.npz`` (every param after the step, ``mu/<path>``: Adam's first moments) and
-``OUT_DIR/<case>-init.npz`` (the params before the step).
+initialised once on one device and take one step there; each of the case's sharded meshes (``CASES``)
+then places them with the Trainer's shardings (as it places pretrained weights) and takes one step on
+the same batch. Per (case, mesh) it prints one JSON line (metrics, and the shard shapes of every
+trainable param and of its Adam moments) and writes ``OUT_DIR/<case>-<mesh>.npz`` (every param after
+the step, ``mu/<path>``: Adam's first moments) and ``OUT_DIR/<case>-init.npz`` (the params before the
+step).
 
 Adam's ``eps`` is raised to ``EPS``: Adam's first update is ``lr * g / (|g| + eps)``, i.e. ``lr * sign(g)``
 for the default 1e-8, which turns float32 rounding in near-zero gradient entries (~1e-5 apart between
@@ -87,20 +88,25 @@ def blip2():
     return c
 
 
-# case -> (config, stage). Flamingo's align stage trains everything (tower included, up to 3 images a
-# sample); BLIP-2's qformer stage is stage 1 (ITC over the global batch, ITM with in-batch hard
-# negatives, ITG) without the LLM, its generate stage the LM loss through Q-Former and LLM.
+# case -> (config, stage, sharded meshes). Flamingo's align stage trains everything (tower included, up
+# to 3 images a sample); BLIP-2's qformer stage is stage 1 (ITC over the global batch, ITM with in-batch
+# hard negatives, ITG) without the LLM, its generate stage the LM loss through Q-Former and LLM.
+# Each family runs under both sharded meshes: LLaVA's one case under each, the other families' cases
+# under one each (they share their towers, blocks and shardings): the perceiver and the Q-Former under
+# d2f2t2 (data, fsdp and tensor at once), the tower straight into the gated blocks and the OPT LLM
+# with the language projection under fsdp8 (every kernel split 8 ways). Each sharded compile costs
+# 4-12 s.
 CASES = {
-    "llava": (llava, "instruct"),
-    "flamingo": (lambda: flamingo(False), "align"),
-    "flamingo_resampler": (lambda: flamingo(True), "align"),
-    "blip2_qformer": (blip2, "qformer"),
-    "blip2_generate": (blip2, "generate"),
+    "llava": (llava, "instruct", ("d2f2t2", "fsdp8")),
+    "flamingo": (lambda: flamingo(False), "align", ("fsdp8",)),
+    "flamingo_resampler": (lambda: flamingo(True), "align", ("d2f2t2",)),
+    "blip2_qformer": (blip2, "qformer", ("d2f2t2",)),
+    "blip2_generate": (blip2, "generate", ("fsdp8",)),
 }
 
 
 def trainer_for(case: str, mesh_name: str):
-    build, stage_name = CASES[case]
+    build, stage_name, _ = CASES[case]
     c = build()
     c.stage_order = (stage_name,)
     c.stages[stage_name].batch_size = BATCH
@@ -146,7 +152,7 @@ def one_step(trainer, stage, params, batch, case: str, mesh_name: str, out_dir: 
 
 def run_case(case: str, out_dir: str):
     host_params = batch = None
-    for mesh_name in MESHES:
+    for mesh_name in ("single", *CASES[case][2]):
         t0 = time.time()
         trainer, stage = trainer_for(case, mesh_name)
         if host_params is None:  # the reference: initialised as training does, on one device
