@@ -1,15 +1,13 @@
 """`python -m mllm_jax.main` for the Flamingo (IDEFICS) and BLIP-2 families on shrunken tiny configs:
 both stages run, the family's metrics are logged, and the exported HF checkpoint loads cleanly in
-transformers and answers held-out prompts exactly as our `predict` does."""
+transformers and answers held-out prompts exactly as our `predict` does. Each run and its export is a
+background job (tests/jobs.py)."""
 
-import json
-import os
-import subprocess
-import sys
-
+import jobs
 import numpy as np
 import pytest
 import torch
+from commands import read_metrics
 from PIL import Image
 
 from mllm_jax import predict
@@ -17,7 +15,6 @@ from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.families import store
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = [
     "--config.log_every=1",
     "--config.eval.batch_size=8",
@@ -28,30 +25,14 @@ COMMON = [
 ]
 
 
-def train(config, workdir, *flags):
-    cmd = [
-        sys.executable,
-        "-m",
-        "mllm_jax.main",
-        f"--config={config}",
-        f"--workdir={workdir}",
-        *COMMON,
-        *flags,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def export(workdir, out):
-    r = subprocess.run(
-        [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr
+def train_and_export(tmp, config, *flags):
+    """Train through ``python -m mllm_jax.main``, then export with ``python -m mllm_jax.convert``:
+    ``(workdir, metrics rows, HF dir)``."""
+    workdir, out = str(tmp / "run"), str(tmp / "hf")
+    cmd = ["-m", "mllm_jax.main", f"--config={config}", f"--workdir={workdir}", *COMMON, *flags]
+    jobs.check(jobs.python(*cmd))
+    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"))
+    return workdir, read_metrics(workdir), out
 
 
 def save(image, path):
@@ -64,13 +45,11 @@ def hf_new_ids(model, inputs, n):
         return model.generate(**inputs, do_sample=False, max_new_tokens=n)[0, inputs["input_ids"].shape[1] :]
 
 
-def test_flamingo_trains_evaluates_few_shot_and_exports(tmp_path):
-    from transformers import AutoProcessor, IdeficsForVisionText2Text
-
-    workdir = str(tmp_path / "flamingo")
-    rows = train(
+@jobs.fixture
+def flamingo_run(tmp):
+    return train_and_export(
+        tmp,
         "configs/flamingo.py:tiny",
-        workdir,
         "--config.stages.align.steps=2",
         "--config.stages.instruct.steps=3",
         "--config.stages.align.batch_size=4",
@@ -81,6 +60,12 @@ def test_flamingo_trains_evaluates_few_shot_and_exports(tmp_path):
         "--config.eval.num_questions=8",
         "--config.eval.shots=(0, 4)",
     )
+
+
+def test_flamingo_trains_evaluates_few_shot_and_exports(flamingo_run, tmp_path):
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    workdir, rows, out = flamingo_run
     train_rows = [r for r in rows if "loss" in r]
     assert [r["stage"] for r in train_rows] == ["align"] * 2 + ["instruct"] * 3
     assert all(np.isfinite(r["loss"]) and r["train/skipped_steps"] == 0 for r in train_rows)
@@ -88,8 +73,6 @@ def test_flamingo_trains_evaluates_few_shot_and_exports(tmp_path):
     assert {"eval/vqa_accuracy_blank", "eval/vqa_accuracy_0shot", "eval/vqa_accuracy_4shot"} <= set(ev)
     assert store.latest_step(workdir) == 5
 
-    out = str(tmp_path / "hf")
-    export(workdir, out)
     model, info = IdeficsForVisionText2Text.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     model.eval()
@@ -112,13 +95,11 @@ def test_flamingo_trains_evaluates_few_shot_and_exports(tmp_path):
         assert hf_new_ids(model, inputs, 3).tolist()[: len(ours["token_ids"])] == ours["token_ids"]
 
 
-def test_blip2_trains_both_stages_and_exports(tmp_path):
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
-    workdir = str(tmp_path / "blip2")
-    rows = train(
+@jobs.fixture
+def blip2_run(tmp):
+    return train_and_export(
+        tmp,
         "configs/blip2.py:tiny",
-        workdir,
         "--config.stages.qformer.steps=2",
         "--config.stages.generate.steps=3",
         "--config.stages.qformer.batch_size=4",
@@ -127,6 +108,12 @@ def test_blip2_trains_both_stages_and_exports(tmp_path):
         "--config.eval.num_questions=8",
         "--config.eval.num_retrieval=8",
     )
+
+
+def test_blip2_trains_both_stages_and_exports(blip2_run, tmp_path):
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    workdir, rows, out = blip2_run
     train_rows = [r for r in rows if "loss" in r]
     assert [r["stage"] for r in train_rows] == ["qformer"] * 2 + ["generate"] * 3
     assert all({"loss/itc", "loss/itm", "loss/itg"} <= set(r) for r in train_rows[:2])
@@ -134,8 +121,6 @@ def test_blip2_trains_both_stages_and_exports(tmp_path):
     assert 0 <= evals["qformer"]["eval/retrieval_r1"] <= 1 and "eval/retrieval_r1_chance" in evals["qformer"]
     assert "eval/vqa_accuracy" in evals["generate"]
 
-    out = str(tmp_path / "hf")
-    export(workdir, out)
     model, info = Blip2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     model.eval()
@@ -148,15 +133,11 @@ def test_blip2_trains_both_stages_and_exports(tmp_path):
         assert hf_new_ids(model, inputs, 3).tolist()[: len(ours["token_ids"])] == ours["token_ids"]
 
 
-def test_instructblip_trains_with_the_instruction_in_the_qformer(tmp_path):
-    # The Q-Former reads the prompt (text_source="prompt") during training exactly as
-    # InstructBlipProcessor hands it over at inference, so the export answers as predict does.
-    from transformers import AutoProcessor, InstructBlipForConditionalGeneration
-
-    workdir = str(tmp_path / "instructblip")
-    rows = train(
+@jobs.fixture
+def instructblip_run(tmp):
+    return train_and_export(
+        tmp,
         "configs/blip2.py:tiny",
-        workdir,
         "--config.model.llm_type=llm",
         "--config.model.qformer.text_input=True",
         "--config.model.qformer.num_layers=1",
@@ -168,9 +149,15 @@ def test_instructblip_trains_with_the_instruction_in_the_qformer(tmp_path):
         "--config.stages.generate.data.text_source=prompt",
         "--config.eval.num_questions=8",
     )
+
+
+def test_instructblip_trains_with_the_instruction_in_the_qformer(instructblip_run, tmp_path):
+    # The Q-Former reads the prompt (text_source="prompt") during training exactly as
+    # InstructBlipProcessor hands it over at inference, so the export answers as predict does.
+    from transformers import AutoProcessor, InstructBlipForConditionalGeneration
+
+    workdir, rows, out = instructblip_run
     assert [r["stage"] for r in rows if "loss" in r] == ["generate"] * 3
-    out = str(tmp_path / "hf")
-    export(workdir, out)
     model, info = InstructBlipForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     model.eval()
@@ -196,29 +183,27 @@ def test_flamingo_trains_on_clips_and_refuses_export(tmp_path):
         for name in ("align", "instruct")
         for key in ("steps=2", "batch_size=4", "data.mix=()", "data.task=video", "data.max_images=4")
     ]
-    rows = train(
-        "configs/flamingo.py:tiny",
-        workdir,
-        *stage,
-        "--config.model.llm.head_dim=8",
-        "--config.model.xattn.head_dim=8",
-        "--config.model.xattn.intermediate_size=64",
-        "--config.model.use_resampler=True",
-        "--config.model.frames_per_clip=4",
-        "--config.eval.num_questions=0",
-        "--config.eval.num_clips=4",
+    cmd = ["-m", "mllm_jax.main", "--config=configs/flamingo.py:tiny", f"--workdir={workdir}", *COMMON]
+    jobs.check(
+        jobs.python(
+            *cmd,
+            *stage,
+            "--config.model.llm.head_dim=8",
+            "--config.model.xattn.head_dim=8",
+            "--config.model.xattn.intermediate_size=64",
+            "--config.model.use_resampler=True",
+            "--config.model.frames_per_clip=4",
+            "--config.eval.num_questions=0",
+            "--config.eval.num_clips=4",
+        )
     )
+    rows = read_metrics(workdir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["stage"] for r in train_rows] == ["align"] * 2 + ["instruct"] * 2
     assert all(np.isfinite(r["loss"]) and r["train/skipped_steps"] == 0 for r in train_rows)
     assert any("eval/motion_accuracy" in r for r in rows)
     family, config = store.read_model_config(workdir)
     assert (family, config.frames_per_clip, config.perceiver.max_frames) == ("idefics", 4, 4)
-    r = subprocess.run(
-        [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={tmp_path / 'hf'}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    r = jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={tmp_path / 'hf'}")
     assert r.returncode != 0 and "transformers has no equivalent" in r.stderr
     assert not (tmp_path / "hf").exists()

@@ -1,0 +1,49 @@
+"""The public commands as the tests run them: ``python -m mllm_jax.<command>`` in this checkout, and
+the small LLaVA the training tests train (each of its compilations takes a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# configs/llava.py:tiny shrunk: a model small enough that each compilation takes a few seconds.
+SMALL = [
+    "--config.model.vision.num_layers=1",
+    "--config.model.vision.hidden_size=32",
+    "--config.model.vision.intermediate_size=64",
+    "--config.model.llm.num_layers=1",
+    "--config.model.llm.hidden_size=32",
+    "--config.model.llm.intermediate_size=64",
+    "--config.model.llm.head_dim=8",
+    "--config.stages.align.batch_size=4",
+    "--config.stages.instruct.batch_size=4",
+    "--config.log_every=1",
+    "--config.eval.num_questions=8",
+    "--config.eval.batch_size=8",
+    "--config.tensorboard=False",
+]
+
+
+def main_cmd(workdir, *flags, config="configs/llava.py:tiny"):
+    """``python -m mllm_jax.main`` on ``config`` shrunk by ``SMALL``, then ``flags``."""
+    return [
+        sys.executable,
+        "-m",
+        "mllm_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *SMALL,
+        *flags,
+    ]
+
+
+def module_cmd(module, *flags):
+    return [sys.executable, "-m", module, *flags]
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
