@@ -1,76 +1,38 @@
 """`python -m mllm_jax.main` end to end on tiny configs: LLaVA-JSON data, frozen params, resume after
-SIGTERM, export, and one-line config errors."""
+SIGTERM, export, and one-line config errors. The commands run as background jobs (tests/jobs.py)."""
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
+import jobs
 import numpy as np
 import pytest
+from commands import ROOT, main_cmd, read_metrics
 from PIL import Image
 
 from mllm_jax.families import store
 from mllm_jax.models import params as param_tree
 
-# A model small enough that each compilation takes a few seconds.
-SMALL = [
-    "--config.model.vision.num_layers=1",
-    "--config.model.vision.hidden_size=32",
-    "--config.model.vision.intermediate_size=64",
-    "--config.model.llm.num_layers=1",
-    "--config.model.llm.hidden_size=32",
-    "--config.model.llm.intermediate_size=64",
-    "--config.model.llm.head_dim=8",
-    "--config.stages.align.batch_size=4",
-    "--config.stages.instruct.batch_size=4",
-    "--config.log_every=1",
-    "--config.eval.num_questions=8",
-    "--config.eval.batch_size=8",
-    "--config.tensorboard=False",
-]
-
-
-def main_cmd(workdir, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "mllm_jax.main",
-        "--config=configs/llava.py:tiny",
-        f"--workdir={workdir}",
-        *SMALL,
-        *flags,
-    ]
-
 
 def run_main(workdir, *flags, check=True):
-    r = subprocess.run(main_cmd(workdir, *flags), capture_output=True, text=True, cwd=ROOT)
+    r = jobs.run(main_cmd(workdir, *flags))
     if check:
-        assert r.returncode == 0, r.stderr[-3000:]
+        jobs.check(r)
     return r
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def llava_json(tmp_path_factory):
-    """A LLaVA-format JSON file with real PNG files (words from the built-in vocabulary)."""
-    root = tmp_path_factory.mktemp("llava_json")
+def write_llava_json(root):
+    """A LLaVA-format JSON file with real PNG files (words from the built-in vocabulary):
+    ``(json path, image root)``."""
     images = root / "images"
-    images.mkdir()
+    (images / "coco").mkdir(parents=True)
     rng = np.random.default_rng(0)
     records = []
     for i in range(12):
         name = f"coco/{i:04d}.png"
-        (images / "coco").mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / name)
         records.append(
             {
@@ -89,7 +51,30 @@ def llava_json(tmp_path_factory):
     return str(path), str(images)
 
 
-def test_llava_json_trains_through_the_public_command_and_exports(llava_json, tmp_path):
+ALIGN_END = 2
+
+
+@jobs.fixture
+def llava_json_run(tmp):
+    """Both stages through the public command, `instruct` on LLaVA-JSON data, `align` training only
+    the projector; then ``python -m mllm_jax.convert`` to HF: ``(workdir, HF dir)``."""
+    path, image_root = write_llava_json(tmp)
+    workdir, out = str(tmp / "run"), str(tmp / "hf")
+    run_main(
+        workdir,
+        f"--config.stages.align.steps={ALIGN_END}",
+        "--config.stages.align.trainable=('adapter/.*',)",
+        "--config.stages.instruct.steps=3",
+        "--config.stages.instruct.data.source=llava_json",
+        f"--config.stages.instruct.data.path={path}",
+        f"--config.stages.instruct.data.image_root={image_root}",
+        "--config.stages.instruct.data.max_length=48",
+    )
+    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"))
+    return workdir, out
+
+
+def test_llava_json_trains_through_the_public_command_and_exports(llava_json_run, tmp_path):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -97,17 +82,7 @@ def test_llava_json_trains_through_the_public_command_and_exports(llava_json, tm
     from mllm_jax.data.pipeline import heldout_questions
     from mllm_jax.data.synthetic import SyntheticConfig
 
-    path, image_root = llava_json
-    workdir = str(tmp_path / "run")
-    run_main(
-        workdir,
-        "--config.stages.align.steps=2",
-        "--config.stages.instruct.steps=3",
-        "--config.stages.instruct.data.source=llava_json",
-        f"--config.stages.instruct.data.path={path}",
-        f"--config.stages.instruct.data.image_root={image_root}",
-        "--config.stages.instruct.data.max_length=48",
-    )
+    workdir, out = llava_json_run
     rows = read_metrics(workdir)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5]
@@ -118,13 +93,6 @@ def test_llava_json_trains_through_the_public_command_and_exports(llava_json, tm
     assert [r["stage"] for r in evals] == ["align", "instruct"]
     assert {"eval/vqa_accuracy_blank", "eval/vqa_accuracy/count", "eval/vqa_accuracy/color"} <= set(evals[-1])
     assert store.latest_step(workdir) == 5
-    out = str(tmp_path / "hf")
-    r = subprocess.run(
-        [sys.executable, "-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     # the exported model answers held-out questions exactly as `predict` does on our checkpoint
@@ -142,16 +110,10 @@ def test_llava_json_trains_through_the_public_command_and_exports(llava_json, tm
         assert ours["token_ids"] == ids.tolist()
 
 
-def test_stage_trains_only_its_trainable_params(tmp_path):
-    workdir = str(tmp_path / "frozen")
-    run_main(
-        workdir,
-        "--config.stage_order=('align',)",
-        "--config.stages.align.steps=3",
-        "--config.stages.align.trainable=('adapter/.*',)",
-        "--config.eval.num_questions=0",
-    )
-    trained = param_tree.flatten(store.load_model(workdir).params)
+def test_stage_trains_only_its_trainable_params(llava_json_run):
+    """``align`` of the run above trained only ``adapter/.*`` (its final checkpoint is kept)."""
+    workdir, _ = llava_json_run
+    trained = param_tree.flatten(store.load_model(workdir, ALIGN_END).params)
     initial = param_tree.flatten(_initial_params(workdir))
     assert trained.keys() == initial.keys()
     for path in trained:
@@ -208,57 +170,70 @@ def test_sigterm_saves_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
                 assert abs(value - rb[key]) <= 1e-6, (ra["step"], key, value, rb[key])
 
 
-@pytest.mark.parametrize(
-    ("flag", "message"),
-    [
-        ("--config.stages.align.stepz=3", "did you mean config.stages.align.steps?"),
-        ("--config.mesh.data=3", "mesh"),
-        ("--config.stages.align.trainable=('adaptor/.*',)", "match no parameter"),
-    ],
-)
-def test_config_mistakes_fail_with_one_line_and_exit_2(flag, message, tmp_path):
-    r = run_main(str(tmp_path / "bad"), flag, check=False)
+CONFIG_MISTAKES = {
+    "--config.stages.align.stepz=3": "did you mean config.stages.align.steps?",
+    "--config.mesh.data=3": "mesh",
+    "--config.stages.align.trainable=('adaptor/.*',)": "match no parameter",
+}
+
+
+@jobs.fixture
+def config_mistake_runs(tmp):
+    return {flag: run_main(str(tmp / str(i)), flag, check=False) for i, flag in enumerate(CONFIG_MISTAKES)}
+
+
+@pytest.mark.parametrize(("flag", "message"), CONFIG_MISTAKES.items())
+def test_config_mistakes_fail_with_one_line_and_exit_2(flag, message, config_mistake_runs):
+    r = config_mistake_runs[flag]
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(llava_json, tmp_path):
+STAGE1_HF_DIRS = """
+import sys
+sys.path.insert(0, "tests")
+from hf_fixtures import build_causal_lm, build_vision
+build_vision(sys.argv[1], "clip", seed=1)
+build_causal_lm(sys.argv[2], seed=2, image_token=False)
+"""
+
+
+@jobs.fixture
+def stage1_run(tmp):
+    """LLaVA-1.5's stage 1 from HF dirs built by hf_fixtures: ``(workdir, vision dir, LLM dir)``."""
+    vision_dir, llm_dir, workdir = str(tmp / "clip"), str(tmp / "llama"), str(tmp / "stage1")
+    jobs.check(jobs.python("-c", STAGE1_HF_DIRS, vision_dir, llm_dir))
+    path, image_root = write_llava_json(tmp)
+    r = jobs.python(
+        "-m",
+        "mllm_jax.main",
+        "--config=configs/llava.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.model.init.vision={vision_dir}",
+        f"--config.model.init.llm={llm_dir}",
+        "--config.model.vision_feature_layers=(-2,)",
+        "--config.stage_order=('align',)",
+        "--config.stages.align.steps=2",
+        "--config.stages.align.batch_size=2",
+        "--config.stages.align.trainable=('adapter/.*',)",
+        "--config.stages.align.data.source=llava_json",
+        f"--config.stages.align.data.path={path}",
+        f"--config.stages.align.data.image_root={image_root}",
+        "--config.stages.align.data.template=plain",
+        "--config.stages.align.data.max_length=48",
+        "--config.eval.num_questions=0",
+        "--config.tensorboard=False",
+    )
+    jobs.check(r)
+    return workdir, vision_dir, llm_dir
+
+
+def test_llava_stage1_starts_from_hf_vision_and_llm_dirs(stage1_run, tmp_path):
     """LLaVA-1.5's stage 1: pretrained CLIP + LLaMA, projector trained alone, <image> added to a
     vocabulary that lacks it (grown to a multiple of 64, as LLaVA's conversion does)."""
-    from hf_fixtures import build_causal_lm, build_vision
     from transformers import LlavaForConditionalGeneration
 
-    vision_dir = build_vision(str(tmp_path / "clip"), "clip", seed=1)
-    llm_dir = build_causal_lm(str(tmp_path / "llama"), seed=2, image_token=False)
-    path, image_root = llava_json
-    workdir = str(tmp_path / "stage1")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mllm_jax.main",
-            "--config=configs/llava.py:tiny",
-            f"--workdir={workdir}",
-            f"--config.model.init.vision={vision_dir}",
-            f"--config.model.init.llm={llm_dir}",
-            "--config.model.vision_feature_layers=(-2,)",
-            "--config.stage_order=('align',)",
-            "--config.stages.align.steps=2",
-            "--config.stages.align.batch_size=2",
-            "--config.stages.align.trainable=('adapter/.*',)",
-            "--config.stages.align.data.source=llava_json",
-            f"--config.stages.align.data.path={path}",
-            f"--config.stages.align.data.image_root={image_root}",
-            "--config.stages.align.data.template=plain",
-            "--config.stages.align.data.max_length=48",
-            "--config.eval.num_questions=0",
-            "--config.tensorboard=False",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    workdir, vision_dir, llm_dir = stage1_run
     trained = store.load_model(workdir)
     assert trained.config.llm.vocab_size == 64  # 52 words + <image>, rounded up to 64
     vision, llm = store.load_pretrained(vision_dir), store.load_pretrained(llm_dir)
@@ -301,23 +276,14 @@ def test_train_steps_compile_once(tmp_path):
     assert trainer._step_fns["fn"]._cache_size() == 1
 
 
-def test_bench_prints_the_figures():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mllm_jax.bench",
-            "--size=tiny",
-            "--batch=2",
-            "--seq=48",
-            "--steps=1",
-            "--decode_tokens=2",
-            "--decode_batch=1",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+@jobs.fixture
+def bench_run(tmp):
+    flags = ["--size=tiny", "--batch=2", "--seq=48", "--steps=1", "--decode_tokens=2", "--decode_batch=1"]
+    return jobs.python("-m", "mllm_jax.bench", *flags)
+
+
+def test_bench_prints_the_figures(bench_run):
+    r = bench_run
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
     assert result["model_flops_per_step"] > 0 and result["peak_flops"] > 0
