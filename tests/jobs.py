@@ -37,7 +37,8 @@ SLOTS = int(os.environ.get("MLLM_JAX_TEST_JOBS", max(1, (os.cpu_count() or 1) - 
 _lock = threading.Condition()
 _jobs: dict[str, Job] = {}  # fixture name -> job
 _queue: list[Job] = []
-_waiting = 0  # threads blocked in Job.result(): each lets one more job run meanwhile
+_waiting = 0  # pytest's threads blocked in Job.result(): each lets one more job run meanwhile
+_current = threading.local()  # .job: the job a thread runs
 _tmp_root: str | None = None
 _closing = False  # the session is over: no more commands
 
@@ -46,10 +47,12 @@ class Job:
     def __init__(self, name: str, fn: Callable[[Path], object]):
         self.name, self.fn = name, fn
         self.started = self.done = False
+        self.blocked = 0  # waiting for other jobs: not counted as running
         self.value = self.error = None
         self.seconds = 0.0
 
     def _run(self):
+        _current.job = self
         t0 = time.time()
         try:
             self.value = self.fn(Path(tempfile.mkdtemp(prefix=f"{self.name}_", dir=_tmp_dir())))
@@ -68,16 +71,24 @@ class Job:
 
     def result(self):
         global _waiting
+        waiter = getattr(_current, "job", None)  # None: one of pytest's threads
         with _lock:
             if not self.started:
                 self._start()
-            _waiting += 1
-            _lock.notify_all()  # one slot fewer is busy while this thread waits
-            try:
-                while not self.done:
-                    _lock.wait()
-            finally:
-                _waiting -= 1
+            if not self.done:  # while this thread waits, one more job may run
+                if waiter is None:
+                    _waiting += 1
+                else:
+                    waiter.blocked += 1
+                _lock.notify_all()
+                try:
+                    while not self.done:
+                        _lock.wait()
+                finally:
+                    if waiter is None:
+                        _waiting -= 1
+                    else:
+                        waiter.blocked -= 1
         if self.error is not None:
             raise self.error
         return self.value
@@ -111,6 +122,10 @@ def fixture(fn: Callable[[Path], object]):
 
 
 def _running() -> int:
+    return sum(1 for j in _jobs.values() if j.started and not j.done and not j.blocked)
+
+
+def _alive() -> int:
     return sum(1 for j in _jobs.values() if j.started and not j.done)
 
 
@@ -135,6 +150,11 @@ def start(fixture_names_in_order: list[str]):
         threading.Thread(target=_scheduler, name="jobs", daemon=True).start()
 
 
+def result(fixture_name: str):
+    """The value of the job behind a fixture, for a job that needs another one's."""
+    return _jobs[fixture_name].result()
+
+
 def is_job(fixture_name: str) -> bool:
     return fixture_name in _jobs
 
@@ -152,7 +172,7 @@ def finish():
             for proc in _procs:
                 if proc.poll() is None:
                     proc.kill()
-            if not _running() or time.time() > deadline:
+            if not _alive() or time.time() > deadline:
                 break
             _lock.wait(timeout=0.2)
     if _tmp_root is not None:

@@ -1,22 +1,24 @@
 """Fault injection through the public command: preemption at several points, a half-written checkpoint,
-corrupt and hostile data, NaN steps, and config mistakes. Runs share a JAX compilation cache, so only
-the first run of each shape pays for compiling."""
+corrupt and hostile data, NaN steps, and config mistakes. The commands run as background jobs
+(tests/jobs.py) and share the session's JAX compilation cache, so only the first run of each shape pays
+for compiling."""
 
 import ast
-import concurrent.futures
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jobs
 import numpy as np
 import pytest
+from commands import ROOT, main_cmd, read_metrics
 from PIL import Image
-from test_train import ROOT, main_cmd, read_metrics
 
 from mllm_jax.families import store
 from mllm_jax.models import params as param_tree
@@ -32,26 +34,13 @@ CHAIN = [
 COMPARED = ("loss", "accuracy", "grad_norm", "learning_rate", "target_tokens", "train/", "eval/")
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
-
-
-def launch(workdir, *flags, env, stdin=subprocess.DEVNULL):
-    return subprocess.Popen(
+def launch(workdir, *flags, env=None):
+    return jobs.popen(
         main_cmd(workdir, *flags),
-        cwd=ROOT,
         env=env,
-        stdin=stdin,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
     )
 
 
@@ -60,10 +49,9 @@ def finish(proc, timeout=300):
     return proc.returncode, err
 
 
-def run(workdir, *flags, env, stdin_text=None):
-    proc = launch(workdir, *flags, env=env, stdin=subprocess.PIPE if stdin_text else subprocess.DEVNULL)
-    _, err = proc.communicate(input=stdin_text, timeout=300)
-    return proc.returncode, err
+def run(workdir, *flags, env=None, stdin_text=None):
+    r = jobs.run(main_cmd(workdir, *flags), env=env, input=stdin_text, timeout=300)
+    return r.returncode, r.stderr
 
 
 def signal_when(proc, condition, sig, what: str, timeout=240):
@@ -105,56 +93,75 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("reference") / "run")
-    code, err = run(workdir, *CHAIN, env=env)
+@jobs.fixture
+def reference(tmp):
+    """The chain run straight through."""
+    workdir = str(tmp / "run")
+    code, err = run(workdir, *CHAIN)
     assert code == 0, err[-3000:]
     return workdir
 
 
-def test_preempted_at_several_points_the_reruns_end_like_an_uninterrupted_run(reference, env, tmp_path):
-    workdir = str(tmp_path / "interrupted")
+@jobs.fixture
+def preempted(tmp):
+    """The chain stopped four times, each time at a different point, then run to its end: the workdir
+    and what each stop left (exit code, stderr, newest checkpoint, ...)."""
+    jobs.result("reference")  # whose compilations (in the session's cache) these runs reuse
+    workdir = str(tmp / "interrupted")
     ckpt = lambda: store.latest_step(workdir)  # noqa: E731
+    seen = {}
 
     # 1. SIGTERM during a step of `align`: saved at the next step boundary, exit 143
-    proc = launch(workdir, *CHAIN, env=env)
+    proc = launch(workdir, *CHAIN)
     signal_when(proc, lambda: len(rows(workdir)) >= 2, signal.SIGTERM, "two rows")
-    code, err = finish(proc)
-    assert code == 143, err[-3000:]
-    first = ckpt()
-    assert 2 <= first < ALIGN, first
+    seen["align"] = (*finish(proc), ckpt())
 
     # 2. SIGTERM between the stages (align evaluated, its final checkpoint being written): the run
     # stops at the stage boundary, with align's final checkpoint
-    proc = launch(workdir, *CHAIN, env=env)
+    proc = launch(workdir, *CHAIN)
     align_done = lambda: any("eval/vqa_accuracy" in r for r in rows(workdir))  # noqa: E731
     signal_when(proc, align_done, signal.SIGTERM, "align's evaluation")
-    code, err = finish(proc)
-    assert code == 143, err[-3000:]
-    second = ckpt()
-    assert second == ALIGN, second
+    seen["between"] = (*finish(proc), ckpt())
 
     # 3. SIGTERM while a mid-stage checkpoint is being written in the background
     end = ALIGN + INSTRUCT
-    proc = launch(workdir, *CHAIN, env=env)
+    proc = launch(workdir, *CHAIN)
+    second = seen["between"][2] or 0
     signal_when(proc, lambda: writing(workdir, second, end - 4), signal.SIGTERM, "a checkpoint write")
-    code, err = finish(proc)
-    assert code == 143, err[-3000:]
-    third = ckpt()
-    assert second < third < end, third
+    seen["writing"] = (*finish(proc), ckpt())
 
     # 4. SIGKILL while a checkpoint is being written: the half-written step is not the newest
-    proc = launch(workdir, *CHAIN, env=env)
+    proc = launch(workdir, *CHAIN)
+    third = seen["writing"][2] or 0
     signal_when(proc, lambda: writing(workdir, third, end), signal.SIGKILL, "a second checkpoint write")
-    code, err = finish(proc)
-    assert code == -signal.SIGKILL
-    names = os.listdir(os.path.join(workdir, store.CHECKPOINTS))
-    half_written = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
-    assert ckpt() == max(int(n) for n in names if n.isdigit()) and all(s > ckpt() for s in half_written)
+    seen["killed"] = (*finish(proc), ckpt(), os.listdir(os.path.join(workdir, store.CHECKPOINTS)))
 
     # 5. the same command once more runs to the end
-    code, err = run(workdir, *CHAIN, env=env)
+    seen["end"] = run(workdir, *CHAIN)
+    return workdir, seen
+
+
+def test_preempted_at_several_points_the_reruns_end_like_an_uninterrupted_run(reference, preempted):
+    workdir, seen = preempted
+    code, err, first = seen["align"]
+    assert code == 143, err[-3000:]
+    assert 2 <= first < ALIGN, first
+
+    code, err, second = seen["between"]
+    assert code == 143, err[-3000:]
+    assert second == ALIGN, second
+
+    end = ALIGN + INSTRUCT
+    code, err, third = seen["writing"]
+    assert code == 143, err[-3000:]
+    assert second < third < end, third
+
+    code, err, newest, names = seen["killed"]
+    assert code == -signal.SIGKILL
+    half_written = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
+    assert newest == max(int(n) for n in names if n.isdigit()) and all(s > newest for s in half_written)
+
+    code, err = seen["end"]
     assert code == 0, err[-3000:]
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(os.path.join(workdir, "checkpoints")))
     expected, got = read_metrics(reference), read_metrics(workdir)
@@ -187,39 +194,56 @@ main.run()
 """
 
 
-def test_sigterm_in_the_last_step_of_a_stage_keeps_its_evaluation(reference, env, tmp_path):
-    workdir = str(tmp_path / "last_step")
+@jobs.fixture
+def last_step_stopped(tmp):
+    """SIGTERM right after the last step of `align`, then the same command again: ``(workdir, the
+    stopped run, its newest checkpoint, the rerun)``."""
+    jobs.result("reference")  # whose compilations (in the session's cache) these runs reuse
+    workdir = str(tmp / "last_step")
     cmd = [sys.executable, "-c", SIGTERM_AFTER_STEP, str(ALIGN), *main_cmd(workdir, *CHAIN)[3:]]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert r.returncode == 143, r.stderr[-3000:]
-    assert store.latest_step(workdir) == ALIGN
-    code, err = run(workdir, *CHAIN, env=env)
-    assert code == 0, err[-3000:]
+    stopped = jobs.run(cmd)
+    newest = store.latest_step(workdir)
+    return workdir, stopped, newest, jobs.run(main_cmd(workdir, *CHAIN))
+
+
+def test_sigterm_in_the_last_step_of_a_stage_keeps_its_evaluation(reference, last_step_stopped):
+    workdir, stopped, newest, rerun = last_step_stopped
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert newest == ALIGN
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     evals = [r["step"] for r in read_metrics(workdir) if "eval/vqa_accuracy" in r]
     assert evals == [r["step"] for r in read_metrics(reference) if "eval/vqa_accuracy" in r]
 
 
-def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_and_stays_intact(reference, env):
-    before = store.latest_step(reference)
-    code, err = run(reference, *CHAIN, "--config.model.scan_layers=True", env=env)
+@jobs.fixture
+def mismatched(tmp):
+    """A copy of the reference run, rerun with a model its checkpoint does not fit: ``(workdir, its
+    newest checkpoint before, exit code, stderr)``."""
+    workdir = str(tmp / "run")
+    shutil.copytree(jobs.result("reference"), workdir)
+    before = store.latest_step(workdir)
+    return workdir, before, *run(workdir, *CHAIN, "--config.model.scan_layers=True")
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_and_stays_intact(mismatched):
+    workdir, before, code, err = mismatched
     assert code == 2, err[-3000:]
     assert re.fullmatch(
         rf"error: checkpoint step {before} does not match the model: llm/layers/\S+ is in the config but not "
         r"in the checkpoint",
         error_line(err),
     ), error_line(err)
-    assert store.latest_step(reference) == before
-    assert param_tree.flatten(store.load_model(reference).params)
+    assert store.latest_step(workdir) == before
+    assert param_tree.flatten(store.load_model(workdir).params)
 
 
 # ---------------------------------------------------------------- bad data and NaN steps
 
 
-@pytest.fixture(scope="module")
-def dirty_json(tmp_path_factory):
+@jobs.fixture
+def dirty_json(root):
     """40 real PNGs of which 2 (5%) are corrupt (truncated, garbage), plus a record whose path leaves
-    the image root (to a valid PNG there) and one whose image is missing."""
-    root = tmp_path_factory.mktemp("dirty")
+    the image root (to a valid PNG there) and one whose image is missing: the flags of a run on them."""
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -256,13 +280,13 @@ def dirty_json(tmp_path_factory):
     ]
 
 
-@pytest.fixture(scope="module")
-def dirty_run(dirty_json, env, tmp_path_factory):
+@jobs.fixture
+def dirty_run(tmp):
     """The dirty data with a NaN injected at step 5, a checkpoint at every step."""
-    workdir = str(tmp_path_factory.mktemp("dirty") / "run")
-    nan_env = dict(env, MLLM_JAX_INJECT_NAN_STEPS="5")
+    workdir = str(tmp / "run")
+    nan_env = dict(os.environ, MLLM_JAX_INJECT_NAN_STEPS="5")
     flags = ("--config.checkpoint_every=1", "--config.keep_checkpoints=20")
-    code, err = run(workdir, *dirty_json, *flags, env=nan_env)
+    code, err = run(workdir, *jobs.result("dirty_json"), *flags, env=nan_env)
     assert code == 0, err[-3000:]
     return workdir
 
@@ -287,14 +311,18 @@ def test_corrupt_images_are_skipped_and_counted_and_a_nan_step_changes_nothing(d
     assert any(not np.array_equal(params[6][p], v) for p, v in params[5].items())
 
 
-def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(
-    dirty_json, dirty_run, env, tmp_path
-):
-    workdir = str(tmp_path / "diverged")
-    nan_env = dict(env, MLLM_JAX_INJECT_NAN_STEPS="3,4")
-    code, err = run(
-        workdir, *dirty_json, "--config.checkpoint_every=2", "--config.max_bad_steps=2", env=nan_env
-    )
+@jobs.fixture
+def diverged(tmp):
+    """NaN at steps 3 and 4 with max_bad_steps=2: ``(workdir, exit code, stderr)``."""
+    jobs.result("dirty_run")  # whose compilations (in the session's cache) this run reuses
+    workdir = str(tmp / "diverged")
+    nan_env = dict(os.environ, MLLM_JAX_INJECT_NAN_STEPS="3,4")
+    flags = ("--config.checkpoint_every=2", "--config.max_bad_steps=2")
+    return workdir, *run(workdir, *jobs.result("dirty_json"), *flags, env=nan_env)
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(diverged, dirty_run):
+    workdir, code, err = diverged
     assert code == 1, err[-3000:]
     line = error_line(err)
     assert "2 non-finite steps in a row" in line and "max_bad_steps" in line, line
@@ -309,14 +337,19 @@ def test_too_many_nan_steps_in_a_row_stop_with_the_last_good_checkpoint_intact(
 # ---------------------------------------------------------------- config and input mistakes
 
 
-@pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory):
+BUILD_CLIP = """
+import sys
+sys.path.insert(0, "tests")
+from hf_fixtures import build_vision
+build_vision(sys.argv[1], "clip", seed=0)
+"""
+
+
+def write_bad_inputs(root):
     """Directories the bad-config cases point at: a CLIP (not LLaVA) HF dir, an empty shard dir, and
     a tokenizer dir whose config asks for its own Python code (which would leave a marker file)."""
-    from hf_fixtures import build_vision
-
-    root = tmp_path_factory.mktemp("bad_inputs")
-    clip = build_vision(str(root / "clip"), "clip", seed=0)
+    clip = str(root / "clip")
+    jobs.check(jobs.python("-c", BUILD_CLIP, clip))
     (root / "no_shards").mkdir()
     evil = root / "evil_tokenizer"
     evil.mkdir()
@@ -335,7 +368,7 @@ def bad_inputs(tmp_path_factory):
 
 
 DATA = "--config.stages.align.data."
-# name -> (flags, given the bad_inputs dict; what the error line says)
+# name -> (flags, given write_bad_inputs' dict; what the error line says)
 CASES = {
     "unknown_key": (lambda d: ["--config.stages.align.stepz=3"], "did you mean config.stages.align.steps?"),
     "not_an_int": (
@@ -374,26 +407,27 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def bad_runs(bad_inputs, env):
-    """Every case once, two at a time; its workdir does not exist beforehand. stdin answers "y" in
-    case anything asks whether to run remote code."""
+@jobs.fixture
+def bad_runs(tmp):
+    """Every case once, each in a workdir that does not exist beforehand; stdin answers "y" in case
+    anything asks whether to run remote code: ``(inputs, {case: (exit code, stderr)})``."""
+    inputs = write_bad_inputs(tmp)
 
     def one(name):
-        flags = CASES[name][0](bad_inputs)
-        return run(str(bad_inputs["root"] / name / "workdir"), *flags, env=env, stdin_text="y\n")
+        flags = CASES[name][0](inputs)
+        return run(str(inputs["root"] / name / "workdir"), *flags, stdin_text="y\n")
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        return dict(zip(CASES, pool.map(one, CASES), strict=True))
+    return inputs, {name: one(name) for name in CASES}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_config_mistakes_are_one_line_exit_2_and_leave_the_workdir_untouched(case, bad_runs, bad_inputs):
-    code, err = bad_runs[case]
+def test_config_mistakes_are_one_line_exit_2_and_leave_the_workdir_untouched(case, bad_runs):
+    inputs, runs = bad_runs
+    code, err = runs[case]
     assert code == 2, err[-3000:]
     assert CASES[case][1] in error_line(err)
-    assert not os.path.exists(bad_inputs["root"] / case / "workdir")
-    assert not bad_inputs["marker"].exists()
+    assert not os.path.exists(inputs["root"] / case / "workdir")
+    assert not inputs["marker"].exists()
 
 
 # ---------------------------------------------------------------- untrusted files: a source audit
