@@ -1,18 +1,19 @@
 """LoRA as a stage option: the merge math, what a LoRA stage trains, and one shrunken ``tiny_lora`` run
-through the public command (export, predict, resume from the middle of the LoRA stage, config errors)."""
+through the public command (export, predict, resume from the middle of the LoRA stage, config errors).
+The commands run as background jobs (tests/jobs.py)."""
 
 import os
 import shutil
-import subprocess
 import sys
 
 import chex
 import jax
 import jax.numpy as jnp
+import jobs
 import numpy as np
 import pytest
+from commands import SMALL, read_metrics
 from PIL import Image
-from test_train import ROOT, SMALL, read_metrics
 
 from mllm_jax import errors
 from mllm_jax.families import store
@@ -207,22 +208,10 @@ def lora_cmd(workdir, *flags):
     ]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("jax_cache"))  # the resumed run reuses the first's compilations
-    return dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
-
-
-@pytest.fixture(scope="module")
-def lora_run(env, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("lora_run") / "run")
-    r = subprocess.run(lora_cmd(workdir), capture_output=True, text=True, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+@jobs.fixture
+def lora_run(tmp):
+    workdir = str(tmp / "run")
+    jobs.check(jobs.run(lora_cmd(workdir)))
     return workdir
 
 
@@ -268,7 +257,14 @@ def _raw_meta(workdir, step):
         ckpt.close()
 
 
-def test_lora_export_is_a_plain_hf_model_that_answers_like_predict(lora_run, tmp_path):
+@jobs.fixture
+def lora_export(tmp):
+    out = str(tmp / "hf")
+    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={jobs.result('lora_run')}", f"--to_hf={out}"))
+    return out
+
+
+def test_lora_export_is_a_plain_hf_model_that_answers_like_predict(lora_run, lora_export, tmp_path):
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -276,14 +272,7 @@ def test_lora_export_is_a_plain_hf_model_that_answers_like_predict(lora_run, tmp
     from mllm_jax.data.pipeline import heldout_questions
     from mllm_jax.data.synthetic import SyntheticConfig
 
-    out = str(tmp_path / "hf")
-    r = subprocess.run(
-        [sys.executable, "-m", "mllm_jax.convert", f"--from={lora_run}", f"--to_hf={out}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    out = lora_export
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not any("lora" in k for k in model.state_dict())
@@ -301,12 +290,18 @@ def test_lora_export_is_a_plain_hf_model_that_answers_like_predict(lora_run, tmp
         assert ours["token_ids"] == ids.tolist()
 
 
-def test_resume_inside_the_lora_stage_ends_like_the_uninterrupted_run(lora_run, env, tmp_path):
-    # as if the run had died right after the mid-stage checkpoint: only the newest step is lost
-    workdir = str(tmp_path / "resumed")
-    shutil.copytree(lora_run, workdir)
+@jobs.fixture
+def lora_resumed(tmp):
+    """As if the run had died right after the mid-stage checkpoint (only the newest step is lost), the
+    same command again: ``(workdir, the rerun)``."""
+    workdir = str(tmp / "resumed")
+    shutil.copytree(jobs.result("lora_run"), workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(END)))
-    r = subprocess.run(lora_cmd(workdir), capture_output=True, text=True, cwd=ROOT, env=env)
+    return workdir, jobs.run(lora_cmd(workdir))
+
+
+def test_resume_inside_the_lora_stage_ends_like_the_uninterrupted_run(lora_run, lora_resumed):
+    workdir, r = lora_resumed
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from step {MID}" in r.stderr
     want, got = read_metrics(lora_run), read_metrics(workdir)
@@ -318,14 +313,16 @@ def test_resume_inside_the_lora_stage_ends_like_the_uninterrupted_run(lora_run, 
     chex.assert_trees_all_equal(_raw(workdir, END), _raw(lora_run, END))
 
 
-def test_lora_targets_that_match_nothing_fail_in_one_line_with_exit_2(tmp_path):
-    workdir = str(tmp_path / "bad")
-    r = subprocess.run(
-        lora_cmd(workdir, "--config.stages.instruct.lora.targets=('llm/.*/qkv/kernel',)"),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+@jobs.fixture
+def lora_bad_targets(tmp):
+    workdir = str(tmp / "bad")
+    return workdir, jobs.run(
+        lora_cmd(workdir, "--config.stages.instruct.lora.targets=('llm/.*/qkv/kernel',)")
     )
+
+
+def test_lora_targets_that_match_nothing_fail_in_one_line_with_exit_2(lora_bad_targets):
+    workdir, r = lora_bad_targets
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
