@@ -95,10 +95,17 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.module.__name__ in late)
 
 
+def _skipped(item) -> bool:
+    """Marked to be skipped whatever happens (``skip``, or ``skipif`` with a plain bool)."""
+    if item.get_closest_marker("skip"):
+        return True
+    return any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+
+
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
-    jobs.start([name for item in session.items for name in item.fixturenames])
+    jobs.start([name for item in session.items if not _skipped(item) for name in item.fixturenames])
 
 
 def pytest_sessionfinish(session):

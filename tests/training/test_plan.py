@@ -1,20 +1,19 @@
 """``python -m mllm_jax.plan``: the AOT memory plan of the real train step for a TPU slice (libtpu as
-a compiler on this CPU) and for simulated CPU devices, its searches, and its one-line errors."""
+a compiler on this CPU) and for simulated CPU devices, its searches, and its one-line errors. The
+commands run as background jobs (tests/jobs.py)."""
 
 import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
+import jobs
 import pytest
 
 from mllm_jax import errors, plan
 from mllm_jax.models import params as param_tree
 from mllm_jax.training import aot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 1024**3
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="TPU targets need libtpu (the test extra installs it)"
@@ -23,19 +22,11 @@ needs_libtpu = pytest.mark.skipif(
 
 def run_plan(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    return subprocess.run(
-        [sys.executable, "-m", "mllm_jax.plan", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=timeout,
-    )
+    return jobs.python("-m", "mllm_jax.plan", *args, env=env, timeout=timeout)
 
 
 def plan_json(*args) -> dict:
-    r = run_plan(*args)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = jobs.check(run_plan(*args))
     return json.loads(r.stdout)
 
 
@@ -56,15 +47,20 @@ def check_memory(p: dict):
 # ---------------------------------------------------------------- the command
 
 
-@needs_libtpu
-def test_tiny_on_a_v5e_slice_fsdp():
-    p = plan_json(
+@jobs.fixture
+def tiny_v5e_plan(tmp):
+    return plan_json(
         "--config=configs/llava.py:tiny",
         "--target=v5e-8",
         "--suggest=false",
         "--config.mesh.data=1",
         "--config.mesh.fsdp=-1",
     )
+
+
+@needs_libtpu
+def test_tiny_on_a_v5e_slice_fsdp(tiny_v5e_plan):
+    p = tiny_v5e_plan
     assert (p["target"], p["device_kind"], p["devices"], p["hosts"]) == ("v5e-8", "TPU v5 lite", 8, 1)
     assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert (p["per_chip_batch"], p["global_batch"], p["seq_len"], p["stage"]) == (4, 32, 36, "instruct")
@@ -78,8 +74,13 @@ def test_tiny_on_a_v5e_slice_fsdp():
     assert len(p["trials"]) == 1 and "suggest" not in p
 
 
-def test_tiny_on_8_cpu_devices_with_suggestions():
-    p = plan_json("--config=configs/llava.py:tiny", "--target=cpu-8", "--max_batch=8")
+@jobs.fixture
+def tiny_cpu8_plan(tmp):
+    return plan_json("--config=configs/llava.py:tiny", "--target=cpu-8", "--max_batch=8")
+
+
+def test_tiny_on_8_cpu_devices_with_suggestions(tiny_cpu8_plan):
+    p = tiny_cpu8_plan
     assert (p["device_kind"], p["devices"], p["mesh"]) == ("cpu", 8, {"data": 8, "fsdp": 1, "tensor": 1})
     check_memory(p)
     assert p["remat"] == "none" and p["per_chip_batch"] == 4 and p["fits"]
@@ -91,12 +92,17 @@ def test_tiny_on_8_cpu_devices_with_suggestions():
     assert trials["none", 8]["temporaries"] > trials["none", 4]["temporaries"]
 
 
-def test_a_lora_stage_is_planned_with_its_factors():
-    """``:tiny,lora`` on cpu-2: the plan counts the rank-16 factors of the LLM's 7 projections in 2 layers
-    as trainable (with Adam moments), next to the projector (the only trainable param otherwise)."""
-    p = plan_json(
+@jobs.fixture
+def lora_plan(tmp):
+    return plan_json(
         "--config=configs/llava.py:tiny,lora", "--target=cpu-2", "--stage=instruct", "--suggest=false"
     )
+
+
+def test_a_lora_stage_is_planned_with_its_factors(lora_plan):
+    """``:tiny,lora`` on cpu-2: the plan counts the rank-16 factors of the LLM's 7 projections in 2 layers
+    as trainable (with Adam moments), next to the projector (the only trainable param otherwise)."""
+    p = lora_plan
     check_memory(p)
     # A [in, 16] + B [16, out] of q, k, v (2 kv heads of 32), o, gate, up, down
     shapes = [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
@@ -135,22 +141,24 @@ def test_the_planned_state_is_the_trainers(tmp_path):
     assert planner.drift == []
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--target=v5e-7"], "error: --target 'v5e-7': not a v5e slice; known sizes: v5e-1, v5e-4, v5e-8"),
-        (["--target=cpu-8", "--config.mesh.data=3"], "error: config.mesh on cpu-8: mesh"),
-        (["--target=cpu-2", "--stage=pretrain"], "error: --stage 'pretrain': the config's stages are"),
-        (["--target=cpu-8", "--batch=2", "--remat=most"], "error: --remat 'most': one of"),
-        (["--target=cpu-8", "--config.nope=1"], "error: "),
-        (
-            ["--target=cpu-8", "--config.attention=splash"],
-            "error: config.attention: attention 'splash' is a TPU",
-        ),
-    ],
-)
-def test_impossible_requests_exit_2_with_one_line(args, message):
-    r = run_plan("--config=configs/llava.py:tiny", *args, timeout=120)
+IMPOSSIBLE = [
+    (["--target=v5e-7"], "error: --target 'v5e-7': not a v5e slice; known sizes: v5e-1, v5e-4, v5e-8"),
+    (["--target=cpu-8", "--config.mesh.data=3"], "error: config.mesh on cpu-8: mesh"),
+    (["--target=cpu-2", "--stage=pretrain"], "error: --stage 'pretrain': the config's stages are"),
+    (["--target=cpu-8", "--batch=2", "--remat=most"], "error: --remat 'most': one of"),
+    (["--target=cpu-8", "--config.nope=1"], "error: "),
+    (["--target=cpu-8", "--config.attention=splash"], "error: config.attention: attention 'splash' is a TPU"),
+]
+
+
+@jobs.fixture
+def impossible_plans(tmp):
+    return [run_plan("--config=configs/llava.py:tiny", *args, timeout=120) for args, _ in IMPOSSIBLE]
+
+
+@pytest.mark.parametrize("case", range(len(IMPOSSIBLE)), ids=[" ".join(a) for a, _ in IMPOSSIBLE])
+def test_impossible_requests_exit_2_with_one_line(case, impossible_plans):
+    r, message = impossible_plans[case], IMPOSSIBLE[case][1]
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
     assert r.stdout == ""
@@ -169,24 +177,33 @@ with tempfile.TemporaryDirectory() as d:
 """
 
 
-@needs_libtpu
-def test_splash_attention_compiles_to_mosaic_kernels_for_a_tpu():
-    """The real train step with config.attention=splash, sharded over data, fsdp and tensor, compiles for a
-    TPU with the Pallas kernels in its program (none with XLA attention)."""
+@jobs.fixture
+def splash_hlo_counts(tmp):
+    """attention -> the number of Pallas (Mosaic) custom calls in the compiled step."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     counts = {}
     for attention in ("splash", "xla"):
-        r = subprocess.run(
-            [sys.executable, "-c", SPLASH_HLO, attention], capture_output=True, text=True, cwd=ROOT, env=env
-        )
-        assert r.returncode == 0, r.stderr[-3000:]
+        r = jobs.check(jobs.python("-c", SPLASH_HLO, attention, env=env))
         counts[attention] = int(r.stdout.split()[-1])
-    assert counts["splash"] > 0 and counts["xla"] == 0, counts
+    return counts
 
 
 @needs_libtpu
-def test_llava_7b_on_v5e_8_compiles_without_allocating_it():
-    p = plan_json("--config=configs/llava.py:7b", "--target=v5e-8", "--suggest=false")
+def test_splash_attention_compiles_to_mosaic_kernels_for_a_tpu(splash_hlo_counts):
+    """The real train step with config.attention=splash, sharded over data, fsdp and tensor, compiles for a
+    TPU with the Pallas kernels in its program (none with XLA attention)."""
+    counts = splash_hlo_counts
+    assert counts["splash"] > 0 and counts["xla"] == 0, counts
+
+
+@jobs.fixture
+def llava_7b_plan(tmp):
+    return plan_json("--config=configs/llava.py:7b", "--target=v5e-8", "--suggest=false")
+
+
+@needs_libtpu
+def test_llava_7b_on_v5e_8_compiles_without_allocating_it(llava_7b_plan):
+    p = llava_7b_plan
     assert p["params"] == pytest.approx(7.06e9, rel=0.01) and p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     # f32 params, and Adam moments for the adapter and the LLM (the vision tower is frozen), over 8 chips
     state = (4 * p["params"] + 8 * p["trainable_params"]) / 8
