@@ -1,4 +1,5 @@
-"""`python -m mllm_jax.evaluate` on a tiny random LLaVA and tiny COCO / VQAv2 / RefCOCO files.
+"""`python -m mllm_jax.evaluate` on a tiny random LLaVA and tiny COCO / VQAv2 / RefCOCO files, and on a
+grounding run (a background job, tests/jobs.py).
 
 A random model scores ~0: these tests check the plumbing (the predictions are `predict`'s greedy
 outputs, the printed metrics are `mllm_jax.evaluation.metrics` of the predictions file), not quality.
@@ -11,8 +12,10 @@ import subprocess
 import sys
 
 import hf_fixtures
+import jobs
 import numpy as np
 import pytest
+from commands import main_cmd
 from PIL import Image
 
 from mllm_jax import errors, predict
@@ -306,29 +309,31 @@ def test_bad_input_exits_2_with_one_line(case, message, data, llava_dir, tmp_pat
     assert re.search(message, r.stderr)
 
 
-def test_synthetic_grounding_on_a_run_with_location_tokens(tmp_path):
+GROUNDING_N = 8  # SMALL's eval batch: the same batches as training's eval
+
+
+@jobs.fixture
+def grounding_run(tmp):
+    """A shrunken `tiny_grounding` run through ``python -m mllm_jax.main``, exported with ``python -m
+    mllm_jax.convert``: ``(workdir, HF dir)``."""
+    workdir, out = str(tmp / "run"), str(tmp / "hf")
+    steps = ["--config.stages.align.steps=1", "--config.stages.instruct.steps=2"]
+    n = f"--config.eval.num_grounding={GROUNDING_N}"
+    jobs.check(jobs.run(main_cmd(workdir, *steps, n, config="configs/llava.py:tiny_grounding")))
+    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"))
+    return workdir, out
+
+
+def test_synthetic_grounding_on_a_run_with_location_tokens(grounding_run, tmp_path):
     """A shrunken `tiny_grounding` run: its tokenizer and embeddings hold the location tokens, the HF
     export carries them, and `evaluate --task=synthetic_grounding` reports what training logged."""
-    from training.test_train import ROOT, SMALL
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from mllm_jax import convert
-
-    workdir, n = str(tmp_path / "run"), 8  # n = SMALL's eval batch: the same batches as training's eval
-    steps = ["--config.stages.align.steps=1", "--config.stages.instruct.steps=2"]
-    cmd = ["-m", "mllm_jax.main", "--config=configs/llava.py:tiny_grounding", f"--workdir={workdir}"]
-    r = subprocess.run(
-        [sys.executable, *cmd, *SMALL, *steps, f"--config.eval.num_grounding={n}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    workdir, out = grounding_run
+    n = GROUNDING_N
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f if "eval/grounding_accuracy" in line][-1]
 
-    out = str(tmp_path / "hf")
-    convert.export_hf(workdir, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer.convert_tokens_to_ids([boxes.LOCATION_TOKENS[0], boxes.LOCATION_TOKENS[-1]])
     assert tokenizer.unk_token_id not in ids

@@ -3,8 +3,13 @@ motion from the pixels it is given (so the static baseline loses exactly what ne
 
 from __future__ import annotations
 
+import json
+import os
+
+import jobs
 import numpy as np
 import pytest
+from commands import SMALL
 
 from mllm_jax.data.layouts import ModelSpec
 from mllm_jax.data.synthetic import SyntheticConfig, vocabulary
@@ -97,37 +102,36 @@ VIDEO_FLAGS = [  # tiny_video's own eval and a few steps
 ]
 
 
-def test_trained_workdir_through_evaluate_predict_and_the_hf_export(tmp_path):
+@jobs.fixture
+def video_run(tmp):
+    """``tiny_video`` shrunk through ``python -m mllm_jax.main``, then ``evaluate --task=synthetic_video``
+    on the workdir and ``convert --to_hf``: ``(workdir, evaluate's printed result, its predictions file,
+    HF dir)``."""
+    workdir, out_hf, preds = str(tmp / "run"), str(tmp / "hf"), str(tmp / "video.jsonl")
+    small = [f for f in SMALL if not f.startswith("--config.eval.")]  # its small model, tiny_video's eval
+    config = "--config=configs/llava.py:tiny_video"
+    jobs.check(jobs.python("-m", "mllm_jax.main", config, f"--workdir={workdir}", *small, *VIDEO_FLAGS))
+    flags = ["--task=synthetic_video", "--limit=4", "--batch_size=4", f"--predictions={preds}"]
+    r = jobs.check(jobs.python("-m", "mllm_jax.evaluate", f"--model={workdir}", *flags))
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out_hf}"))
+    return workdir, result, preds, out_hf
+
+
+def test_trained_workdir_through_evaluate_predict_and_the_hf_export(video_run, tmp_path):
     """A clip is T consecutive images everywhere: training's eval, ``evaluate --task=synthetic_video``,
     ``predict`` with T ``--image`` flags and the exported ``LlavaForConditionalGeneration`` agree."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     import torch
     from PIL import Image
-    from training.test_train import SMALL as TRAIN_SMALL  # its small model: compilations take seconds
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mllm_jax import predict
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    workdir, out_hf, preds = str(tmp_path / "run"), str(tmp_path / "hf"), str(tmp_path / "video.jsonl")
-
-    def run(module, *flags):
-        r = subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, cwd=root)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    small = [f for f in TRAIN_SMALL if not f.startswith("--config.eval.")]
-    run("mllm_jax.main", "--config=configs/llava.py:tiny_video", f"--workdir={workdir}", *small, *VIDEO_FLAGS)
+    workdir, result, preds, out_hf = video_run
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         (logged,) = [row for row in map(json.loads, f) if "eval/motion_accuracy" in row]
     assert logged["stage"] == "instruct" and "eval/motion_accuracy_static" in logged
 
-    flags = ["--task=synthetic_video", "--limit=4", "--batch_size=4", f"--predictions={preds}"]
-    result = json.loads(run("mllm_jax.evaluate", f"--model={workdir}", *flags).strip().splitlines()[-1])
     with open(preds) as f:
         lines = [json.loads(line) for line in f]
     items = heldout_clips(CONFIG, 4)
@@ -139,7 +143,6 @@ def test_trained_workdir_through_evaluate_predict_and_the_hf_export(tmp_path):
     assert {k: result[k] for k in expected} == pytest.approx(expected)
     assert {k: logged[k] for k in expected} == pytest.approx(expected)  # training scored the same answers
 
-    run("mllm_jax.convert", f"--from={workdir}", f"--to_hf={out_hf}")
     model = LlavaForConditionalGeneration.from_pretrained(out_hf)
     processor = AutoProcessor.from_pretrained(out_hf)
     for i, (item, line) in enumerate(zip(items[:2], lines, strict=False)):

@@ -1,17 +1,19 @@
 """Decoding sharded over 8 simulated CPU devices gives the tokens (and log-probabilities) of one device:
 a tiny LLaVA, a batch that does not divide over the mesh (padded inside), params placed in training's
-layout. The device count is fixed when JAX starts, so this file also runs itself as the subprocess."""
+layout. The device count is fixed when JAX starts, so this file also runs itself as the subprocess (a
+background job, tests/jobs.py)."""
 
 import json
 import os
-import subprocess
 import sys
 
 if __name__ == "__main__":  # only as a script: importing this module must not change the importer's JAX
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [os.path.dirname(tests), tests]  # this checkout, tests/jobs.py
 
+import jobs  # noqa: E402
 import numpy as np  # noqa: E402
 
 # d2f2t2 caught a real layout problem: the projector's input had to be pinned to the batch layout
@@ -70,19 +72,15 @@ def decode_on_meshes() -> dict:
     return out
 
 
-def test_sharded_generation_equals_one_device():
+@jobs.fixture
+def sharded_decodes(tmp):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    r = jobs.check(jobs.python(os.path.abspath(__file__), env=env, timeout=600))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_generation_equals_one_device(sharded_decodes):
+    out = sharded_decodes
     single = out["single"]
     assert len(single["ids"]) == 5 and all(len(ids) == 6 for ids in single["ids"])
     for name in MESHES:
