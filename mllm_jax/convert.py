@@ -41,9 +41,7 @@ def import_hf(hf_dir: str, ckpt_dir: str):
 
 def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
     if not store.is_checkpoint(ckpt_dir):
-        raise FileNotFoundError(
-            f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {store.MODEL_CONFIG})"
-        )
+        raise FileNotFoundError(f"--from {ckpt_dir!r}: not an mllm_jax checkpoint (no {store.MODEL_CONFIG})")
     model = store.load_model(ckpt_dir, step)
     assets = store.assets_dir(ckpt_dir)
     store.save_pretrained(
