@@ -148,6 +148,8 @@ def start(fixture_names_in_order: list[str]):
                 _queue.append(job)
     if _queue and SLOTS > 0:
         threading.Thread(target=_scheduler, name="jobs", daemon=True).start()
+    if _queue and ZYGOTE:  # its imports take seconds: start it now, next to the first tests
+        threading.Thread(target=_get_zygote, name="zygote-start", daemon=True).start()
 
 
 def result(fixture_name: str):
@@ -175,6 +177,8 @@ def finish():
             if not _alive() or time.time() > deadline:
                 break
             _lock.wait(timeout=0.2)
+    if _zygote:
+        _zygote.close()
     if _tmp_root is not None:
         shutil.rmtree(_tmp_root, ignore_errors=True)
 
@@ -186,25 +190,54 @@ def timings() -> dict[str, float]:
 # ---------------------------------------------------------------- helpers for the jobs' commands
 
 
-_procs: set[subprocess.Popen] = set()  # the jobs' commands, stopped at the end of the session
+_procs: set = set()  # the jobs' commands, stopped at the end of the session
+_zygote = None  # tests/zygote.py's server, started by the first command that can use it
+_zygote_lock = threading.Lock()
+ZYGOTE = os.environ.get("MLLM_JAX_TEST_ZYGOTE", "1") != "0"
 
 
-def popen(argv: list[str], *, cwd=ROOT, **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen`` (text mode) of a command that ``finish`` stops if it outlives the session."""
+def _get_zygote():
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None:
+            import zygote
+
+            _zygote = zygote.start() or False
+        return _zygote
+
+
+def popen(argv: list[str], *, cwd=ROOT, env=None, input: str | None = None, fresh=False, **kwargs):
+    """Start ``argv``: a ``python`` command (``sys.executable`` first) as a fork of tests/zygote.py's
+    server unless ``fresh`` (or its environment differs where JAX reads it at import), anything else as
+    a ``subprocess.Popen`` (text mode; ``kwargs`` for it: stdout, stderr). Either way a Popen-like handle
+    that ``finish`` stops if it outlives the session; stdin is ``input`` (else empty)."""
+    server = None
+    if ZYGOTE and not fresh and argv[0] == sys.executable:
+        server = _get_zygote()
     with _lock:
         if _closing:
             raise RuntimeError(f"the session is over: not starting {argv[:4]}")
-        proc = subprocess.Popen(argv, cwd=cwd, text=True, **kwargs)
+    if server and server.serves(env):
+        proc = server.popen(argv[1:], cwd=cwd, env=env, input=input)
+    else:
+        stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdin=stdin, **kwargs)
+        if input is not None:
+            proc.stdin.write(input)
+            proc.stdin.close()
+            proc.stdin = None
+    with _lock:
         _procs.add(proc)
     return proc
 
 
-def run(argv: list[str], *, env=None, input: str | None = None, timeout: float = 900, cwd=ROOT):
-    """``subprocess.run`` of a command, its output captured as text."""
-    stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
-    proc = popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def run(argv: list[str], *, env=None, input: str | None = None, timeout: float = 900, cwd=ROOT, fresh=False):
+    """``subprocess.run`` of a command (through ``popen``), its output captured as text."""
+    proc = popen(
+        argv, cwd=cwd, env=env, input=input, fresh=fresh, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
-        out, err = proc.communicate(input, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()

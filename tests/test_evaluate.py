@@ -8,8 +8,6 @@ outputs, the printed metrics are `mllm_jax.evaluation.metrics` of the prediction
 import json
 import os
 import re
-import subprocess
-import sys
 
 import hf_fixtures
 import jobs
@@ -134,8 +132,9 @@ def data(tmp_path_factory, llava_dir):
     }
 
 
-def run_evaluate(*flags):
-    return subprocess.run([sys.executable, "-m", "mllm_jax.evaluate", *flags], capture_output=True, text=True)
+def run_evaluate(*flags, fresh=False):
+    """``python -m mllm_jax.evaluate`` (a fork of tests/zygote.py's server unless ``fresh``)."""
+    return jobs.python("-m", "mllm_jax.evaluate", *flags, fresh=fresh)
 
 
 def rescored(task, lines) -> dict:
@@ -187,7 +186,8 @@ def test_metrics_equal_metrics_of_predictions_of_predict(task, data, llava_dir, 
     args, texts = data[task]
     kwargs = dict(args, prompt=PROMPTS[task], max_new_tokens=MAX_NEW, batch_size=2, predictions=out)
     if task in VIA_CLI:  # 3 examples in batches of 2: the second batch is padded
-        r = run_evaluate(f"--model={model_dir}", f"--task={task}", *[f"--{k}={v}" for k, v in kwargs.items()])
+        flags = [f"--model={model_dir}", f"--task={task}", *[f"--{k}={v}" for k, v in kwargs.items()]]
+        r = run_evaluate(*flags, fresh=True)  # in its own interpreter
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout)  # stdout holds only the metrics; logs went to stderr
     else:

@@ -42,8 +42,8 @@ def test_greedy_equals_hf_generate(variant, llava_dir, image_files):
     assert isinstance(result["text"], str)
 
 
-def run_predict(*flags):
-    return jobs.python("-m", "mllm_jax.predict", *flags)
+def run_predict(*flags, fresh=False):
+    return jobs.python("-m", "mllm_jax.predict", *flags, fresh=fresh)
 
 
 BUILD = """
@@ -76,9 +76,10 @@ def cli_json_run(tmp):
     ``(HF dir, image, convert's run, predict's run)``."""
     dirs, image = jobs.result("cli_models")
     model_dir, ckpt = dirs["clip_layers_mistral"], str(tmp / "ckpt")
-    converted = jobs.python("-m", "mllm_jax.convert", f"--from_hf={model_dir}", f"--to={ckpt}")
+    # both commands in their own interpreters (tests/zygote.py)
+    converted = jobs.python("-m", "mllm_jax.convert", f"--from_hf={model_dir}", f"--to={ckpt}", fresh=True)
     flags = [f"--image={image}", f"--prompt={CLI_PROMPT}", f"--max_new_tokens={MAX_NEW}", "--format=json"]
-    return model_dir, image, converted, run_predict(f"--model={ckpt}", *flags)
+    return model_dir, image, converted, run_predict(f"--model={ckpt}", *flags, fresh=True)
 
 
 def test_cli_json_on_our_checkpoint_equals_hf(cli_json_run):

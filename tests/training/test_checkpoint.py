@@ -3,12 +3,11 @@ model it does not fit names the first mismatching path and both shapes."""
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
+import jobs
 import numpy as np
 import optax
 import pytest
@@ -16,8 +15,6 @@ import pytest
 from mllm_jax import errors
 from mllm_jax.families import store
 from mllm_jax.training import checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _params(width=8):
@@ -55,8 +52,8 @@ KILLED_MID_SAVE = textwrap.dedent(
 
 def test_a_step_killed_while_being_written_is_never_the_newest(tmp_path):
     workdir = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, workdir], cwd=ROOT, capture_output=True)
-    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    r = jobs.python("-c", KILLED_MID_SAVE, workdir)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     entries = os.listdir(os.path.join(workdir, store.CHECKPOINTS))
     assert "1" in entries and any(e.startswith("2.orbax-checkpoint-tmp") for e in entries), entries
 

@@ -20,13 +20,13 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
-def run_plan(*args, timeout=600):
+def run_plan(*args, timeout=600, fresh=False):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    return jobs.python("-m", "mllm_jax.plan", *args, env=env, timeout=timeout)
+    return jobs.python("-m", "mllm_jax.plan", *args, env=env, timeout=timeout, fresh=fresh)
 
 
-def plan_json(*args) -> dict:
-    r = jobs.check(run_plan(*args))
+def plan_json(*args, fresh=False) -> dict:
+    r = jobs.check(run_plan(*args, fresh=fresh))
     return json.loads(r.stdout)
 
 
@@ -76,7 +76,8 @@ def test_tiny_on_a_v5e_slice_fsdp(tiny_v5e_plan):
 
 @jobs.fixture
 def tiny_cpu8_plan(tmp):
-    return plan_json("--config=configs/llava.py:tiny", "--target=cpu-8", "--max_batch=8")
+    # in its own interpreter (tests/zygote.py)
+    return plan_json("--config=configs/llava.py:tiny", "--target=cpu-8", "--max_batch=8", fresh=True)
 
 
 def test_tiny_on_8_cpu_devices_with_suggestions(tiny_cpu8_plan):

@@ -17,8 +17,8 @@ from mllm_jax.families import store
 from mllm_jax.models import params as param_tree
 
 
-def run_main(workdir, *flags, check=True):
-    r = jobs.run(main_cmd(workdir, *flags))
+def run_main(workdir, *flags, check=True, fresh=False):
+    r = jobs.run(main_cmd(workdir, *flags), fresh=fresh)
     if check:
         jobs.check(r)
     return r
@@ -60,6 +60,7 @@ def llava_json_run(tmp):
     the projector; then ``python -m mllm_jax.convert`` to HF: ``(workdir, HF dir)``."""
     path, image_root = write_llava_json(tmp)
     workdir, out = str(tmp / "run"), str(tmp / "hf")
+    # the training and export commands in their own interpreters (tests/zygote.py)
     run_main(
         workdir,
         f"--config.stages.align.steps={ALIGN_END}",
@@ -69,8 +70,9 @@ def llava_json_run(tmp):
         f"--config.stages.instruct.data.path={path}",
         f"--config.stages.instruct.data.image_root={image_root}",
         "--config.stages.instruct.data.max_length=48",
+        fresh=True,
     )
-    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}"))
+    jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={out}", fresh=True))
     return workdir, out
 
 
@@ -279,7 +281,7 @@ def test_train_steps_compile_once(tmp_path):
 @jobs.fixture
 def bench_run(tmp):
     flags = ["--size=tiny", "--batch=2", "--seq=48", "--steps=1", "--decode_tokens=2", "--decode_batch=1"]
-    return jobs.python("-m", "mllm_jax.bench", *flags)
+    return jobs.python("-m", "mllm_jax.bench", *flags, fresh=True)  # in its own interpreter
 
 
 def test_bench_prints_the_figures(bench_run):
