@@ -113,9 +113,17 @@ def pytest_sessionfinish(session):
 
 
 def pytest_terminal_summary(terminalreporter):
+    import resource
+
     done = jobs.timings()
     if done:
         line = ", ".join(
-            f"{name} {seconds:.0f}s" for name, seconds in sorted(done.items(), key=lambda x: -x[1])
+            f"{name} {seconds:.0f}s" + (f" ({cpu:.0f}s CPU)" if cpu else "")
+            for name, (seconds, cpu) in sorted(done.items(), key=lambda x: -x[1][0])
         )
         terminalreporter.write_line(f"background jobs: {line}")
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    terminalreporter.write_line(
+        f"CPU: pytest's process {own.ru_utime + own.ru_stime:.0f}s, "
+        f"ended commands {children.ru_utime + children.ru_stime:.0f}s"
+    )

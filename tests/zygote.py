@@ -100,10 +100,11 @@ def _serve():
                 children[pid] = request["id"]
                 _reply({"id": request["id"], "pid": pid})
         while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 break
-            _reply({"id": children.pop(pid), "returncode": os.waitstatus_to_exitcode(status)})
+            code, cpu = os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
+            _reply({"id": children.pop(pid), "returncode": code, "cpu": cpu})
 
 
 def _redirect(path: str | None, fd: int, flags: int):
@@ -177,6 +178,7 @@ class Child:
 
     def __init__(self, zygote: Zygote, argv: list[str], pid: int, files: dict):
         self.args, self.pid, self.returncode = argv, pid, None
+        self.cpu_seconds = 0.0  # its CPU time (user + system), once it has ended
         self._zygote, self._files = zygote, files
 
     def poll(self):
@@ -229,7 +231,8 @@ class Zygote:
                 if "pid" in message:
                     self._pids[message["id"]] = message["pid"]
                 elif "returncode" in message:
-                    self._children.pop(message["id"]).returncode = message["returncode"]
+                    child = self._children.pop(message["id"])
+                    child.cpu_seconds, child.returncode = message["cpu"], message["returncode"]
                 self.lock.notify_all()
 
     def serves(self, env: dict | None) -> bool:
@@ -241,15 +244,16 @@ class Zygote:
         keys = {k for k in {*env, *self.env} if k.startswith(("JAX_", "XLA_", "TPU_", "LIBTPU"))}
         return all(env.get(k) == self.env.get(k) for k in keys)
 
-    def popen(self, argv: list[str], *, cwd: str, env: dict | None = None, input: str | None = None) -> Child:
-        """Fork ``python *argv`` (``-m module ...``, ``-c code ...`` or ``script ...``)."""
+    def popen(self, argv: list[str], *, cwd: str, env=None, input: str | None = None, tmpdir=None) -> Child:
+        """Fork ``python *argv`` (``-m module ...``, ``-c code ...`` or ``script ...``); its stdin (the
+        ``input`` text, else empty), stdout and stderr are files in ``tmpdir``."""
         files = {}
         for name in ("stdout", "stderr"):
-            fd, files[name] = tempfile.mkstemp(prefix=f"zygote_{name}_")
+            fd, files[name] = tempfile.mkstemp(prefix=f"zygote_{name}_", dir=tmpdir)
             os.close(fd)
         files["stdin"] = None
         if input is not None:
-            fd, files["stdin"] = tempfile.mkstemp(prefix="zygote_stdin_")
+            fd, files["stdin"] = tempfile.mkstemp(prefix="zygote_stdin_", dir=tmpdir)
             with os.fdopen(fd, "w") as f:
                 f.write(input)
         with self.lock:
@@ -259,7 +263,8 @@ class Zygote:
             self._children[request["id"]] = child
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
-            self.lock.wait_for(lambda: request["id"] in self._pids)
+            if not self.lock.wait_for(lambda: request["id"] in self._pids, timeout=120):
+                raise RuntimeError(f"tests/zygote.py's server did not start {argv[:3]}")
             child.pid = self._pids.pop(request["id"])
         return child
 
