@@ -1,8 +1,9 @@
 """LLaVA configs: ``configs/llava.py:tiny`` (CPU demo, built-in synthetic data, from scratch),
 ``configs/llava.py:7b`` and ``:13b`` (LLaVA-1.5 recipe: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu).
 Modifiers compose with a preset (mllm_jax/training/presets.py): ``:tiny,lora`` (LoRA in stage 2),
-``:tiny,video`` (4-frame clips), ``:tiny,grounding`` (boxes as location tokens); ``task=video`` and
-``task=grounding`` are the same as the last two.
+``:tiny,video`` (4-frame clips), ``:tiny,grounding`` (boxes as location tokens), ``:tiny,dpo`` (alias
+``tiny_dpo``: align, instruct, then a DPO preference stage, POPE after instruct and DPO); ``task=video``
+and ``task=grounding`` are the same as the video and grounding modifiers.
 
     python -m mllm_jax.main --config=configs/llava.py:tiny --workdir=/tmp/llava_tiny
 """
@@ -121,6 +122,29 @@ def grounding(c: ml_collections.ConfigDict):
     c.eval.num_grounding = 256
 
 
+def dpo(c: ml_collections.ConfigDict):
+    """Preference tuning against hallucination (docs/dpo.md): the instruct stage also learns yes / no
+    object-existence questions (random negatives), then a DPO stage starts from its params (the frozen
+    reference) on synthetic pairs whose rejected answers name colours or shapes absent from the image
+    (adversarial existence questions, colour / shape questions, hallucinated captions). POPE (random,
+    popular, adversarial negatives) is measured after instruct and after DPO."""
+    c.synthetic.existence_questions = True
+    c.stages.instruct.data.mix = (dict(weight=0.75, task="vqa"), dict(weight=0.25, task="existence"))
+    c.stage_order = (*c.stage_order, "dpo")
+    c.stages.dpo = stage(
+        steps=200,
+        batch_size=16,
+        trainable=c.stages.instruct.trainable,
+        loss="dpo",
+        beta=0.1,
+        learning_rate=1e-4,
+        warmup_steps=20,
+        data=data(task="preference", max_length=c.stages.instruct.data.max_length),
+    )
+    c.eval.num_pope = 300
+    c.eval.stages = ("instruct", "dpo")
+
+
 def _real(llm: dict) -> ml_collections.ConfigDict:
     c = presets.base()
     c.dtype = "bfloat16"
@@ -216,10 +240,16 @@ MODIFIERS = {
     "lora": lora,
     "video": video,
     "grounding": grounding,
+    "dpo": dpo,
     "task=video": video,
     "task=grounding": grounding,
 }
-ALIASES = {"tiny_lora": "tiny,lora", "tiny_video": "tiny,video", "tiny_grounding": "tiny,grounding"}
+ALIASES = {
+    "tiny_lora": "tiny,lora",
+    "tiny_video": "tiny,video",
+    "tiny_grounding": "tiny,grounding",
+    "tiny_dpo": "tiny,dpo",
+}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

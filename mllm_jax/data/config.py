@@ -14,8 +14,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-SOURCES = ("synthetic", "llava_json", "webdataset", "mmc4")
-SYNTHETIC_TASKS = ("caption", "vqa", "interleaved", "interleaved_caption", "grounding", "referring", "video")
+SOURCES = ("synthetic", "llava_json", "webdataset", "mmc4", "preference_json")
+SYNTHETIC_TASKS = (
+    "caption",
+    "vqa",
+    "interleaved",
+    "interleaved_caption",
+    "grounding",
+    "referring",
+    "video",
+    "existence",
+    "preference",
+)
 MULTI_IMAGE_TASKS = ("interleaved", "interleaved_caption")  # these need max_images >= 2
 TEXT_SOURCES = ("all", "prompt")
 PARENT_ONLY = ("mix", "max_length", "max_images", "text_length", "num_workers")
@@ -27,10 +37,13 @@ class DataConfig:
     # synthetic only: "caption" | "vqa" | "interleaved" (2..max_images images, one VQA turn each) |
     # "interleaved_caption" (documents: image, its caption, image, its caption, ...) |
     # "grounding" / "referring" (boxes as location tokens, grounding.py; needs model.location_tokens) |
-    # "video" (clips of synthetic.num_frames frames, one motion question; needs max_images >= num_frames)
+    # "video" (clips of synthetic.num_frames frames, one motion question; needs max_images >= num_frames) |
+    # "existence" (yes / no: is there a red circle ?) | "preference" (chosen / rejected pairs: a DPO
+    # stage's data, existence.py); both need synthetic.existence_questions
     task: str = "vqa"
-    path: str = ""  # llava_json / mmc4 file, or webdataset shard dir/glob
-    image_root: str = ""  # llava_json / mmc4: the folder image paths are relative to (never left)
+    path: str = ""  # llava_json / mmc4 / preference_json file, or webdataset shard dir/glob
+    # llava_json / mmc4 / preference_json: the folder image paths are relative to (never left)
+    image_root: str = ""
     template: str = "tiny"  # a templates.TEMPLATES key or "chat" (conversations; documents have none)
     max_length: int = 64  # tokens per sample incl. image tokens; padded to it, truncated beyond
     max_images: int = 1  # images per sample (padded with zero images)

@@ -29,6 +29,7 @@ from absl import flags, logging
 from mllm_jax.data.config import SOURCES, DataConfig
 from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, truncate
+from mllm_jax.data.preference import PreferenceJsonSource, encode_pair, is_pair
 from mllm_jax.data.sources import LlavaJsonSource, Mmc4Source, SyntheticSource
 from mllm_jax.data.synthetic import SyntheticConfig
 from mllm_jax.data.templates import encode_conversation, encode_document, render_text
@@ -162,6 +163,8 @@ class Encoder:
             raise BadExample(record["error"], record.get("detail", ""))
         if "document" in record:
             return self._document(record["document"])
+        if is_pair(record):  # a DPO stage's chosen / rejected pair: both rows of one example
+            return encode_pair(self.encode, record)
         images, turns = record.get("images", []), record.get("turns")
         if not turns:
             raise BadExample("no_turns")
@@ -270,6 +273,7 @@ MAP_SOURCES = {
     ),
     "llava_json": lambda d, _: LlavaJsonSource(d.path, d.image_root),
     "mmc4": lambda d, _: Mmc4Source(d.path, d.image_root),
+    "preference_json": lambda d, _: PreferenceJsonSource(d.path, d.image_root),
 }
 
 

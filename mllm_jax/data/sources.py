@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mllm_jax.data.config import SYNTHETIC_TASKS
+from mllm_jax.data.existence import existence_record, preference_record
 from mllm_jax.data.grounding import grounding_record, referring_record
 from mllm_jax.data.interleaved import interleaved_caption, interleaved_vqa, mmc4_document, vqa_turns
 from mllm_jax.data.layouts import IMAGE
@@ -55,6 +56,8 @@ TASK_RECORDS = {
     "grounding": grounding_record,
     "referring": referring_record,
     "video": clip_record,
+    "existence": existence_record,  # yes / no object-existence questions (existence.py)
+    "preference": preference_record,  # chosen / rejected pairs for a DPO stage (existence.py)
 }
 assert set(TASK_RECORDS) == set(SYNTHETIC_TASKS)
 

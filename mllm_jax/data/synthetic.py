@@ -45,6 +45,10 @@ REFERRING_QUESTION = "what is at {box} ?"
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DIRECTION_QUESTION = "which way does the {color} {shape} move ?"
 MOVING_COLOR_QUESTION = "what color is the moving shape ?"
+# existence.py: yes / no object-existence questions (POPE) and preference pairs; their words join the
+# vocabulary only with ``existence_questions`` (other runs keep their tokenizer and initialisation)
+EXISTENCE_QUESTION = "is there a {name} in the image ?"
+EXISTENCE_ANSWERS = ("yes", "no")
 
 
 def _circle(yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -82,6 +86,7 @@ class SyntheticConfig:
     # Share of the scene space reserved for ``heldout``; those scenes never appear in ``train``.
     heldout_fraction: float = 0.1
     num_frames: int = 4  # frames per clip of the ``video`` task (video.py)
+    existence_questions: bool = False  # vocabulary: the words of EXISTENCE_QUESTION and yes / no
 
     def __post_init__(self):
         unknown = set(self.colors) - set(COLOR_RGB) | set(self.shapes) - set(SHAPE_MASKS)
@@ -231,4 +236,7 @@ def vocabulary(config: SyntheticConfig) -> list[str]:
     words = {w for t in templates for w in t.split() if "{" not in w}
     words.update(config.colors, config.shapes, ("left", "right"), CHAT_WORDS, DIRECTIONS)
     words.update(NUMBER_WORDS[config.min_shapes : config.max_shapes + 1])
+    if config.existence_questions:
+        words.update(w for w in EXISTENCE_QUESTION.split() if "{" not in w)
+        words.update(EXISTENCE_ANSWERS)
     return sorted(words)

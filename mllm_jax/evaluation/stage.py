@@ -3,7 +3,8 @@ synthetic data, chosen by the run's ``config.eval`` keys:
 
 - a Q-Former stage (``loss="qformer"``): image -> text retrieval recall (``num_retrieval`` images);
 - a generative stage, in the stage's (or ``eval.template``'s) conversation template: grounding and
-  referring (``num_grounding``), motion questions on clips (``num_clips``), then VQA (``num_questions``,
+  referring (``num_grounding``), motion questions on clips (``num_clips``), POPE's yes / no
+  existence questions (``num_pope``), then VQA (``num_questions``,
   with ``types`` as the headline and few-shot ``shots``), each decoded in batches of ``batch_size``
   on the mesh the params are laid out on.
 
@@ -14,7 +15,13 @@ holds; nothing here depends on a model family.
 from __future__ import annotations
 
 from mllm_jax.data import templates
-from mllm_jax.evaluation import retrieval, synthetic_grounding, synthetic_video, synthetic_vqa
+from mllm_jax.evaluation import (
+    retrieval,
+    synthetic_grounding,
+    synthetic_pope,
+    synthetic_video,
+    synthetic_vqa,
+)
 from mllm_jax.evaluation.decoder import Decoder
 
 
@@ -70,6 +77,8 @@ def evaluate_stage(
         rows |= synthetic_grounding.grounding_metrics(boxes, synthetic_config, ev.num_grounding)
     if ev.num_clips:  # motion questions on held-out synthetic clips (data/video.py)
         rows |= synthetic_video.motion_metrics(decoder, synthetic_config, ev.num_clips)
+    if ev.num_pope:  # yes / no object-existence questions (hallucination)
+        rows |= synthetic_pope.pope_rows(decoder, synthetic_config, ev.num_pope)
     if ev.num_questions:
         rows |= synthetic_vqa.vqa_metrics(decoder, synthetic_config, ev.num_questions, ev.types, ev.shots)
     return rows

@@ -22,8 +22,9 @@ from mllm_jax.training.lora import LoraConfig
 from mllm_jax.training.optim import OptimConfig
 
 DTYPES = ("float32", "bfloat16")
-# what a stage minimises: the LM loss on target tokens, or BLIP-2's stage-1 Q-Former losses
-LOSSES = ("lm", "qformer")
+# what a stage minimises: the LM loss on target tokens, BLIP-2's stage-1 Q-Former losses, or DPO on
+# preference pairs (training/dpo.py)
+LOSSES = ("lm", "qformer", "dpo")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,12 +48,13 @@ class EvalConfig:
     num_retrieval: int = 0  # held-out images for image-text retrieval after a Q-Former stage (0: off)
     num_grounding: int = 0  # held-out grounding + referring questions each (0: off; location tokens)
     num_clips: int = 0  # held-out synthetic clips asked motion questions (0: off; eval/motion_accuracy)
+    num_pope: int = 0  # held-out POPE yes / no questions, a third per negative kind (0: off; eval/pope_*)
     stages: tuple[str, ...] = ()  # evaluate after these stages only (empty: after every stage)
     template: str = ""  # the prompt template of the questions ("": the stage's data.template)
     types: tuple[str, ...] = ("count", "color", "shape")  # question types eval/vqa_accuracy averages
 
     def check(self, where: str):
-        for key in ("every", "num_questions", "num_retrieval", "num_grounding", "num_clips"):
+        for key in ("every", "num_questions", "num_retrieval", "num_grounding", "num_clips", "num_pope"):
             schema.positive(getattr(self, key), where + key, allow_zero=True)
         for key in ("batch_size", "max_new_tokens"):
             schema.positive(getattr(self, key), where + key)
@@ -70,6 +72,7 @@ class Stage:
     # learning_rate, schedule, ... are keys of the stage itself
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig, metadata={"flat": True})
     loss: str = "lm"  # a LOSSES entry: "qformer" is BLIP-2 stage 1 (ITC + ITM + ITG)
+    beta: float = 0.1  # loss "dpo": how far from the reference (the stage's starting params) it may move
     # low-rank adapters on the targets, merged into them at the end of the stage (rank 0: off)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     data: DataConfig = dataclasses.field(metadata={"missing": "each stage names its data"})
@@ -85,6 +88,8 @@ class Stage:
         if not self.trainable:
             raise ConfigError(f"{where}trainable is empty: name the param paths to train (e.g. 'adapter/.*')")
         schema.one_of(self.loss, LOSSES, where + "loss")
+        if not self.beta > 0:
+            raise ConfigError(f"{where}beta must be > 0, got {self.beta!r}")
 
 
 def _stages(d: dict, where: str, built: dict) -> tuple[Stage, ...]:

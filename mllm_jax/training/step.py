@@ -3,7 +3,8 @@
 
 State is ``{"trainable", "frozen", "opt_state", "step"}``: the stage's ``trainable`` path patterns split
 the params, so frozen params get no gradients and no optimizer state; a LoRA stage adds its factors
-under ``trainable["lora"]``. ``init_state`` takes params placed on the mesh and returns the state placed
+under ``trainable["lora"]``; a DPO stage keeps its starting trainable params as ``"reference"`` (dpo.py).
+``init_state`` takes params placed on the mesh and returns the state placed
 there too, or, given ``ShapeDtypeStruct``s with shardings, the same state abstractly: nothing is
 allocated, which is how ``plan`` compiles a 7B step on a laptop.
 """
@@ -19,7 +20,7 @@ import optax
 
 from mllm_jax import sharding
 from mllm_jax.models import params as param_tree
-from mllm_jax.training import lora, optim
+from mllm_jax.training import dpo, lora, optim
 from mllm_jax.training.runconfig import Stage
 
 # what a step reads of a batch (the pipeline also yields host-only keys, such as image positions)
@@ -46,26 +47,33 @@ def lm_loss(model, params, batch, rng):
     return (nll * mask).sum(), {"count": mask.sum(), "correct": (correct * mask).sum()}
 
 
-def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: int, loss_fn=lm_loss):
+def make_train_step(
+    model, tx: optax.GradientTransformation, lr_fn, grad_accum: int, loss_fn=lm_loss, reference_fn=None
+):
     """``train_step(state, batch, rng) -> (state, metrics)``.
 
     ``loss_fn(model, params, batch, rng) -> (loss_sum, aux)`` sums over the batch; ``aux`` holds
     ``count`` (what the sums are normalised by: target tokens, or examples), ``correct`` and any
-    other sums, logged as ``loss/<name>``. The batch is split into ``grad_accum`` micro-batches whose
+    other sums, logged as ``loss/<name>`` (a name with a ``/`` as it is: ``dpo/loss``). With
+    ``reference_fn(model, params, batch) -> dict`` (DPO), each (micro-)batch first gets the arrays it
+    computes on the reference params, ``state["reference"]`` merged with the frozen ones.
+    The batch is split into ``grad_accum`` micro-batches whose
     summed gradients are normalised by the total count, so accumulation gives the same update as one
     big batch (for token-level losses). A step whose loss or gradients are not finite leaves the
     params and optimizer state as they were and reports ``skipped = 1``.
     """
 
-    def grads_of(trainable, frozen, batch, rng):
+    def grads_of(trainable, frozen, batch, rng, reference):
+        if reference_fn is not None:
+            batch = batch | reference_fn(model, param_tree.merge_params(reference, frozen), batch)
         fn = lambda t: loss_fn(model, param_tree.merge_params(t, frozen), batch, rng)  # noqa: E731
         (loss_sum, aux), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
         return grads, loss_sum, aux
 
     def train_step(state, batch, rng):
-        trainable, frozen = state["trainable"], state["frozen"]
+        trainable, frozen, reference = state["trainable"], state["frozen"], state.get("reference")
         if grad_accum == 1:
-            grads, loss_sum, aux = grads_of(trainable, frozen, batch, rng)
+            grads, loss_sum, aux = grads_of(trainable, frozen, batch, rng, reference)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
@@ -73,11 +81,11 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: 
 
             def body(carry, mb_rng):
                 mb, r = mb_rng
-                g, loss_sum, aux = grads_of(trainable, frozen, mb, r)
+                g, loss_sum, aux = grads_of(trainable, frozen, mb, r, reference)
                 return jax.tree.map(jnp.add, carry, (g, loss_sum, aux)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grads_of, trainable, frozen, first, rng)
+            shapes = jax.eval_shape(grads_of, trainable, frozen, first, rng, reference)
             init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             rngs = jax.random.split(rng, grad_accum)
             (grads, loss_sum, aux), _ = jax.lax.scan(body, init, (micro, rngs))
@@ -103,7 +111,11 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_fn, grad_accum: 
             "learning_rate": lr_fn(state["step"]),
             "target_tokens": aux["count"],
             "skipped": 1.0 - finite.astype(jnp.float32),
-            **{f"loss/{k}": v / denom for k, v in aux.items() if k not in ("count", "correct")},
+            **{
+                (k if "/" in k else f"loss/{k}"): v / denom
+                for k, v in aux.items()
+                if k not in ("count", "correct")
+            },
         }
         return new_state, metrics
 
@@ -140,6 +152,13 @@ def init_state(stage: Stage, params, mesh, seed: int, start: int = 0):
         trainable = {**trainable, lora.KEY: _placed(init, out, key, abstract=abstract)}
     tx, lr_fn = optim.make_optimizer(stage.optim, stage.steps)
     replicated = sharding.replicated(mesh)
+    reference = {}
+    if stage.loss == "dpo":  # the stage's starting point, frozen (LoRA: the base, factors off)
+        start_params = lora.split_off(trainable)[0]
+        keep = jax.tree.map(lambda x: x.sharding, start_params)
+        reference["reference"] = _placed(
+            lambda t: jax.tree.map(jnp.copy, t), keep, start_params, abstract=abstract
+        )
     opt_shardings = optax.tree_utils.tree_map_params(
         tx,
         lambda _, s: s,
@@ -156,6 +175,7 @@ def init_state(stage: Stage, params, mesh, seed: int, start: int = 0):
             if abstract
             else jax.device_put(jnp.asarray(start, jnp.int32), replicated)
         ),
+        **reference,
     }
     return state, tx, lr_fn
 
@@ -165,7 +185,8 @@ def jit_step(model, stage: Stage, tx, lr_fn, loss_fn, state, mesh):
     donated), the scalar metrics are replicated; a LoRA stage merges its factors inside the step."""
     if stage.lora.enabled:
         loss_fn = lora.merging(loss_fn, stage.lora.scale)
-    fn = make_train_step(model, tx, lr_fn, stage.grad_accum, loss_fn)
+    reference_fn = dpo.reference_logps if "reference" in state else None
+    fn = make_train_step(model, tx, lr_fn, stage.grad_accum, loss_fn, reference_fn)
     out = (jax.tree.map(lambda x: x.sharding, state), sharding.replicated(mesh))
     return jax.jit(fn, out_shardings=out, donate_argnums=0)
 

@@ -8,6 +8,7 @@ tokenizer. What differs between families is asked of ``mllm_jax.families``.
 from __future__ import annotations
 
 import collections
+import functools
 
 import flax.linen as nn
 import jax
@@ -21,11 +22,14 @@ from mllm_jax.families import DTYPES, base, store
 from mllm_jax.inference import generate
 from mllm_jax.models import blip2_stage1, flops, layers, scan
 from mllm_jax.models import params as param_tree
-from mllm_jax.training import assets, model_init, step
+from mllm_jax.training import assets, dpo, model_init, step
 from mllm_jax.training.runconfig import RunConfig, Stage
 
-# config.stages.*.loss -> loss_fn(model, params, batch, rng) (see ``step.make_train_step``)
-LOSSES = {"lm": step.lm_loss, "qformer": blip2_stage1.stage1_loss}
+# config.stages.*.loss -> loss_fn(model, params, batch, rng) (see ``step.make_train_step``); "dpo" also
+# takes the stage's beta
+LOSSES = {"lm": step.lm_loss, "qformer": blip2_stage1.stage1_loss, "dpo": dpo.dpo_loss}
+# a DPO stage reads pairs (data/preference.py), and only it does: these sources / synthetic tasks
+PAIR_DATA = {("preference_json", None), ("synthetic", "preference")}
 
 
 class RunSetup:
@@ -78,6 +82,7 @@ class RunSetup:
         )
         self.model_spec = self.family.model_spec(self.config, self.tokenizer)
         _check_location_tokens(run, self.tokenizer)
+        _check_existence_words(run, self.tokenizer)
         self.peak = flops.peak_flops_per_device() * (n_devices or jax.device_count())
         for stage in run.stages:
             self._check_stage(stage)
@@ -168,10 +173,13 @@ class RunSetup:
     def _check_stage(self, stage: Stage):
         """The family supports the stage's loss, and a generative stage feeds text_tokens to the
         Q-Former exactly when it reads an instruction."""
-        if stage.loss not in self.family.losses:
+        _check_pair_data(stage)
+        # DPO compares the LM log-likelihoods of two answers: every family with an LM loss supports it
+        supported = (*self.family.losses, "dpo") if "lm" in self.family.losses else self.family.losses
+        if stage.loss not in supported:
             owners = " or ".join(repr(f.name) for f in families.TRAINABLE.values() if stage.loss in f.losses)
             raise ConfigError(f"config.stages.{stage.name}.loss {stage.loss!r} needs model.family {owners}")
-        if stage.loss != "lm":
+        if stage.loss not in ("lm", "dpo"):
             return
         reads = self.family.text_positions(self.config) > 0
         key = f"config.stages.{stage.name}.data.text_length"
@@ -188,6 +196,8 @@ class RunSetup:
 
     def loss_fn(self, stage: Stage):
         """The stage's ``loss_fn(model, params, batch, rng)`` (see ``step.make_train_step``)."""
+        if stage.loss == "dpo":
+            return functools.partial(LOSSES["dpo"], beta=stage.beta)
         return LOSSES[stage.loss]
 
     def mfu(self, steps_per_sec: float, stage: Stage) -> dict:
@@ -212,3 +222,39 @@ def _check_location_tokens(run: RunConfig, tokenizer) -> None:
                 )
     if users:
         raise ConfigError(f"{users[0]} needs location tokens: set config.model.location_tokens=True")
+
+
+def _check_pair_data(stage: Stage) -> None:
+    """A DPO stage reads preference pairs, every other stage single conversations (a batch holds one
+    or the other)."""
+    for i, (_, d) in enumerate(stage.data.components()):
+        pairs = (d.source, d.task if d.source == "synthetic" else None) in PAIR_DATA
+        if pairs != (stage.loss == "dpo"):
+            key = f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "")
+            what = f"source {d.source!r}" + (f" task {d.task!r}" if d.source == "synthetic" else "")
+            need = "preference pairs: source 'preference_json' or synthetic task 'preference'"
+            raise ConfigError(
+                f"{key}{'source' if d.source != 'synthetic' else 'task'}: {what} in a stage with loss "
+                f"{stage.loss!r}; "
+                + (f"loss 'dpo' reads {need}" if stage.loss == "dpo" else f"only loss 'dpo' reads {need}")
+            )
+
+
+def _check_existence_words(run: RunConfig, tokenizer) -> None:
+    """POPE and the synthetic existence / preference tasks ask "is there a ... in the image ?" and
+    answer yes / no: words the built-in tokenizer has only with synthetic.existence_questions."""
+    users = ["config.eval.num_pope"] if run.eval.num_pope else []
+    for stage in run.stages:
+        for i, (_, d) in enumerate(stage.data.components()):
+            if d.source == "synthetic" and d.task in ("existence", "preference"):
+                users.append(
+                    f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "") + "task"
+                )
+    if not users:
+        return
+    ids = tokenizer.encode("is there a red circle in the image ? yes no", add_special_tokens=False)
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        raise ConfigError(
+            f"{users[0]} asks yes / no existence questions, but the tokenizer lacks some of their words: "
+            "set config.synthetic.existence_questions=True (built-in tokenizer)"
+        )

@@ -38,8 +38,9 @@ with open(os.path.join(os.path.dirname(__file__), "presets_before.json")) as f:
     BEFORE = _decode(json.load(f))  # "llava:tiny" -> get_config("tiny").to_dict() before the schema
 # keys the schema added, each holding what the code used when the key was absent
 NEW_KEYS = {
-    "eval": {"template": "", "types": ("count", "color", "shape")},
+    "eval": {"template": "", "types": ("count", "color", "shape"), "num_pope": 0},
     "synthetic": schema.to_config_dict(SyntheticConfig).to_dict(),
+    "stage": {"beta": 0.1},
 }
 
 
@@ -49,6 +50,7 @@ def test_every_preset_gives_the_config_it_gave_before(name):
     before, now = BEFORE[name], load(f"{family}.py:{preset}").to_dict()
     expected = {**before, "eval": {**before["eval"], **NEW_KEYS["eval"]}}
     expected["synthetic"] = {**NEW_KEYS["synthetic"], **before.get("synthetic", {})}
+    expected["stages"] = {k: {**NEW_KEYS["stage"], **v} for k, v in before["stages"].items()}
     assert now == expected
     assert runconfig.from_config_dict(now) == runconfig.from_config_dict(before)
 
@@ -78,7 +80,7 @@ def test_modifiers_compose_left_to_right():
     "spec, message",
     [
         ("llava.py:huge", "unknown preset 'huge' for configs/llava.py; presets: ['13b', '7b', 'tiny', "),
-        ("llava.py:tiny,lroa", "unknown modifier 'lroa' for configs/llava.py; modifiers: ['grounding', "),
+        ("llava.py:tiny,lroa", "unknown modifier 'lroa' for configs/llava.py; modifiers: ['dpo', 'grounding', "),
         ("llava.py:tiny,task=ocr", "unknown modifier 'task=ocr' for configs/llava.py"),
         ("blip2.py:tiny,lora", "unknown modifier 'lora' for configs/blip2.py; modifiers: []"),
         ("flamingo.py:tiny,", "config argument 'tiny,': expected PRESET[,MODIFIER[=VALUE]]..."),
@@ -141,7 +143,7 @@ def _tiny(**changes):
         (dict(stages__align__learning_rate=0.0), "config.stages.align.learning_rate must be > 0, got 0.0"),
         (dict(stages__align__trainable=()), "config.stages.align.trainable is empty: name the param paths"),
         (dict(stages__align__trainable=("(",)), "config.stages.align.trainable: '(' is not a regex"),
-        (dict(stages__align__loss="ctc"), "config.stages.align.loss must be one of ('lm', 'qformer')"),
+        (dict(stages__align__loss="ctc"), "config.stages.align.loss must be one of ('lm', 'qformer', 'dpo')"),
         (
             dict(stages__align__data=KeyError),
             "config.stages.align.data is missing: each stage names its data",
