@@ -51,6 +51,13 @@ def define_flags():
     )
     flags.DEFINE_integer("limit", None, "Evaluate the first N examples only (synthetic_vqa: N questions).")
     flags.DEFINE_string("predictions", None, "Write per-example predictions here (JSON lines).")
+    flags.DEFINE_enum(
+        "mc",
+        "generate",
+        ["generate", "loglik"],
+        "Multiple-choice tasks (scienceqa, mmbench, seed): generate the answer, or take the option "
+        "whose answer letter has the highest log-likelihood.",
+    )
     flags.DEFINE_string(
         "mesh",
         "",
@@ -68,6 +75,7 @@ OPTION_FLAGS = (
     "limit",
     "predictions",
     "mesh",
+    "mc",
 )
 
 

@@ -15,6 +15,7 @@ class Options:
     prompt: str | None = None  # None: the task's default
     limit: int | None = None  # first N examples (synthetic tasks: N questions or clips)
     mesh: object = None  # a jax Mesh to decode sharded on (parse_mesh), None: one device
+    mc: str = "generate"  # multiple-choice tasks: "generate" an answer or pick the best "loglik" option
 
     def check(self):
         if self.batch_size < 1:
@@ -22,6 +23,8 @@ class Options:
         for name in ("max_new_tokens", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.mc not in ("generate", "loglik"):
+            raise UsageError(f"--mc must be generate or loglik, got {self.mc!r}")
 
 
 def parse_mesh(text: str):

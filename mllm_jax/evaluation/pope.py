@@ -16,7 +16,12 @@ is 0.0 instead of a crash.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+
+import numpy as np
+
+from mllm_jax.evaluation import benchmark
 
 POPE_LABELS = ("yes", "no")
 _NO_WORDS = frozenset(["No", "not", "no"])
@@ -56,3 +61,57 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict:
         "f1": _ratio(2 * precision * recall, precision + recall),
         "yes_ratio": _ratio(sum(pred_yes), len(pairs)),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The POPE file-format task (``--task=pope``)
+# ---------------------------------------------------------------------------------------------------------
+
+PROMPT = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
+PREFIXES = ("coco_pope_", "aokvqa_pope_", "gqa_pope_")
+
+
+def split_name(path: str) -> str:
+    """``coco_pope_adversarial.json`` -> ``adversarial`` (the official script's category)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for prefix in PREFIXES:
+        stem = stem.removeprefix(prefix)
+    return stem
+
+
+def load(files, root, split, skipped):
+    records = []
+    for path in files:
+        name = split_name(path)
+        if split is not None and name != split:
+            continue
+
+        def make(q, name=name):
+            label = benchmark.field(q, "label")
+            if label not in POPE_LABELS:
+                raise ValueError(f"label {label!r}")
+            record = {"id": benchmark.field(q, "question_id", int), "split": name, "label": label}
+            record["question"] = benchmark.field(q, "text")
+            image = benchmark.image_path(root, benchmark.field(q, "image"), skipped)
+            return record | {"image": image} if image else None
+
+        rows = benchmark.read_jsonl(path, skipped)
+        if rows and not any(isinstance(r, dict) and "label" in r and "text" in r for r in rows[:10]):
+            raise benchmark.layout_error(path, 'JSON lines {"question_id", "image", "text", "label"}')
+        records += benchmark.collect(rows, make, skipped, path)
+    return records
+
+
+def score(lines) -> dict:
+    """Per split ``{split}/{metric}``; the unprefixed metrics are their mean over the splits (LLaVA-1.5
+    reports the mean F1 of random, popular and adversarial)."""
+    splits = sorted({x["split"] for x in lines})
+    per = {
+        s: pope_metrics(*zip(*[(x["prediction"], x["label"]) for x in lines if x["split"] == s], strict=True))
+        for s in splits
+    }
+    rows = {k: float(np.mean([per[s][k] for s in splits])) for k in per[splits[0]]}
+    return rows | {f"{s}/{k}": v for s in splits for k, v in per[s].items()}
+
+
+TASK = benchmark.Benchmark("pope", load, (1, 3), PROMPT, 16, score)

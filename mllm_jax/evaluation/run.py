@@ -15,7 +15,7 @@ from absl import logging
 from mllm_jax.errors import UsageError
 from mllm_jax.evaluation import family_hooks
 from mllm_jax.evaluation.options import Options, parse_mesh
-from mllm_jax.evaluation.tasks import TASK_NAMES, TASKS
+from mllm_jax.evaluation.tasks import SUBMISSIONS, TASK_NAMES, TASKS
 
 __all__ = [
     "TASKS",
@@ -51,6 +51,11 @@ def run_task(
     return TASKS[task].run(pretrained, assets, examples, options, keep_predictions)
 
 
+def submission_path(predictions: str, suffix: str) -> str:
+    """``out/seed.jsonl`` -> ``out/seed.submission.jsonl``: the leaderboard's file beside the lines."""
+    return os.path.splitext(predictions)[0] + ".submission" + suffix
+
+
 def evaluate(
     model_path: str,
     task: str,
@@ -64,14 +69,18 @@ def evaluate(
     limit: int | None = None,
     predictions: str | None = None,
     mesh: str = "",
+    mc: str = "generate",
 ) -> dict:
-    """``{"task", "model", "num_examples", **metrics}``; per-example lines go to ``predictions``."""
-    options = Options(batch_size, max_new_tokens, prompt, limit, parse_mesh(mesh))
+    """``{"task", "model", "num_examples", **metrics}``; per-example lines go to ``predictions`` (and,
+    for a task with a leaderboard format, that file to ``submission_path(predictions)``)."""
+    options = Options(batch_size, max_new_tokens, prompt, limit, parse_mesh(mesh), mc)
     options.check()
     if predictions and not os.path.isdir(os.path.dirname(os.path.abspath(predictions))):
         raise UsageError(f"--predictions {predictions!r}: its directory does not exist")
     examples = load_task_data(task, data, image_root, split, limit)  # bad input fails before the model loads
     task_template(task, prompt)
+    if mc != "generate" and not getattr(TASKS[task], "multiple_choice", False):
+        raise UsageError(f"--mc={mc}: {task} is not a multiple-choice task")
     pretrained, assets = family_hooks.load_model(model_path)
     logging.info("loaded %s model from %s", pretrained.family, model_path)
     metrics, lines = run_task(pretrained, assets, task, examples, options, keep_predictions=bool(predictions))
@@ -79,4 +88,8 @@ def evaluate(
         with open(predictions, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
         logging.info("wrote %d predictions to %s", len(lines), predictions)
+        if task in SUBMISSIONS:
+            suffix, text = SUBMISSIONS[task](lines)
+            with open(submission_path(predictions, suffix), "w", encoding="utf-8") as f:
+                f.write(text)
     return {"task": task, "model": model_path, "num_examples": TASKS[task].count(examples), **metrics}

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from mllm_jax.evaluation import (
     coco_captions,
+    gqa,
+    mmbench,
+    mme,
+    okvqa,
+    pope,
     refcoco,
+    scienceqa,
+    seed,
     synthetic_grounding,
     synthetic_pope,
     synthetic_video,
     synthetic_vqa,
+    textvqa,
+    vizwiz,
     vqav2,
 )
 from mllm_jax.evaluation.synthetic_task import SyntheticTask
@@ -31,5 +40,12 @@ TASKS = {
         SyntheticTask("synthetic_video", synthetic_video.MAX_NEW_TOKENS, synthetic_video.predictions),
         SyntheticTask("synthetic_pope", synthetic_pope.MAX_NEW_TOKENS, synthetic_pope.predictions),
     )
+}
+# the LLaVA-1.5 suite (and OK-VQA, VizWiz for the Flamingo line), read from their released files
+BENCHMARKS = (gqa, textvqa, scienceqa, pope, mme, mmbench, seed, vizwiz, okvqa)
+TASKS |= {m.TASK.name: m.TASK for m in BENCHMARKS}
+# task -> lines -> (file suffix, text): the file its leaderboard or server takes (``--predictions``)
+SUBMISSIONS = {"vqav2": okvqa.submission} | {
+    m.TASK.name: m.TASK.submission for m in BENCHMARKS if m.TASK.submission
 }
 TASK_NAMES = tuple(TASKS)
