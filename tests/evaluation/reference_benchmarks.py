@@ -22,9 +22,18 @@ import reference_vqa_eval
 # ------------------------------------------------------------------------------------------ EvalAI / MMF
 
 
+class _QA:
+    def __init__(self, qa):
+        self.qa = qa
+
+    def getQuesIds(self):  # noqa: N802 - the official API's name
+        return list(self.qa)
+
+
 class EvalAIAnswerProcessor:
-    CONTRACTIONS = reference_vqa_eval.VQAEval(None, None).contractions
-    NUMBER_MAP = reference_vqa_eval.VQAEval(None, None).manualMap
+    # MMF's tables are the VQA script's (the same contractions and number words)
+    CONTRACTIONS = reference_vqa_eval.VQAEval(_QA({}), _QA({})).contractions
+    NUMBER_MAP = reference_vqa_eval.VQAEval(_QA({}), _QA({})).manualMap
     ARTICLES = ["a", "an", "the"]
     PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
     COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
@@ -85,14 +94,6 @@ def textvqa_accuracy(pred_list):
             unique_answer_scores[unique_answer] = sum(accs) / len(accs)
         scores.append(unique_answer_scores.get(pred_answer, 0.0))
     return sum(scores) / len(scores)
-
-
-class _QA:
-    def __init__(self, qa):
-        self.qa = qa
-
-    def getQuesIds(self):  # noqa: N802 - the official API's name
-        return list(self.qa)
 
 
 def vizwiz_accuracy(rows):
