@@ -9,12 +9,21 @@ Adding a family: write ``families/<name>.py`` with a ``TrainableFamily`` subclas
 from __future__ import annotations
 
 from mllm_jax.errors import ConfigError
-from mllm_jax.families import blip2, idefics, llava, llm, opt, vit
+from mllm_jax.families import blip2, idefics, llama_adapter, llava, llm, opt, vit
 from mllm_jax.families.base import DTYPES, Family, Inputs, Pretrained
 from mllm_jax.families.trainable import TrainableFamily
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (llava.FAMILY, idefics.FAMILY, blip2.FAMILY, llm.FAMILY, opt.FAMILY, vit.FAMILY)
+    f.name: f
+    for f in (
+        llava.FAMILY,
+        idefics.FAMILY,
+        blip2.FAMILY,
+        llama_adapter.FAMILY,
+        llm.FAMILY,
+        opt.FAMILY,
+        vit.FAMILY,
+    )
 }
 TRAINABLE: dict[str, TrainableFamily] = {name: f for name, f in FAMILIES.items() if f.trains}
 _BY_MODULE = {f.module_cls: f for f in FAMILIES.values()}

@@ -128,6 +128,19 @@ class Family:
         """Params HF does not store (BLIP-2's ITC temperature)."""
         return params
 
+    # A HF directory that is more than one architecture's conversion (LLaMA-Adapter: a LlamaForCausalLM
+    # directory plus the family's own files beside it): the family reads and writes it itself.
+    writes_hf_dir: bool = False
+
+    def owns_hf_dir(self, model_dir: str) -> bool:
+        return False
+
+    def read_hf_dir(self, model_dir: str) -> Pretrained:
+        raise NotImplementedError
+
+    def write_hf_dir(self, out_dir: str, config, params, hf_config: dict, assets_dir: str | None = None):
+        raise NotImplementedError
+
     # -- inputs for inference
 
     def prepare_inputs(self, config, assets: str, prompt: str, images) -> Inputs:

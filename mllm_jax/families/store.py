@@ -58,6 +58,9 @@ def architecture(hf_config: dict):
 def load_pretrained(model_dir: str) -> Pretrained:
     """Read a HF directory (config.json + safetensors) into our params (numpy, HF dtypes kept)."""
     hf_config = common.read_config(model_dir)
+    for owner in FAMILIES.values():
+        if owner.owns_hf_dir(model_dir):  # a HF model with the family's own files beside it
+            return owner.read_hf_dir(model_dir)
     family, module = architecture(hf_config)
     config = family.config_from_hf(hf_config, module)
     drop = family.tied_keys if family.tied_keys and family.decoder_config(config).tie_embeddings else ()
@@ -71,6 +74,8 @@ def save_pretrained(
     """Write a directory that ``transformers`` loads with ``from_pretrained`` (``hf.write``), converting
     by the architecture the family's config exports as."""
     d = get(family).config_to_hf(config, hf_config)
+    if get(family).writes_hf_dir:
+        return get(family).write_hf_dir(out_dir, config, params, d, assets_dir)
     hf.write(out_dir, architecture(d)[1], config, params, d, assets_dir)
 
 
