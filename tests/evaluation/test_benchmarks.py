@@ -1,0 +1,258 @@
+"""`python -m mllm_jax.evaluate --task=<benchmark>` end to end on tiny fixtures in each benchmark's
+released layout (tests/evaluation/benchmark_files.py) and a tiny random LLaVA: the commands run as a
+background job (tests/jobs.py); the printed metrics must equal the official scoring
+(reference_benchmarks.py) of the written predictions, the skipped records must be counted, and the
+option log-likelihoods of ``--mc=loglik`` must equal transformers' own on the same inputs.
+
+A random model answers nonsense: generation checks the plumbing and the scoring, not quality.
+"""
+
+import json
+import os
+
+import benchmark_files
+import jobs
+import numpy as np
+import pytest
+import reference_benchmarks as ref
+import reference_pope_eval
+
+from mllm_jax.errors import UsageError
+from mllm_jax.evaluation import mme, run
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ("--batch_size=2", "--max_new_tokens=4")
+SEED_LOGLIK = ("--mc=loglik", "--batch_size=3", "--mesh=data=-1")  # 8 option rows: 3 batches
+
+
+def _evaluate(model, task, flags, out, *extra):
+    args = [f"--{k}={v}" for k, v in flags.items()]
+    return jobs.python(
+        "-m", "mllm_jax.evaluate", f"--model={model}", f"--task={task}", *args, *extra, f"--predictions={out}"
+    )
+
+
+def _read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@jobs.fixture
+def benchmark_cli(tmp):
+    """The command itself (a background job): a tiny LLaVA built by a command, SEED-Bench with
+    ``--mc=loglik`` on a 1-device mesh, and two bad invocations: ``{"model", "files", "run", "errors"}``."""
+    model = str(tmp / "llava")
+    build = (
+        f"import sys; sys.path.insert(0, {TESTS!r}); import hf_fixtures; hf_fixtures.build_llava({model!r})"
+    )
+    jobs.check(jobs.python("-c", build))
+    files = benchmark_files.write_all(str(tmp / "data"))
+    out = str(tmp / "seed.jsonl")
+    r = jobs.check(_evaluate(model, "seed", files["seed"][0], out, *SEED_LOGLIK))
+    with open(tmp / "seed.submission.jsonl") as f:
+        submission = f.read()
+    errors = {
+        "layout": _evaluate(model, "seed", files["gqa"][0], str(tmp / "x.jsonl")),
+        "mc": _evaluate(model, "gqa", files["gqa"][0], str(tmp / "y.jsonl"), "--mc=loglik"),
+    }
+    return {
+        "model": model,
+        "files": files,
+        "run": (json.loads(r.stdout), _read(out), submission),
+        "errors": errors,
+    }
+
+
+@pytest.fixture(scope="module")
+def benchmark_runs(llava_dir, tmp_path_factory):
+    """Every benchmark (and ``--mc=loglik`` on MMBench) through ``run.evaluate``, the library call the
+    command makes, in this process (one compilation of ``generate`` serves them all):
+    ``{name: (result, lines, submission or None)}``."""
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    files = benchmark_files.write_all(str(tmp / "data"))
+    runs = {}
+    plan = [(task, task, "generate") for task in files] + [("mmbench_loglik", "mmbench", "loglik")]
+    for name, task, mc in plan:
+        out = str(tmp / f"{name}.jsonl")
+        flags = dict(files[task][0], batch_size=2, max_new_tokens=4, predictions=out, mc=mc)
+        result = run.evaluate(llava_dir("clip_default"), task, **flags)
+        found = [p for p in os.listdir(tmp) if p.startswith(f"{name}.submission.")]
+        submission = open(tmp / found[0]).read() if found else None
+        runs[name] = (result, _read(out), submission)
+    return {"files": files, "runs": runs}
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def official(task, lines, flags) -> dict:
+    """The official scoring of the prediction lines (reference_benchmarks.py)."""
+    data = flags["data"].split(",")
+    if task == "gqa":
+        questions = {k: v for k, v in _load(data[0]).items() if k in {x["id"] for x in lines}}
+        return ref.gqa_scores(questions, [{"question_id": x["id"], "text": x["prediction"]} for x in lines])
+    if task == "textvqa":
+        return {
+            "accuracy": ref.textvqa_accuracy(
+                [{"pred_answer": x["prediction"], "gt_answers": x["answers"]} for x in lines]
+            )
+        }
+    if task in ("vizwiz", "okvqa"):
+        if task == "okvqa":  # the raw answer, vqaEval's rule (the EvalAI processor is idempotent on it)
+            lines = [dict(x, prediction=ref.EvalAIAnswerProcessor()(x["prediction"])) for x in lines]
+        overall, per_type = ref.vizwiz_accuracy(
+            [(x["prediction"], x["answers"], x["answer_type"]) for x in lines]
+        )
+        rows = {"accuracy": overall}
+        return rows | (
+            {f"accuracy/{k.replace('/', '_')}": v for k, v in per_type.items()} if task == "vizwiz" else {}
+        )
+    if task == "scienceqa":
+        problems = {k: v for k, v in _load(data[0]).items() if k in {x["id"] for x in lines}}
+        hits = ref.scienceqa_correct(
+            problems, {x["id"]: x.get("generated", x["prediction"]).strip() for x in lines}
+        )
+        rows = {"accuracy": float(np.mean(list(hits.values())))}
+        for key in ("subject", "grade"):
+            for value in {x[key] for x in lines}:
+                rows[f"accuracy/{value}"] = float(np.mean([hits[x["id"]] for x in lines if x[key] == value]))
+        for value in (True, False):
+            mine = [hits[x["id"]] for x in lines if x["has_context"] == value]
+            if mine:
+                rows[f"accuracy/{'has_context' if value else 'no_context'}"] = float(np.mean(mine))
+        return rows
+    if task == "pope":
+        per = {}
+        for split in {x["split"] for x in lines}:
+            mine = [x for x in lines if x["split"] == split]
+            per[split] = reference_pope_eval.eval_pope(
+                [x["prediction"] for x in mine], [x["label"] for x in mine]
+            )
+        rows = {k: float(np.mean([m[k] for m in per.values()])) for k in next(iter(per.values()))}
+        return rows | {f"{s}/{k}": v for s, m in per.items() for k, v in m.items()}
+    if task == "mme":
+        rows, totals = {}, {"perception": 0.0, "cognition": 0.0}
+        for sub in {x["subtask"] for x in lines}:
+            result = [
+                f"{x['image']}\t{x['prompt']}\t{x['answer']}\t{x['prediction']}"
+                for x in lines
+                if x["subtask"] == sub
+            ]
+            acc, acc_plus, score = ref.mme_task_score(result)
+            rows |= {sub.lower(): score, f"{sub.lower()}/acc": acc, f"{sub.lower()}/acc_plus": acc_plus}
+            totals["perception" if sub in mme.PERCEPTION else "cognition"] += score
+        return totals | rows
+    if task == "mmbench":
+        rows = [
+            (x["group"], x["prediction"], dict(zip(x["letters"], x["options"], strict=True)), x["answer"])
+            for x in lines
+        ]
+        out = {"circular_accuracy": ref.mmbench_circular(rows)}
+        for category in {x["category"] for x in lines}:
+            out[f"circular_accuracy/{category}"] = ref.mmbench_circular(
+                [r for r, x in zip(rows, lines, strict=True) if x["category"] == category]
+            )
+        first = [x for x in lines if x["round"] == 0]
+        return out | {
+            "accuracy": ref.mmbench_circular(
+                [
+                    (
+                        x["group"],
+                        x["prediction"],
+                        dict(zip(x["letters"], x["options"], strict=True)),
+                        x["answer"],
+                    )
+                    for x in first
+                ]
+            )
+        }
+    if task == "seed":
+        questions = [q for q in _load(data[0])["questions"] if "choice_a" in q]
+        per, total = ref.seed_scores(
+            questions, [{"question_id": x["id"], "text": x["prediction"]} for x in lines]
+        )
+        names = {1: "scene_understanding", 4: "instance_counting"}
+        return {"accuracy": total} | {f"accuracy/{names[t]}": v for t, v in per.items()}
+    raise AssertionError(task)
+
+
+@pytest.mark.parametrize("name", [*benchmark_files.WRITERS, "mmbench_loglik", "seed_loglik_cli"])
+def test_benchmark_end_to_end_scores_as_the_official_script(name, request):
+    task = name.split("_")[0]
+    if name.endswith("_cli"):
+        runs = request.getfixturevalue("benchmark_cli")
+        (result, lines, submission), files = runs["run"], runs["files"]
+    else:
+        runs = request.getfixturevalue("benchmark_runs")
+        (result, lines, submission), files = runs["runs"][name], runs["files"]
+    flags, num_examples, skipped = files[task]
+    assert (result["task"], result["num_examples"], result["skipped"]) == (task, num_examples, skipped)
+    metrics = {k: v for k, v in result.items() if k not in ("task", "model", "num_examples", "skipped")}
+    assert metrics == pytest.approx(official(task, lines, flags), abs=1e-9)
+    assert all(x["prompt"].startswith("USER: <image>\n") for x in lines)
+    if "_loglik" in name:  # the answer is the option with the best mean log-probability
+        assert all(x["prediction"] == x["letters"][int(np.argmax(x["loglik"]))] for x in lines)
+    if task in ("gqa", "textvqa", "vizwiz", "okvqa", "seed", "mmbench"):
+        assert submission is not None
+    if task == "seed":  # the leaderboard's JSON lines
+        rows = [json.loads(r) for r in submission.splitlines()]
+        assert rows == [{"question_id": x["id"], "prediction": x["prediction"]} for x in lines]
+    if task == "vizwiz":
+        assert [r["image"] for r in json.loads(submission)] == [
+            "VizWiz_val_00000000.jpg",
+            "VizWiz_val_00000001.jpg",
+        ]
+    if task == "mmbench":  # every rotation asked: 3 + 2 items for 2 questions
+        assert [(x["id"], x["round"]) for x in lines] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+        assert submission.splitlines()[0].split("\t") == ["index", "question", "A", "B", "C", "prediction"]
+
+
+def test_loglik_equals_transformers(benchmark_cli):
+    """``--mc=loglik`` (on a 1-device mesh, 8 option rows in batches of 3) scores each option as
+    transformers' LlavaForConditionalGeneration does: the mean log-probability of the option's tokens."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model_dir = benchmark_cli["model"]
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    _, lines, _ = benchmark_cli["run"]
+    for line in lines:
+        image = Image.open(line["image"]).convert("RGB")
+        prompt_ids = processor(text=line["prompt"], images=image, return_tensors="pt")["input_ids"][
+            0
+        ].tolist()
+        expected = []
+        for letter in line["letters"]:
+            inputs = processor(text=f"{line['prompt']} {letter}", images=image, return_tensors="pt")
+            ids = inputs["input_ids"][0].tolist()
+            start = next(i for i, (a, b) in enumerate(zip(prompt_ids + [None], ids, strict=False)) if a != b)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(**inputs).logits[0].double(), -1)
+            expected.append(float(np.mean([logp[t - 1, ids[t]].item() for t in range(start, len(ids))])))
+        np.testing.assert_allclose(line["loglik"], expected, atol=2e-4)
+
+
+def test_bad_layouts_and_flags_are_one_line_errors(benchmark_cli, tmp_path):
+    for key, needle in (("layout", "not the expected layout"), ("mc", "not a multiple-choice task")):
+        r = benchmark_cli["errors"][key]
+        assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith("error: ") and needle in r.stderr
+    files = benchmark_cli["files"]
+    wrong = {"gqa": "textvqa", "textvqa": "gqa", "scienceqa": "seed", "pope": "gqa", "mme": "gqa",
+             "mmbench": "gqa", "seed": "vizwiz", "vizwiz": "seed", "okvqa": "seed"}  # fmt: skip
+    for task, other in wrong.items():
+        with pytest.raises(UsageError, match="not the expected layout|no usable examples") as e:
+            run.load_task_data(task, files[other][0]["data"].split(",")[:1], files[task][0].get("image_root"))
+        assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="no such file"):
+        run.load_task_data("seed", str(tmp_path / "absent.json"))
+    limited = run.load_task_data("pope", files["pope"][0]["data"], files["pope"][0]["image_root"], limit=2)
+    assert len(limited) == 2
+    only = run.load_task_data(
+        "pope", files["pope"][0]["data"], files["pope"][0]["image_root"], split="adversarial"
+    )
+    assert {r["split"] for r in only} == {"adversarial"} and len(only) == 2
