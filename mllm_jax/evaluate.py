@@ -2,7 +2,7 @@ r"""Evaluate a model on a task with the field's metrics.
 
     python -m mllm_jax.evaluate --model=PATH --task=NAME --data=FILE[,FILE] [--image_root=DIR] \
         [--split=S] [--batch_size=16] [--max_new_tokens=N] [--prompt=TEMPLATE] [--limit=N] \
-        [--predictions=OUT.jsonl] [--mesh=data=-1,fsdp=1,tensor=1]
+        [--predictions=OUT.jsonl] [--mesh=data=-1,fsdp=1,tensor=1] [--mc=generate|loglik]
 
 PATH is a HF directory or one of our checkpoints / training workdirs, loaded as ``predict`` loads it.
 Tasks (``mllm_jax/evaluation/tasks.py``; one evaluator file each under ``mllm_jax/evaluation/``):
@@ -16,6 +16,11 @@ Tasks (``mllm_jax/evaluation/tasks.py``; one evaluator file each under ``mllm_ja
   questions, boxes and clips, for our checkpoints trained on the built-in data, with the metric keys
   training logs; ``--data`` is optional (a JSON file of ``SyntheticConfig`` fields), ``--prompt`` names
   a conversation template (default ``tiny``), ``--limit`` the number of questions (default 256).
+
+- ``gqa``, ``textvqa``, ``scienceqa``, ``pope``, ``mme``, ``mmbench``, ``seed``, ``vizwiz``, ``okvqa``: the
+  LLaVA-1.5 suite read from each benchmark's released files, scored as its official script; malformed
+  records are skipped and counted (``"skipped"``); ``--mc=loglik`` answers the multiple-choice ones by
+  option likelihood; ``--predictions`` also writes the leaderboard's file (``OUT.submission.*``).
 
 One JSON object of metrics goes to stdout, logs to stderr; ``--predictions`` writes one JSON line per
 example. Bad input is reported in one line with exit code 2. From Python: ``evaluation.run.evaluate``.
