@@ -7,7 +7,9 @@ import concurrent.futures
 import functools
 import http.client
 import json
+import os
 
+import browser
 import hf_fixtures
 import openai
 import pytest
@@ -152,3 +154,30 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(llava):
         model="tiny-llava", messages=user("describe the image .", image), max_tokens=3
     )
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_chat_page_in_a_headless_browser(llava, tmp_path):
+    """The chat page: choose an image, type a question, and the streamed answer appears; it is the
+    greedy answer transformers gives (the page asks for temperature 0)."""
+    path, url, _ = llava
+    image = hf_fixtures.random_image(7, (24, 24))
+    image_file = str(tmp_path / "shape.png")
+    image.save(image_file)
+    question = "what color is the shape ?"
+    expected, _ = hf_greedy(path, user(question, image), [image])
+    b = browser.Browser()
+    try:
+        b.open(url + "/")
+        assert b.js("document.getElementById('model').textContent") == "tiny-llava"
+        b.choose_file("#image", image_file)
+        b.wait_for("document.getElementById('preview').style.display === 'block'")
+        b.js(f"document.getElementById('question').value = {json.dumps(question)}")
+        b.js(f"document.getElementById('max_tokens').value = '{MAX_NEW}'")
+        b.js("document.getElementById('send').click()")
+        b.wait_for("document.getElementById('answer-1') && document.getElementById('answer-1').dataset.done")
+        assert b.js("document.getElementById('answer-1').textContent") == expected
+        if os.environ.get("MLLM_JAX_SCREENSHOT"):  # docs/serving.md's picture
+            b.screenshot(os.environ["MLLM_JAX_SCREENSHOT"])
+    finally:
+        b.close()
