@@ -219,6 +219,10 @@ class Benchmark:
                 full = family_hooks.prepare_example(pretrained, assets, f"{prompt} {letter}", image)
                 rows.append(full)
                 spans.append(loglik.continuation(prepared.tokens, full.tokens))
+        if len({tuple(r.tokens[s:e]) for r, (s, e) in zip(rows, spans, strict=True)}) < len(rows) / len(
+            chunk
+        ):
+            logging.warning("%s: options tokenize alike (letters unknown to the tokenizer?): ties", self.name)
         tokens, pixels, kwargs = file_task.stack_inputs(rows, columns)
         scores = loglik.mean_logprobs(decoder, tokens, pixels, kwargs, spans)
         answers, k = [], 0

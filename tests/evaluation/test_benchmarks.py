@@ -46,6 +46,13 @@ def benchmark_cli(tmp):
         f"import sys; sys.path.insert(0, {TESTS!r}); import hf_fixtures; hf_fixtures.build_llava({model!r})"
     )
     jobs.check(jobs.python("-c", build))
+    with open(tmp / "llava" / "tokenizer.json") as f:  # option letters as words of their own (not <unk>)
+        tokenizer = json.load(f)
+    vocab = tokenizer["model"]["vocab"]
+    for word, letter in zip(("purple", "orange", "white", "black"), "ABCD", strict=True):
+        vocab[letter] = vocab.pop(word)
+    with open(tmp / "llava" / "tokenizer.json", "w") as f:
+        json.dump(tokenizer, f)
     files = benchmark_files.write_all(str(tmp / "data"))
     out = str(tmp / "seed.jsonl")
     r = jobs.check(_evaluate(model, "seed", files["seed"][0], out, *SEED_LOGLIK))
@@ -234,6 +241,7 @@ def test_loglik_equals_transformers(benchmark_cli):
                 logp = torch.log_softmax(model(**inputs).logits[0].double(), -1)
             expected.append(float(np.mean([logp[t - 1, ids[t]].item() for t in range(start, len(ids))])))
         np.testing.assert_allclose(line["loglik"], expected, atol=2e-4)
+        assert len(set(np.round(expected, 6))) == len(expected)  # the letters are distinct tokens
 
 
 def test_bad_layouts_and_flags_are_one_line_errors(benchmark_cli, tmp_path):
