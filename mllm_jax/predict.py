@@ -2,13 +2,15 @@ r"""Run a model on images and a prompt.
 
     python -m mllm_jax.predict --model=PATH --image=cat.jpg \
         --prompt="USER: <image>\nWhat is this? ASSISTANT:" [--max_new_tokens=32] [--temperature=0] \
-        [--top_p=1] [--top_k=0] [--seed=0] [--format=text|json]
+        [--top_p=1] [--top_k=0] [--seed=0] [--num_beams=1] [--format=text|json]
 
 PATH is a HF directory (safetensors) or one of our checkpoints (``convert`` output or a training workdir).
 Prompt conventions are the model's HF processor's: for LLaVA and IDEFICS (Flamingo), one ``<image>`` per
 ``--image``, in order (IDEFICS: as IdeficsProcessor's interleaved list ``[text, image, text, ...]``);
 BLIP-2 / InstructBLIP take one image whose query tokens go in front of the prompt.
-Logs go to stderr, the result to stdout; ``--format=json`` prints ``{"text", "token_ids", "logprobs"}``.
+Logs go to stderr, the result to stdout; ``--format=json`` prints ``{"text", "token_ids", "logprobs"}``
+(with ``--num_beams`` > 1, beam search as transformers' ``generate(num_beams=k)``: ``{"text", "token_ids",
+"score"}``, the beam's length-normalised log-probability).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import app, flags, logging
 from mllm_jax import families
 from mllm_jax.errors import ConversionError, UsageError
 from mllm_jax.families import store
-from mllm_jax.inference import generate
+from mllm_jax.inference import beam, generate
 from mllm_jax.inference.inputs import eos_token_ids, load_images, prepare_inputs
 
 FLAGS = flags.FLAGS
@@ -38,6 +40,7 @@ def define_flags():
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
     flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1 = greedy or sampled).")
     flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
 
 
@@ -50,6 +53,7 @@ def predict(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    num_beams: int = 1,
 ) -> dict:
     sampling = generate.Sampling(temperature, top_k, top_p)
     try:
@@ -58,6 +62,8 @@ def predict(
         raise UsageError(str(e)) from None
     if max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_beams < 1 or (num_beams > 1 and sampling != generate.Sampling()):
+        raise UsageError(f"--num_beams={num_beams}: beam search is >= 1 beams, without sampling flags")
     images = load_images(image_paths)
     pretrained, assets = store.load_any(model_path)
     logging.info("loaded %s model from %s", pretrained.family, model_path)
@@ -65,6 +71,16 @@ def predict(
     tokenizer = inputs.tokenizer
     model = families.build(pretrained.family, inputs.config or pretrained.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_ids = eos_token_ids(assets, pretrained.hf_config, tokenizer)
+    if num_beams > 1:
+        try:
+            ids, score = beam.beam_search(
+                model, pretrained.params, inputs.tokens, inputs.pixels, num_beams=num_beams,
+                max_new_tokens=max_new_tokens, eos_ids=eos_ids, embed_kwargs=inputs.embed_kwargs,
+            )  # fmt: skip
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "score": score}
     [(ids, logprobs)] = generate.generate(
         model,
         pretrained.params,
@@ -72,7 +88,7 @@ def predict(
         inputs.pixels,
         embed_kwargs=inputs.embed_kwargs,
         max_new_tokens=max_new_tokens,
-        eos_ids=eos_token_ids(assets, pretrained.hf_config, tokenizer),
+        eos_ids=eos_ids,
         pad_id=pad_id,
         sampling=sampling,
         seed=seed,
@@ -96,6 +112,7 @@ def main(argv):
             FLAGS.top_p,
             FLAGS.top_k,
             FLAGS.seed,
+            FLAGS.num_beams,
         )
     except (UsageError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

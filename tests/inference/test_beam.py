@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from mllm_jax import families
+from mllm_jax import errors, families, predict
 from mllm_jax.families import store
 from mllm_jax.inference import beam, generate
 from mllm_jax.inference.inputs import prepare_inputs
@@ -48,20 +48,26 @@ CASES = [
 ]
 
 
-def test_llava_beam_search_equals_hf(llava_dir):
+def test_llava_beam_search_equals_hf(llava_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     model_dir = llava_dir("clip_default")
     hf = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    prompt = "USER : <image> describe this picture . ASSISTANT :"
     differs = False
     for seed, k, eos in CASES:
         image = hf_fixtures.random_image(seed)
-        ids, ref, greedy = compare(
-            model_dir, hf, "USER : <image> describe this picture . ASSISTANT :", image, k, eos
-        )
+        ids, ref, greedy = compare(model_dir, hf, prompt, image, k, eos)
         assert ids == ref, (seed, k, eos)
         differs |= ids != greedy
+        if eos == 2:  # the model's own EOS: predict --num_beams gives the same
+            path = str(tmp_path / f"{seed}.png")
+            image.save(path)
+            out = predict.predict(model_dir, prompt, [path], max_new_tokens=MAX_NEW, num_beams=k)
+            assert out["token_ids"] == ref and isinstance(out["score"], float)
     assert differs  # beam search is not greedy search in disguise here
+    with pytest.raises(errors.UsageError, match="num_beams"):
+        predict.predict(model_dir, prompt, [path], num_beams=2, temperature=0.7)
 
 
 @pytest.fixture(scope="module")
