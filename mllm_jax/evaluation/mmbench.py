@@ -13,13 +13,12 @@ per rotation of its options (LLaVA's ``--all-rounds``).
 from __future__ import annotations
 
 import csv
-import io
 import os
 import sys
 
 import numpy as np
 
-from mllm_jax.evaluation import benchmark
+from mllm_jax.evaluation import benchmark, xlsx
 
 PROMPT = (
     "USER: <image>\n{question}\nAnswer with the option's letter from the given choices directly. ASSISTANT:"
@@ -109,7 +108,7 @@ def expand(record: dict) -> list[dict]:
     items = []
     for r in range(n if record["rotate"] else 1):
         options = record["options"][r:] + record["options"][:r]
-        item = {k: v for k, v in record.items() if k not in ("hint", "raw_question", "answer_index")}
+        item = {k: v for k, v in record.items() if k != "answer_index"}
         item |= {"round": r, "options": options, "letters": list(benchmark.LETTERS[:n])}
         item["question"] = _question(record["hint"], record["raw_question"], options)
         if "answer_index" in record:
@@ -145,17 +144,16 @@ def score(lines) -> dict:
 
 
 def submission(lines):
-    """The submission sheet's columns (index, question, options, prediction) as TSV, one row per row of
-    the release (the first round's answer when we rotated); save it as .xlsx to upload."""
-    out = io.StringIO()
-    writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+    """The sheet the MMBench server takes (LLaVA's ``convert_mmbench_for_submission.py``): the release's
+    columns less the image and metadata, with ``prediction`` (the generated text; with rotations, the
+    first round's) after the options; one row per row of the release."""
     letters = list(benchmark.LETTERS[: max(len(x["options"]) for x in lines)])
-    writer.writerow(["index", "question", *letters, "prediction"])
+    rows = [["index", "question", *letters, "prediction", "answer"]]
     for x in lines:
         if x.get("round", 0) == 0:
             options = x["options"] + [""] * (len(letters) - len(x["options"]))
-            writer.writerow([x["id"], x["prompt"], *options, chosen(x) or x["prediction"]])
-    return ".tsv", out.getvalue()
+            rows.append([x["id"], x["raw_question"], *options, x["prediction"], x.get("answer", "")])
+    return ".xlsx", xlsx.workbook(rows)
 
 
 TASK = benchmark.Benchmark(

@@ -89,7 +89,7 @@ def evaluate(
             f.writelines(json.dumps(line) + "\n" for line in lines)
         logging.info("wrote %d predictions to %s", len(lines), predictions)
         if task in SUBMISSIONS:
-            suffix, text = SUBMISSIONS[task](lines)
-            with open(submission_path(predictions, suffix), "w", encoding="utf-8") as f:
-                f.write(text)
+            suffix, content = SUBMISSIONS[task](lines)  # text, or bytes (MMBench's .xlsx)
+            with open(submission_path(predictions, suffix), "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
     return {"task": task, "model": model_path, "num_examples": TASKS[task].count(examples), **metrics}

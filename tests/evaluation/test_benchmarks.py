@@ -7,8 +7,11 @@ option log-likelihoods of ``--mc=loglik`` must equal transformers' own on the sa
 A random model answers nonsense: generation checks the plumbing and the scoring, not quality.
 """
 
+import io
 import json
 import os
+import zipfile
+from xml.etree import ElementTree
 
 import benchmark_files
 import jobs
@@ -56,8 +59,7 @@ def benchmark_cli(tmp):
     files = benchmark_files.write_all(str(tmp / "data"))
     out = str(tmp / "seed.jsonl")
     r = jobs.check(_evaluate(model, "seed", files["seed"][0], out, *SEED_LOGLIK))
-    with open(tmp / "seed.submission.jsonl") as f:
-        submission = f.read()
+    submission = (tmp / "seed.submission.jsonl").read_bytes()
     errors = {
         "layout": _evaluate(model, "seed", files["gqa"][0], str(tmp / "x.jsonl")),
         "mc": _evaluate(model, "gqa", files["gqa"][0], str(tmp / "y.jsonl"), "--mc=loglik"),
@@ -84,9 +86,22 @@ def benchmark_runs(llava_dir, tmp_path_factory):
         flags = dict(files[task][0], batch_size=2, max_new_tokens=4, predictions=out, mc=mc)
         result = run.evaluate(llava_dir("clip_default"), task, **flags)
         found = [p for p in os.listdir(tmp) if p.startswith(f"{name}.submission.")]
-        submission = open(tmp / found[0]).read() if found else None
+        submission = (tmp / found[0]).read_bytes() if found else None
         runs[name] = (result, _read(out), submission)
     return {"files": files, "runs": runs}
+
+
+def read_xlsx(content: bytes) -> list[list[str]]:
+    """The first sheet's cells as text, read with the standard library (no spreadsheet package here)."""
+    ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
+    with zipfile.ZipFile(io.BytesIO(content)) as z:
+        assert {"[Content_Types].xml", "_rels/.rels", "xl/workbook.xml"} <= set(z.namelist())
+        root = ElementTree.fromstring(z.read("xl/worksheets/sheet1.xml"))
+    rows = []
+    for row in root.iterfind("m:sheetData/m:row", ns):
+        cells = [c.find("m:is/m:t", ns) if c.get("t") == "inlineStr" else c.find("m:v", ns) for c in row]
+        rows.append([c.text or "" for c in cells])
+    return rows
 
 
 def _load(path):
@@ -204,7 +219,7 @@ def test_benchmark_end_to_end_scores_as_the_official_script(name, request):
     if task in ("gqa", "textvqa", "vizwiz", "okvqa", "seed", "mmbench"):
         assert submission is not None
     if task == "seed":  # the leaderboard's JSON lines
-        rows = [json.loads(r) for r in submission.splitlines()]
+        rows = [json.loads(r) for r in submission.decode().splitlines()]
         assert rows == [{"question_id": x["id"], "prediction": x["prediction"]} for x in lines]
     if task == "vizwiz":
         assert [r["image"] for r in json.loads(submission)] == [
@@ -213,7 +228,20 @@ def test_benchmark_end_to_end_scores_as_the_official_script(name, request):
         ]
     if task == "mmbench":  # every rotation asked: 3 + 2 items for 2 questions
         assert [(x["id"], x["round"]) for x in lines] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
-        assert submission.splitlines()[0].split("\t") == ["index", "question", "A", "B", "C", "prediction"]
+        sheet = read_xlsx(submission)  # the server's Excel sheet: one row per question, round 0's answer
+        assert sheet[0] == ["index", "question", "A", "B", "C", "prediction", "answer"]
+        first = [x for x in lines if x["round"] == 0]
+        assert sheet[1:] == [
+            [
+                str(x["id"]),
+                x["raw_question"],
+                *x["options"],
+                *[""] * (3 - len(x["options"])),
+                x["prediction"],
+                x["answer"],
+            ]
+            for x in first
+        ]
 
 
 def test_loglik_equals_transformers(benchmark_cli):
