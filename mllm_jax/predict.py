@@ -2,7 +2,8 @@ r"""Run a model on images and a prompt.
 
     python -m mllm_jax.predict --model=PATH --image=cat.jpg \
         --prompt="USER: <image>\nWhat is this? ASSISTANT:" [--max_new_tokens=32] [--temperature=0] \
-        [--top_p=1] [--top_k=0] [--seed=0] [--num_beams=1] [--format=text|json]
+        [--top_p=1] [--top_k=0] [--seed=0] [--num_beams=1] [--format=text|json] \
+        [--explain=OUT.png [--explain_layer=L]]
 
 PATH is a HF directory (safetensors) or one of our checkpoints (``convert`` output or a training workdir).
 Prompt conventions are the model's HF processor's: for LLaVA and IDEFICS (Flamingo), one ``<image>`` per
@@ -10,7 +11,9 @@ Prompt conventions are the model's HF processor's: for LLaVA and IDEFICS (Flamin
 BLIP-2 / InstructBLIP take one image whose query tokens go in front of the prompt.
 Logs go to stderr, the result to stdout; ``--format=json`` prints ``{"text", "token_ids", "logprobs"}``
 (with ``--num_beams`` > 1, beam search as transformers' ``generate(num_beams=k)``: ``{"text", "token_ids",
-"score"}``, the beam's length-normalised log-probability).
+"score"}``, the beam's length-normalised log-probability). ``--explain`` writes the input images with a
+heatmap of where the answer's tokens attended (``inference/explain.py``; LLaVA), averaged over layers and
+heads, or of one layer with ``--explain_layer``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from absl import app, flags, logging
 from mllm_jax import families
 from mllm_jax.errors import ConversionError, UsageError
 from mllm_jax.families import store
-from mllm_jax.inference import beam, generate
+from mllm_jax.inference import beam, explain, generate
 from mllm_jax.inference.inputs import eos_token_ids, load_images, prepare_inputs
 
 FLAGS = flags.FLAGS
@@ -42,6 +45,10 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("num_beams", 1, "Beam search with this many beams (1 = greedy or sampled).")
     flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+    flags.DEFINE_string(
+        "explain", None, "Write the images with an attention heatmap of the answer here (PNG)."
+    )
+    flags.DEFINE_integer("explain_layer", None, "With --explain: one LLM layer's map (default: the mean).")
 
 
 def predict(
@@ -54,6 +61,8 @@ def predict(
     top_k: int = 0,
     seed: int = 0,
     num_beams: int = 1,
+    explain_path: str | None = None,
+    explain_layer: int | None = None,
 ) -> dict:
     sampling = generate.Sampling(temperature, top_k, top_p)
     try:
@@ -80,7 +89,8 @@ def predict(
             )  # fmt: skip
         except ValueError as e:
             raise UsageError(str(e)) from None
-        return {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "score": score}
+        result = {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "score": score}
+        return _explained(result, explain_path, explain_layer, model, pretrained.params, inputs)
     [(ids, logprobs)] = generate.generate(
         model,
         pretrained.params,
@@ -93,7 +103,19 @@ def predict(
         sampling=sampling,
         seed=seed,
     )
-    return {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": logprobs}
+    result = {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": logprobs}
+    return _explained(result, explain_path, explain_layer, model, pretrained.params, inputs)
+
+
+def _explained(result: dict, path, layer, model, params, inputs) -> dict:
+    """With ``path``: the attention heatmap of the answer written there (``result["explain"]``)."""
+    if not path:
+        return result
+    if inputs.pixels is None:
+        raise UsageError("--explain needs an --image")
+    attention = explain.explain(model, params, inputs.tokens, result["token_ids"], inputs.pixels, layer)
+    explain.save_heatmaps(path, inputs.pixels, attention)
+    return {**result, "explain": path}
 
 
 def main(argv):
@@ -113,6 +135,8 @@ def main(argv):
             FLAGS.top_k,
             FLAGS.seed,
             FLAGS.num_beams,
+            FLAGS.explain,
+            FLAGS.explain_layer,
         )
     except (UsageError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
