@@ -50,13 +50,13 @@ def tiny() -> ml_collections.ConfigDict:
     # through the prompts (one <image> token marks them; no image tokens: 24 positions suffice).
     c.stage_order = ("instruct",)
     c.stages.instruct = stage(
-        steps=1500,
+        steps=2000,
         batch_size=32,
         trainable=(r"vision/.*", r"adapter/.*", r"llm/.*"),
         learning_rate=2e-3,
         warmup_steps=50,
         end_lr_ratio=0.05,
-        data=data(task="vqa", max_length=24),
+        data=data(max_length=32, mix=(dict(weight=0.3, task="caption"), dict(weight=0.7, task="vqa"))),
     )
     c.log_every = 100
     c.checkpoint_every = 500

@@ -31,6 +31,7 @@ class LlamaAdapterSettings(ModelSettings):
     family: str = "llama_adapter"
     adapter_len: int = 10  # K adaption prompts per adapted layer
     adapter_layers: int = 30  # the top L decoder layers that get prompts (LLaMA-Adapter on 7B: 30)
+    gate_init: float = 0.0  # the gates' start (LLaMA-Adapter: 0, the base model exactly)
 
     def check(self, where: str):
         super().check(where)
@@ -82,6 +83,7 @@ class LlamaAdapterFamily(TrainableFamily):
             llm,
             adapter_len=m.adapter_len,
             adapter_layers=m.adapter_layers,
+            gate_init=m.gate_init,
             image_token_id=base.token_id(tokenizer, base.IMAGE_TOKEN),
         )
 

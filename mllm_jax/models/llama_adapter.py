@@ -58,6 +58,9 @@ class LlamaAdapterConfig:
     adapter_layers: int = 2  # the top L decoder layers get prompts (LLaMA-Adapter on 7B: 30 of 32)
     image_token_id: int = 255  # marks a sample's image (one plain token, not a block of features)
     eod_token_id: int | None = None  # hides the image from the tokens after it (packed documents)
+    # LLaMA-Adapter starts the gates at 0 (the base model exactly); a model trained from nothing may
+    # start them open a little (as configs/flamingo.py:tiny does its tanh gates)
+    gate_init: float = 0.0
 
     @property
     def first_adapted(self) -> int:
@@ -183,8 +186,8 @@ class AdaptionPrompts(Part):
         # N(0, 1) as LLaMA-Adapter's nn.Embedding: the scale of the normed hidden states k/v_proj read
         init = nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None, "embed"))
         self.prompts = self.param("prompts", init, (c.adapter_layers, c.adapter_len, d))
-        zeros = nn.with_logical_partitioning(nn.initializers.zeros, (None, None))
-        self.gates = self.param("gates", zeros, (c.adapter_layers, n))
+        gate_init = nn.with_logical_partitioning(nn.initializers.constant(c.gate_init), (None, None))
+        self.gates = self.param("gates", gate_init, (c.adapter_layers, n))
         self.visual_proj = Dense(d, (None, "embed"), dtype=self.dtype)
         self.visual_norm = LayerNorm(dtype=self.dtype)
 

@@ -96,29 +96,20 @@ def test_cached_decoding_with_media_matches_the_full_forward(setup):
     full = np.asarray(forward(opened, TOKENS, images))
 
     @jax.jit
-    def run(p, tokens, images):
-        embeds, (media, mask) = model.apply({"params": p}, tokens[:, :4], images, method="inputs")
-        cache = init_cache(CONFIG.llm, 2, 8)
-        zero = jnp.zeros((2,), jnp.int32)
-        logits, cache = model.apply(
-            {"params": p}, embeds, None, None, cache, zero, media, mask, method="decode"
+    def step(p, tokens, media, mask, cache, index_B):
+        embeds = model.apply({"params": p}, tokens, method="embed")
+        positions = index_B[:, None] + jnp.arange(tokens.shape[1])
+        return model.apply(
+            {"params": p}, embeds, positions, None, cache, index_B, media, mask, method="decode"
         )
-        steps = [logits]
-        for i in range(4, 7):  # each step sees only its own row of the mask, as in generate
-            embeds = model.apply({"params": p}, tokens[:, i : i + 1], method="embed")
-            index = jnp.full((2,), i)
-            logits, cache = model.apply(
-                {"params": p},
-                embeds,
-                index[:, None],
-                None,
-                cache,
-                index,
-                media,
-                mask[:, -1:],
-                method="decode",
-            )
-            steps.append(logits)
-        return jnp.concatenate(steps, axis=1)
 
-    np.testing.assert_allclose(np.asarray(run(opened, TOKENS, images)), full, atol=1e-5)
+    _, (media, mask) = model.apply({"params": opened}, TOKENS, images, method="inputs")
+    cache = init_cache(CONFIG.llm, 2, 8)
+    logits, cache = step(opened, TOKENS[:, :4], media, mask[:, :4], cache, jnp.zeros((2,), jnp.int32))
+    steps = [logits]
+    for i in range(4, 7):  # each step sees only its own row of the mask, as in generate
+        logits, cache = step(
+            opened, TOKENS[:, i : i + 1], media, mask[:, i : i + 1], cache, jnp.full((2,), i)
+        )
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
