@@ -89,7 +89,10 @@ def textvqa(root):
         f"{root}/TextVQA_0.5.1_val.json",
         {"dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data},
     )
-    return {"data": f"{root}/TextVQA_0.5.1_val.json", "image_root": f"{root}/train_images"}, 2, 1
+    ocr = {"data": [{"image_id": "003a8ae2ef43b901", "ocr_tokens": ["dakota", "digital"]}]}
+    _json(f"{root}/TextVQA_Rosetta_OCR_v0.2_val.json", ocr)  # the second image has no OCR tokens
+    data = f"{root}/TextVQA_0.5.1_val.json,{root}/TextVQA_Rosetta_OCR_v0.2_val.json"
+    return {"data": data, "image_root": f"{root}/train_images"}, 2, 1
 
 
 def scienceqa(root):

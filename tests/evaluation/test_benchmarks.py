@@ -218,6 +218,9 @@ def test_benchmark_end_to_end_scores_as_the_official_script(name, request):
         assert all(x["prediction"] == x["letters"][int(np.argmax(x["loglik"]))] for x in lines)
     if task in ("gqa", "textvqa", "vizwiz", "okvqa", "seed", "mmbench"):
         assert submission is not None
+    if task == "textvqa":  # the OCR file's tokens, as LLaVA-1.5's TextVQA questions carry them
+        assert "?\nReference OCR token: dakota, digital\nAnswer" in lines[0]["prompt"]
+        assert "Reference OCR token" not in lines[1]["prompt"]
     if task == "seed":  # the leaderboard's JSON lines
         rows = [json.loads(r) for r in submission.decode().splitlines()]
         assert rows == [{"question_id": x["id"], "prediction": x["prediction"]} for x in lines]
