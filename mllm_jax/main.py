@@ -12,28 +12,16 @@ import os
 import re
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mllm_jax import errors
+from mllm_jax import distributed, errors
 from mllm_jax.training import inputs, runconfig, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/llava.py:tiny.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard events go.")
-flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    ["auto", "on", "off"],
-    "jax.distributed.initialize() before anything else: 'auto' does it on multi-host TPU pods "
-    "(TPU_WORKER_HOSTNAMES lists several hosts) or when JAX_COORDINATOR_ADDRESS is set.",
-)
-
-
-def multi_host() -> bool:
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return len(hosts) > 1 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+distributed.define_flags()
 
 
 def _config_keys(config, prefix="config.") -> list[str]:
@@ -128,9 +116,8 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         sys.exit(2)
-    if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and multi_host()):
-        jax.distributed.initialize()  # every host runs this same command; JAX finds its peers
     try:  # nothing below writes to the workdir or compiles a step
+        distributed.start(distributed.Cluster.from_flags())  # every host runs this same command
         run = runconfig.from_config_dict(FLAGS.config)
         inputs.check_inputs(run, FLAGS.workdir)
         trainer = train.Trainer(run, FLAGS.workdir)

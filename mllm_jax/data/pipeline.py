@@ -8,7 +8,7 @@ the example's text (caption, question + answer, document text) for BLIP-2's Q-Fo
 padded. Images are laid out in the tokens as ``ModelSpec.layout`` says (``layouts.py``).
 
 The iterator is a grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` resume it exactly, so
-the state goes into the training checkpoint. Each host reads only its ``1/process_count`` of the records.
+the state goes into the training checkpoint. Each host reads only its rows of each global batch.
 Bad examples (unreadable images, malformed records, too long, unsafe paths) are skipped and counted by
 reason in the ``skipped`` Counter, and the run fails if too many are (``DataConfig.max_skipped_fraction``);
 with ``num_workers > 0`` the map step runs in other processes and those counts are not seen here (run
@@ -277,6 +277,27 @@ MAP_SOURCES = {
 }
 
 
+class HostRows(grain.MapDataset):
+    """This host's rows ``[start, start + count)`` of every ``global_batch`` consecutive records: a
+    host's share of the global stream, read without touching the other hosts' records."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, start: int, count: int):
+        super().__init__(parent)
+        self._global, self._start, self._count = global_batch, start, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._count)
+        return self._parent[batch * self._global + self._start + row]
+
+    def __str__(self) -> str:
+        return f"HostRows(global_batch={self._global}, start={self._start}, count={self._count})"
+
+
 def _examples(
     data: DataConfig,
     encoder: Encoder,
@@ -295,14 +316,16 @@ def _examples(
             ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=SHUFFLE_WINDOW, seed=seed)
         return ds.map(encoder).filter(_not_none)
     records = grain.MapDataset.source(MAP_SOURCES[data.source](data, synthetic_config))
-    records = records[process_index::process_count]
-    if len(records) == 0:
-        raise ValueError(f"no records for process {process_index} of {process_count} in {data.path!r}")
+    if len(records) < process_count:
+        raise ValueError(f"{len(records)} records in {data.path!r} for {process_count} processes")
     if data.shuffle:
         records = records.shuffle(seed=seed)
-    # repeat() reseeds the shuffle every epoch; map returns None for bad examples, which
-    # to_iter_dataset drops (the index stays a plain integer, so the state is still exact).
-    mapped = records.repeat().map(encoder)
+    # Every host orders the records alike (same seed) and reads only its rows of each global batch,
+    # so N processes see exactly the batches one process would; repeat() reseeds the shuffle every
+    # epoch. map returns None for bad examples, which to_iter_dataset drops (the index stays a plain
+    # integer, so the state is still exact); the host then reads its next row instead.
+    per_host = batch_size // process_count
+    mapped = HostRows(records.repeat(), batch_size, process_index * per_host, per_host).map(encoder)
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(32, 2 * batch_size))
     return mapped.to_iter_dataset(read)
 
@@ -322,7 +345,9 @@ def make_iterator(
 ) -> grain.DatasetIterator:
     """Infinite iterator over batches for this host (see the module docstring for the batch layout).
 
-    ``batch_size`` is per host. Epochs repeat with a new shuffle order. With ``data.mix``, examples come
+    ``batch_size`` is the global batch, of which this host reads rows ``process_index * b`` to
+    ``(process_index + 1) * b`` (``b = batch_size / process_count``) and returns batches of ``b``.
+    Epochs repeat with a new shuffle order. With ``data.mix``, examples come
     from the components in proportion to their weights (a fixed interleaving, so the state is exact).
     ``skipped`` (if given) counts dropped examples by reason, in this process only
     (``num_workers == 0``), including prefetched ones. ``synthetic_config`` is the scene generator of
@@ -332,6 +357,8 @@ def make_iterator(
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index/process_count: {process_index}/{process_count}")
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} does not divide over {process_count} processes")
     if skipped is not None and data.num_workers > 0:
         logging.warning("num_workers > 0: bad examples are dropped in the workers but not counted here")
     datasets, weights = [], []
@@ -345,7 +372,7 @@ def make_iterator(
         )
         weights.append(weight)
     ds = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size // process_count, drop_remainder=True)
     if data.num_workers > 0:
         # grain's workers read absl flags; outside an absl app (tests, notebooks) they are unparsed,
         # which grain treats as an error rather than "use the defaults".

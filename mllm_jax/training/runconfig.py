@@ -66,7 +66,7 @@ class Stage:
 
     name: str = dataclasses.field(default="", metadata={"key": False})  # its key in config.stages
     steps: int = 100
-    batch_size: int = 32  # per host; divides by grad_accum
+    batch_size: int = 32  # the global batch over all hosts; divides by grad_accum and the hosts
     grad_accum: int = 1
     trainable: tuple[str, ...] = (r"adapter/.*",)
     # learning_rate, schedule, ... are keys of the stage itself

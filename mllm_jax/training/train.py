@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import time
 
 import flax.linen as nn
@@ -19,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from mllm_jax import sharding
-from mllm_jax.errors import Diverged, Preempted
+from mllm_jax import distributed, sharding
+from mllm_jax.errors import ConfigError, Diverged, Preempted
 from mllm_jax.models import params as param_tree
 from mllm_jax.training import checkpoint, logger, lora, step, wiring
 from mllm_jax.training.runconfig import RunConfig, Stage
@@ -65,7 +63,7 @@ class Trainer:
         platform = self.mesh.devices.flat[0].platform
         self.setup = wiring.RunSetup(run, workdir, self.mesh.devices.size, platform=platform)
         self.model = self.setup.model
-        self.stop_requested = False
+        self.stop = distributed.StopAgreement()
         self.skipped_steps = 0  # non-finite steps skipped so far in this run (kept in checkpoints)
         self.writer = None
         self._check_trainable()
@@ -129,7 +127,7 @@ class Trainer:
             )
         params, shardings = self._initial_params(resume)
         self.skipped_steps = resume.skipped_steps if resume is not None else 0
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        restore_handler = self.stop.install()
         try:
             offset = 0
             for index, stage in enumerate(self.run_config.stages):
@@ -140,26 +138,13 @@ class Trainer:
                 if here is None or here.stage_step < stage.steps:
                     params = self._run_stage(index, stage, params, shardings, offset, here)
                 offset += stage.steps
-                if self._agree_on_stop() and index + 1 < len(self.run_config.stages):
+                if self.stop.requested and index + 1 < len(self.run_config.stages):
                     raise Preempted(f"stopped by SIGTERM at the end of stage {stage.name}; state saved")
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            restore_handler()
             self.writer.close()
             self.ckpt.close()
         return params
-
-    def _agree_on_stop(self) -> bool:
-        """Whether to stop now. Multi-host: every host stops at the same step if any host got SIGTERM
-        (each may get the notice at a different step): one tiny all-gather per step, and the decision
-        is this call's value, not a flag the signal handler may still change. Single host: the flag."""
-        stop = self.stop_requested
-        if jax.process_count() > 1:
-            stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
-        return stop
-
-    def _on_sigterm(self, signum, frame):
-        logging.warning("SIGTERM: saving at the next step boundary")
-        self.stop_requested = True
 
     def _find_resume(self) -> Resume | None:
         latest = self.ckpt.latest_step()
@@ -198,7 +183,7 @@ class Trainer:
                 )
                 state["trainable"][lora.KEY] = self.ckpt.restore(resume.global_step, lora.KEY, target)
             if resume.data_state is not None:
-                iterator.set_state(checkpoint.decode_state(resume.data_state))
+                iterator.set_state(checkpoint.decode_state(self._own_data_state(resume.data_state)))
         progress = logger.Progress(stage.name, start, stage.steps)
         key = jax.random.key(run.seed)
         logging.info(
@@ -216,7 +201,7 @@ class Trainer:
             state, metrics = self.step(stage, tx, lr_fn, state, batch, jax.random.fold_in(key, offset + s))
             window_steps += 1
             done = s + 1
-            stop = self._agree_on_stop()
+            stop = self.stop.at_step(offset + done)
             # Read the skip flag one step late: the next step is already queued, so this costs no stall.
             if pending is not None:
                 bad_streak = self._count_skip(pending, bad_streak, offset + done - 1)
@@ -228,16 +213,19 @@ class Trainer:
             if log_now:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.time() - window_t0, 1e-9)
+                # tokens and skipped records of every host (a collective, at log steps only)
+                hosts = distributed.gather_json([window_tokens, self.setup.data_counters()])
                 row = {
                     "stage": stage.name,
                     "stage_step": done,
                     **{k: float(v) for k, v in metrics.items() if k != "skipped"},
-                    "tokens_per_sec": window_tokens / elapsed,
+                    "tokens_per_sec": sum(tokens for tokens, _ in hosts) / elapsed,
                     "steps_per_sec": window_steps / elapsed,
                 }
                 row["train/skipped_steps"] = self.skipped_steps
                 row.update(self.setup.mfu(row["steps_per_sec"], stage))
-                row.update(self.setup.data_counters())
+                counters = [counts for _, counts in hosts]
+                row.update({k: sum(c.get(k, 0) for c in counters) for k in sorted(set().union(*counters))})
                 self.writer.write(offset + done, row)
                 progress.update(done, row["loss"])
                 window_t0, window_tokens, window_steps = time.time(), 0, 0
@@ -324,10 +312,26 @@ class Trainer:
             params,
             meta,
             opt_state=state["opt_state"] if opt else None,
-            data_state=checkpoint.encode_state(iterator.get_state()) if opt else None,
+            data_state=self._data_states(iterator) if opt else None,
             wait=wait,
             lora=factors,
         )
+
+    def _data_states(self, iterator) -> dict:
+        """Every host's iterator position (a collective): one JSON item that process 0 writes."""
+        states = distributed.gather_json(checkpoint.encode_state(iterator.get_state()))
+        return {"processes": states}
+
+    def _own_data_state(self, saved: dict):
+        """This host's position from a saved ``data`` item (checkpoints of one process before multi-
+        process runs hold the bare state)."""
+        states = saved["processes"] if set(saved) == {"processes"} else [saved]
+        if len(states) != jax.process_count():
+            raise ConfigError(
+                f"{self.workdir}: the checkpoint's data position was saved by {len(states)} processes; "
+                f"resume with {len(states)} (this run has {jax.process_count()})"
+            )
+        return states[jax.process_index()]
 
     def _evaluate(self, global_step, stage, params):
         rows = self.setup.evaluate(params, stage)

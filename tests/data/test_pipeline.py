@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mllm_jax.data import pipeline
 from mllm_jax.data.pipeline import DataConfig, Encoder, ModelSpec, heldout_questions, make_iterator
 from mllm_jax.data.synthetic import QUESTION_TYPES, SyntheticConfig, make_example, vocabulary
 from mllm_jax.data.tokenizer import build_tokenizer
@@ -138,16 +139,44 @@ def _answers(batches: list[dict], tok) -> list[str]:
 
 
 @pytest.mark.parametrize("count", [2, 3])
-def test_per_host_slices_are_disjoint_and_cover(tmp_path, tok, count):
-    n = 12
-    data = DataConfig(source="llava_json", path=_text_only_json(tmp_path, n), max_length=16)
-    seen = []
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_hosts_read_their_rows_of_the_global_batches(tmp_path, tok, monkeypatch, count, shuffle):
+    """``batch_size`` is global: host p's batches are rows p*b..(p+1)*b of the batches one process
+    reads, and a host reads (decodes) only the records of its own rows."""
+    n, global_batch = 24, 6
+    data = DataConfig(source="llava_json", path=_text_only_json(tmp_path, n), max_length=16, shuffle=shuffle)
+    single = _answers(_take(make_iterator(data, tok, SPEC, _model(tok), global_batch, seed=0), 8), tok)
+    read = collections.defaultdict(set)  # process -> record ids it read
+    host = {"p": 0}
+
+    class Counting(pipeline.LlavaJsonSource):
+        def __getitem__(self, index):
+            record = super().__getitem__(index)
+            read[host["p"]].add(record["where"])
+            return record
+
+    monkeypatch.setattr(pipeline, "LlavaJsonSource", Counting)
+    rows = []
     for p in range(count):
-        it = make_iterator(data, tok, SPEC, _model(tok), 1, seed=0, process_index=p, process_count=count)
-        seen.append(set(_answers(_take(it, n // count), tok)))  # one epoch of this host's slice
-        assert len(seen[-1]) == n // count
-    assert set().union(*seen) == {f"w{i}" for i in range(n)}
-    assert sum(len(s) for s in seen) == n
+        host["p"] = p
+        it = make_iterator(
+            data, tok, SPEC, _model(tok), global_batch, seed=0, process_index=p, process_count=count
+        )
+        batches = _take(it, 8)
+        assert batches[0]["tokens"].shape[0] == global_batch // count
+        rows.append([_answers([b], tok) for b in batches])
+        del it
+    together = [a for step in range(8) for p in range(count) for a in rows[p][step]]
+    assert together == single
+    if not shuffle:  # a fixed order: every epoch a host reads the same records, exactly its share
+        assert all(len(read[p]) == n // count for p in range(count))
+        assert len(set().union(*read.values())) == n
+
+
+def test_a_global_batch_that_the_hosts_cannot_share_is_an_error(tmp_path, tok):
+    data = DataConfig(source="llava_json", path=_text_only_json(tmp_path, 4), max_length=16)
+    with pytest.raises(ValueError, match="batch size 5 does not divide over 2 processes"):
+        make_iterator(data, tok, SPEC, _model(tok), 5, seed=0, process_index=0, process_count=2)
 
 
 def test_llava_json_with_bad_images(tmp_path, tok):
@@ -242,8 +271,8 @@ def test_webdataset_per_host(tmp_path, tok, count):
     data = DataConfig(source="webdataset", path=str(tmp_path), template="plain", max_length=16, shuffle=False)
     seen = []
     for p in range(count):
-        it = make_iterator(data, tok, SPEC, _model(tok), 1, seed=0, process_index=p, process_count=count)
-        seen.append({words[1] for words in _learned(_take(it, 6), tok)})
+        it = make_iterator(data, tok, SPEC, _model(tok), count, seed=0, process_index=p, process_count=count)
+        seen.append({words[1] for words in _learned(_take(it, 6), tok)})  # global batch count: 1 per host
     assert set().union(*seen) == set("abcdef") and sum(len(s) for s in seen) == 6
 
 
