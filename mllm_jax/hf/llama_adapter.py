@@ -92,7 +92,7 @@ def read(model_dir: str) -> tuple[LlamaAdapterConfig, dict]:
 def write(out_dir: str, config: LlamaAdapterConfig, params, hf_config: dict, assets_dir: str | None = None):
     """The base as a LlamaForCausalLM directory (``hf.write``), the adapter and tower beside it."""
     hf.write(out_dir, llama, config.llm, params["llm"], hf_config, assets_dir)
-    rest = {k: v for k, v in hf._to_numpy(params).items() if k != "llm"}
+    rest = hf._to_numpy({"vision": params["vision"], "adapter": params["adapter"]})
     tensors = common.params_to_hf(rest, adapter_rules(config), "export of the LLaMA-Adapter")
     common._write_file(os.path.join(out_dir, WEIGHTS_FILE), tensors)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
