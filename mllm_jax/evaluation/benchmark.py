@@ -5,9 +5,10 @@ A benchmark's loader reads its released files into records (malformed records an
 skipped and counted; a file of the wrong layout is one ``UsageError``). Each record is asked as one or
 more *items* (MMBench asks every rotation of its options): the prompt is the task's template with
 ``{question}`` replaced by the item's question, composed as LLaVA-1.5's evaluation composes it (context,
-question, option lines). Items are answered by batched greedy decoding (the answer is the first line of
-the generated text), or, for multiple-choice tasks with ``--mc=loglik``, by the option whose answer letter
-has the highest mean token log-probability as the prompt's continuation (``loglik.py``).
+question, option lines). Items are answered by batched greedy decoding (the answer scored is the whole
+generated text, stripped, as LLaVA's ``model_vqa_loader.py`` hands it to the official scripts), or, for
+multiple-choice tasks with ``--mc=loglik``, by the option whose answer letter has the highest mean token
+log-probability as the prompt's continuation (``loglik.py``).
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class Benchmark:
                 else:
                     tokens, pixels_BxNxHxWxC, kwargs = file_task.stack_inputs(inputs, columns)
                     texts = decoder.decode_chunk(tokens, pixels_BxNxHxWxC, rows, kwargs)
-                    answers = [{"generated": t, "prediction": file_task.first_line(t)} for t in texts]
+                    answers = [{"generated": t, "prediction": t.strip()} for t in texts]
             except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's positions
                 raise UsageError(str(e)) from None
             for item, prompt, answer in zip(chunk, prompts, answers, strict=True):
