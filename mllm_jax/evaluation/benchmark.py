@@ -220,9 +220,8 @@ class Benchmark:
                 full = family_hooks.prepare_example(pretrained, assets, f"{prompt} {letter}", image)
                 rows.append(full)
                 spans.append(loglik.continuation(prepared.tokens, full.tokens))
-        if len({tuple(r.tokens[s:e]) for r, (s, e) in zip(rows, spans, strict=True)}) < len(rows) / len(
-            chunk
-        ):
+        distinct = {tuple(r.tokens[s:e]) for r, (s, e) in zip(rows, spans, strict=True)}
+        if len(distinct) < max(len(item["letters"]) for item in chunk):
             logging.warning("%s: options tokenize alike (letters unknown to the tokenizer?): ties", self.name)
         tokens, pixels, kwargs = file_task.stack_inputs(rows, columns)
         scores = loglik.mean_logprobs(decoder, tokens, pixels, kwargs, spans)
