@@ -10,11 +10,11 @@ and tokenizer/processor files travel along.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 
+from mllm_jax import paths
 from mllm_jax.errors import ConversionError
 from mllm_jax.families import store
 
@@ -50,7 +50,7 @@ def export_hf(ckpt_dir: str, hf_dir: str, step: int | None = None):
         model.config,
         model.params,
         hf_config=model.hf_config or None,
-        assets_dir=assets if os.path.isdir(assets) else None,
+        assets_dir=store.local_assets(ckpt_dir) if paths.isdir(assets) else None,
     )
     return model
 

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mllm_jax import distributed, errors
+from mllm_jax import distributed, errors, paths
 from mllm_jax.training import inputs, runconfig, train
 
 FLAGS = flags.FLAGS
@@ -93,7 +93,7 @@ def _override_error(argv, e: Exception) -> str:
 class _LibraryInfoFilter(pylogging.Filter):
     """Keep our INFO lines; drop the per-save chatter orbax, jax and grain log at INFO."""
 
-    NOISY = ("/orbax/", "/jax/", "/jaxlib/", "/grain/")
+    NOISY = ("/orbax/", "/jax/", "/jaxlib/", "/grain/", "/fsspec/", "/gcsfs/")
 
     def filter(self, record):
         return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
@@ -118,6 +118,7 @@ def main(argv):
         sys.exit(2)
     try:  # nothing below writes to the workdir or compiles a step
         distributed.start(distributed.Cluster.from_flags())  # every host runs this same command
+        paths.check(FLAGS.workdir, "--workdir")
         run = runconfig.from_config_dict(FLAGS.config)
         inputs.check_inputs(run, FLAGS.workdir)
         trainer = train.Trainer(run, FLAGS.workdir)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm_jax import paths
 from mllm_jax.data.config import SYNTHETIC_TASKS
 from mllm_jax.data.existence import existence_record, preference_record
 from mllm_jax.data.grounding import grounding_record, referring_record
@@ -136,7 +137,7 @@ class JsonRecords:
     def __init__(self, path: str):
         self.path = path
         try:
-            with open(path, "rb") as f:
+            with paths.open_file(path, "rb") as f:
                 text = f.read().decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read data file {path!r}: {e}") from None

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mllm_jax import paths
 from mllm_jax.errors import BadExample
 
 MODES = ("crop", "resize", "pad")
@@ -168,6 +170,9 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image) -> 
             with Image.open(io.BytesIO(bytes(source))) as im:
                 im.load()
                 return im.copy()
+        if paths.is_remote(source):  # a bucket object: read it whole, then decode
+            with paths.open_file(str(source), "rb") as f:
+                return load_image(f.read())
         with Image.open(source) as im:
             im.load()
             return im.copy()
@@ -186,8 +191,13 @@ def safe_join(root: str | os.PathLike, relative: str) -> str:
     inside it must stay inside its target. A path that is empty or not a string is ``bad_path``."""
     if not isinstance(relative, str) or not relative:
         raise BadExample("bad_path", f"image path must be a non-empty string: {relative!r}")
-    if os.path.isabs(relative) or relative[0] in "/\\":
+    if os.path.isabs(relative) or relative[0] in "/\\" or "://" in relative:
         raise BadExample("unsafe_path", f"image path must be relative: {relative!r}")
+    if paths.is_remote(root):  # a bucket has no links: the normalised path must stay below the root
+        inside = posixpath.normpath(relative)
+        if inside == ".." or inside.startswith("../"):
+            raise BadExample("unsafe_path", f"image path escapes the image root: {relative!r}")
+        return paths.join(str(root), inside)
     base = os.path.abspath(root)
     path = os.path.normpath(os.path.join(base, relative))
     if os.path.commonpath([base, path]) != base:

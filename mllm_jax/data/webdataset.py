@@ -17,6 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from mllm_jax import paths
 from mllm_jax.data.interleaved import mmc4_document
 from mllm_jax.data.layouts import IMAGE
 
@@ -37,11 +38,16 @@ def expand_braces(pattern: str) -> list[str]:
 
 def list_shards(pattern_or_dir: str) -> list[str]:
     """Sorted shard paths from a directory (its ``*.tar``), a glob, or a brace pattern."""
+    if paths.is_remote(pattern_or_dir):  # a bucket: its folder's *.tar, or a pattern in one folder
+        if paths.isdir(pattern_or_dir):
+            return paths.glob(pattern_or_dir, "*.tar")
+        found = [p for pat in expand_braces(pattern_or_dir) for p in paths.glob(*pat.rsplit("/", 1))]
+        return sorted(set(found))
     if os.path.isdir(pattern_or_dir):
-        paths = glob.glob(os.path.join(pattern_or_dir, "*.tar"))
+        found = glob.glob(os.path.join(pattern_or_dir, "*.tar"))
     else:
-        paths = [p for pat in expand_braces(pattern_or_dir) for p in glob.glob(pat)]
-    return sorted(set(paths))
+        found = [p for pat in expand_braces(pattern_or_dir) for p in glob.glob(pat)]
+    return sorted(set(found))
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -121,7 +127,7 @@ class WebDatasetSource:
         count = 0
         key, fields = None, {}
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
+            with paths.open_file(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

@@ -17,13 +17,12 @@ conversion module that read it (``Family.hf_types``).
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mllm_jax import hf
+from mllm_jax import hf, paths
 from mllm_jax.errors import ConversionError
 from mllm_jax.families import FAMILIES, Pretrained, get
 from mllm_jax.hf import common
@@ -57,6 +56,7 @@ def architecture(hf_config: dict):
 
 def load_pretrained(model_dir: str) -> Pretrained:
     """Read a HF directory (config.json + safetensors) into our params (numpy, HF dtypes kept)."""
+    model_dir = paths.local_dir(model_dir)
     hf_config = common.read_config(model_dir)
     for owner in FAMILIES.values():
         if owner.owns_hf_dir(model_dir):  # a HF model with the family's own files beside it
@@ -74,33 +74,35 @@ def save_pretrained(
     """Write a directory that ``transformers`` loads with ``from_pretrained`` (``hf.write``), converting
     by the architecture the family's config exports as."""
     d = get(family).config_to_hf(config, hf_config)
-    if get(family).writes_hf_dir:
-        return get(family).write_hf_dir(out_dir, config, params, d, assets_dir)
-    hf.write(out_dir, architecture(d)[1], config, params, d, assets_dir)
+    with paths.Staged(out_dir) as local:
+        if get(family).writes_hf_dir:
+            return get(family).write_hf_dir(local, config, params, d, assets_dir)
+        hf.write(local, architecture(d)[1], config, params, d, assets_dir)
 
 
 # ---------------------------------------------------------------- ours
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_CONFIG))
+    return paths.isfile(paths.join(path, MODEL_CONFIG))
 
 
 def assets_dir(path: str) -> str:
-    return os.path.join(path, ASSETS)
+    return paths.join(path, ASSETS)
+
+
+def local_assets(path: str) -> str:
+    """The assets of our model dir ``path`` as a local directory (copied once from a bucket)."""
+    return paths.local_dir(assets_dir(path))
 
 
 def write_model_config(directory: str, family: str, config):
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, MODEL_CONFIG + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"family": family, "config": get(family).config_to_dict(config)}, f, indent=2)
-    os.replace(tmp, os.path.join(directory, MODEL_CONFIG))
+    d = {"family": family, "config": get(family).config_to_dict(config)}
+    paths.write_text(paths.join(directory, MODEL_CONFIG), json.dumps(d, indent=2))
 
 
 def read_model_config(directory: str) -> tuple[str, object]:
-    with open(os.path.join(directory, MODEL_CONFIG)) as f:
-        d = json.load(f)
+    d = json.loads(paths.read_text(paths.join(directory, MODEL_CONFIG)))
     family = d["family"]
     if family not in FAMILIES:
         raise ValueError(f"{directory}: unknown model family {family!r}")
@@ -118,12 +120,12 @@ def manager(
         create=write,
         cleanup_tmp_directories=write,
     )
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, CHECKPOINTS)), options=options)
+    return ocp.CheckpointManager(paths.resolve(paths.join(directory, CHECKPOINTS)), options=options)
 
 
 def latest_step(directory: str) -> int | None:
     """Newest complete step under ``directory/checkpoints`` (unfinished writes are not steps), or None."""
-    if not os.path.isdir(os.path.join(directory, CHECKPOINTS)):
+    if not paths.isdir(paths.join(directory, CHECKPOINTS)):
         return None
     with manager(directory, write=False) as m:
         return m.latest_step()
@@ -141,13 +143,13 @@ def save_model(
 ):
     """Save params as an orbax checkpoint with our config and the HF assets beside it."""
     write_model_config(directory, family, config)
-    assets = assets_dir(directory)
-    os.makedirs(assets, exist_ok=True)
-    if assets_from and os.path.abspath(assets_from) != os.path.abspath(assets):
-        hf.copy_assets(assets_from, assets)
-    if hf_config is not None:
-        with open(os.path.join(assets, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
+    with paths.Staged(assets_dir(directory)) as assets:
+        paths.makedirs(assets)
+        if assets_from and paths.resolve(assets_from) != paths.resolve(assets_dir(directory)):
+            hf.copy_assets(paths.local_dir(assets_from), assets)
+        if hf_config is not None:
+            text = json.dumps(hf_config, indent=2, sort_keys=True)
+            paths.write_text(paths.join(assets, "config.json"), text)
     with manager(directory) as m:
         m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
         m.wait_until_finished()
@@ -162,16 +164,13 @@ def load_model(directory: str, step: int | None = None) -> Pretrained:
             raise FileNotFoundError(f"{directory}: no complete checkpoint under {CHECKPOINTS}/")
         restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
         params = restored["params"]
-        if os.path.isdir(os.path.join(str(m.directory), str(step), LORA)):  # mid-LoRA-stage step
+        if paths.isdir(paths.join(str(m.directory), str(step), LORA)):  # mid-LoRA-stage step
             extra = m.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), lora=ocp.args.StandardRestore())
             )
             params = _merge_lora(params, extra[LORA], extra["meta"][LORA])
-    hf_config_path = os.path.join(assets_dir(directory), "config.json")
-    hf_config = {}
-    if os.path.exists(hf_config_path):
-        with open(hf_config_path) as f:
-            hf_config = json.load(f)
+    hf_config_path = paths.join(assets_dir(directory), "config.json")
+    hf_config = json.loads(paths.read_text(hf_config_path)) if paths.exists(hf_config_path) else {}
     if scan.is_stacked(params):  # trained with scan_layers: hand out the standard per-layer layout
         params = scan.unstack_layers(params)
     return Pretrained(family, config, params, hf_config)
@@ -184,9 +183,11 @@ def _merge_lora(params, factors, meta: dict):
 
 
 def load_any(path: str) -> tuple[Pretrained, str]:
-    """A model from our checkpoint dir or a HF dir; returns it with its assets directory."""
-    if not os.path.isdir(path):
+    """A model from our checkpoint dir or a HF dir (local or in a bucket); returns it with its assets
+    directory (local: a bucket's is copied)."""
+    if not paths.isdir(paths.check(path, "--model")):
         raise FileNotFoundError(f"--model {path!r}: no such directory")
     if is_checkpoint(path):
-        return load_model(path), assets_dir(path)
-    return load_pretrained(path), path
+        return load_model(path), local_assets(path)
+    local = paths.local_dir(path)
+    return load_pretrained(local), local

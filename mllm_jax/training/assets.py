@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from mllm_jax import hf
+from mllm_jax import hf, paths
 from mllm_jax.families import TrainableFamily
 from mllm_jax.families.trainable import ModelSettings
 from mllm_jax.hf import common
@@ -23,7 +23,15 @@ def write_assets(
     hf_bases: dict,
     qformer_tokenizer,
 ):
-    """Into ``assets``: copied from the whole model a run starts from, else made for it."""
+    """Into ``assets`` (a folder, or a bucket path: written locally, then uploaded): copied from the
+    whole model a run starts from, else made for it."""
+    with paths.Staged(assets) as local:
+        _write_assets(local, family, m, config, tokenizer, hf_bases, qformer_tokenizer)
+
+
+def _write_assets(
+    assets, family: TrainableFamily, m: ModelSettings, config, tokenizer, hf_bases, qformer_tokenizer
+):
     os.makedirs(assets, exist_ok=True)
     source = assets_source(m.init)
     if source:

@@ -11,12 +11,11 @@ stored tree and shapes with it and reports the first difference in one line (``C
 
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mllm_jax import paths
 from mllm_jax.errors import CheckpointMismatch
 from mllm_jax.families.store import LORA, is_checkpoint, latest_step, manager
 
@@ -77,7 +76,7 @@ class TrainCheckpointer:
         return self._manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
 
     def item_path(self, step: int, name: str) -> str:
-        return os.path.join(str(self._manager.directory), str(step), name)
+        return paths.join(str(self._manager.directory), str(step), name)
 
     def wait(self):
         self._manager.wait_until_finished()
@@ -122,8 +121,8 @@ def first_mismatch(stored: dict[str, tuple], wanted: dict[str, tuple]) -> str | 
 
 
 def check_matches(item_dir: str, target, step: int, name: str = "params"):
-    if not os.path.isdir(item_dir):
-        raise CheckpointMismatch(f"checkpoint step {step} has no {name!r} (in {os.path.dirname(item_dir)})")
+    if not paths.isdir(item_dir):
+        raise CheckpointMismatch(f"checkpoint step {step} has no {name!r} (in {paths.dirname(item_dir)})")
     problem = first_mismatch(stored_shapes(item_dir), shapes_by_path(target))
     if problem is not None:
         where = "" if name == "params" else f"{name} "

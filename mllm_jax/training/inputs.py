@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from mllm_jax import paths
 from mllm_jax.data.webdataset import list_shards
 from mllm_jax.errors import ConfigError
 from mllm_jax.families import store
@@ -34,9 +34,9 @@ def check_inputs(run: RunConfig, workdir: str) -> None:
 def _check_model_dirs(model: ModelSettings) -> None:
     init = dataclasses.asdict(model.init)
     for key, path in init.items():
-        if path and not os.path.isdir(path):
+        if path and not paths.isdir(paths.check(path, f"config.model.init.{key}")):
             raise ConfigError(f"config.model.init.{key}={path!r}: no such directory")
-    if init["checkpoint"] and not os.path.isfile(os.path.join(init["checkpoint"], store.MODEL_CONFIG)):
+    if init["checkpoint"] and not store.is_checkpoint(init["checkpoint"]):
         raise ConfigError(
             f"config.model.init.checkpoint={init['checkpoint']!r} is not one of our checkpoints or "
             "workdirs (no mllm_config.json); a HF directory goes in config.model.init.hf"
@@ -44,9 +44,9 @@ def _check_model_dirs(model: ModelSettings) -> None:
     for key, path in model.tokenizers().items():  # "builtin": the synthetic word-level vocabulary
         if path in ("", "builtin"):
             continue
-        if not os.path.isdir(path):
+        if not paths.isdir(paths.check(path, f"config.model.{key}")):
             raise ConfigError(f"config.model.{key}={path!r}: no such directory (nothing is downloaded)")
-        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        if not any(paths.isfile(paths.join(path, f)) for f in TOKENIZER_FILES):
             raise ConfigError(
                 f"config.model.{key}={path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)"
             )
@@ -54,9 +54,13 @@ def _check_model_dirs(model: ModelSettings) -> None:
 
 def _check_data(data, where: str) -> None:
 
-    if data.source in FILE_SOURCES and not os.path.isfile(data.path):
+    if data.source in FILE_SOURCES and not paths.isfile(paths.check(data.path, where + "path")):
         raise ConfigError(f"{where}path={data.path!r}: no such file")
     if data.source == "webdataset" and not list_shards(data.path):
         raise ConfigError(f"{where}path={data.path!r}: no .tar shards there")
-    if data.source in FILE_SOURCES and data.image_root and not os.path.isdir(data.image_root):
+    if (
+        data.source in FILE_SOURCES
+        and data.image_root
+        and not paths.isdir(paths.check(data.image_root, where + "image_root"))
+    ):
         raise ConfigError(f"{where}image_root={data.image_root!r}: no such directory")

@@ -11,26 +11,41 @@ import time
 
 from absl import logging
 
+from mllm_jax import paths
+
 
 class MetricsWriter:
+    """Appends to a local ``metrics.jsonl``; in a bucket (no appends there) rewrites the whole object
+    with each row, so a reader always sees complete rows."""
+
     def __init__(self, workdir: str, enable_tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled  # on multi-host runs only process 0 writes
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - lives with the run
+        self._path = paths.join(workdir, "metrics.jsonl")
+        self._jsonl, self._rows = None, None
+        if paths.is_remote(workdir):
+            self._rows = paths.read_text(self._path).splitlines(True) if paths.exists(self._path) else []
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(self._path, "a")  # noqa: SIM115 - lives with the run
         self._tb = None
         if enable_tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
     def write(self, step: int, row: dict):
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in row.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(row) + "\n"
+        if self._jsonl is None:
+            self._rows.append(line)
+            paths.write_text(self._path, "".join(self._rows))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for key, value in row.items():
                 if isinstance(value, int | float) and key != "step" and math.isfinite(value):
@@ -40,22 +55,20 @@ class MetricsWriter:
     def close(self):
         if not self.enabled:
             return
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 
 
 def truncate_metrics(workdir: str, last_step: int):
     """Drop rows after ``last_step`` (a resumed run recomputes them), so the file reads as one run."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    if not paths.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+    lines = paths.read_text(path).splitlines(True)
+    rows = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    paths.write_text(path, "".join(rows))
 
 
 def _plain(v):

@@ -20,6 +20,7 @@ import os
 import numpy as np
 from absl import logging
 
+from mllm_jax import paths
 from mllm_jax.data import boxes, synthetic
 from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
@@ -48,7 +49,7 @@ def initial_model(family: TrainableFamily, m: ModelSettings, synthetic_config) -
                 f"config.model.init.checkpoint holds a {pretrained.family!r} model, not {family.name}"
             )
         tokenizer = AutoTokenizer.from_pretrained(
-            tok_dir if own_tokenizer else store.assets_dir(init.checkpoint), trust_remote_code=False
+            tok_dir if own_tokenizer else store.local_assets(init.checkpoint), trust_remote_code=False
         )
         tokenizer = location_tokens(m, tokenizer, "config.model.init.checkpoint")
         return InitialModel(pretrained.config, tokenizer, pretrained.params)
@@ -137,7 +138,18 @@ def assets_source(init: InitSettings) -> str:
     """The HF-assets directory of a whole-model init (HF dir or our checkpoint), or ""."""
     if init.hf:
         return init.hf
-    return store.assets_dir(init.checkpoint) if init.checkpoint else ""
+    return store.local_assets(init.checkpoint) if init.checkpoint else ""
+
+
+def local_model(m: ModelSettings) -> ModelSettings:
+    """``m`` with its HF directories in buckets (``init.hf/vision/llm``, tokenizers) replaced by local
+    copies, which transformers can read (our checkpoints stay where they are: orbax reads buckets)."""
+    init = m.init
+    init = dataclasses.replace(
+        init, **{k: paths.local_dir(getattr(init, k)) for k in ("hf", "vision", "llm")}
+    )
+    tokenizers = {k: paths.local_dir(v) for k, v in m.tokenizers().items() if paths.is_remote(v)}
+    return dataclasses.replace(m, init=init, **tokenizers)
 
 
 def load_hf(path: str, family: str, key: str) -> base.Pretrained:

@@ -8,6 +8,7 @@ tokenizer. What differs between families is asked of ``mllm_jax.families``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -39,10 +40,16 @@ class RunSetup:
         """``platform``: what the steps compile for, when not this process's backend (``plan``)."""
         from transformers import AutoTokenizer
 
-        self.run, self.workdir = run, workdir
+        self.workdir = workdir
         self.assets = store.assets_dir(workdir)
         self.synthetic = run.synthetic
         self.skipped: collections.Counter = collections.Counter()
+        # Resume only from a run that saved something; a run that died before its first checkpoint
+        # starts again from its configured initial weights.
+        self.fresh = not (store.is_checkpoint(workdir) and store.latest_step(workdir) is not None)
+        if self.fresh:  # HF directories in a bucket are read from local copies
+            run = dataclasses.replace(run, model=model_init.local_model(run.model))
+        self.run = run
         m = run.model
         # BLIP-2 stage 1: captions for the Q-Former in its own tokenizer (BERT's), else the LLM's
         text_tokenizer = m.tokenizers().get("qformer_tokenizer")
@@ -50,15 +57,12 @@ class RunSetup:
             AutoTokenizer.from_pretrained(text_tokenizer, trust_remote_code=False) if text_tokenizer else None
         )
         self.family = families.trainable(m.family)
-        # Resume only from a run that saved something; a run that died before its first checkpoint
-        # starts again from its configured initial weights.
-        self.fresh = not (store.is_checkpoint(workdir) and store.latest_step(workdir) is not None)
         if self.fresh:
             start = model_init.initial_model(self.family, m, self.synthetic)
         else:
             _, config = store.read_model_config(workdir)
             start = model_init.InitialModel(
-                config, AutoTokenizer.from_pretrained(self.assets, trust_remote_code=False)
+                config, AutoTokenizer.from_pretrained(store.local_assets(workdir), trust_remote_code=False)
             )
         self.config, self.tokenizer = start.config, start.tokenizer
         self._pretrained, self._hf_bases = start.params, start.hf_bases
