@@ -129,15 +129,18 @@ class Handler(BaseHTTPRequestHandler):
             job.cancelled = True
 
 
-def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog: a burst of clients must not be reset (default 5)
+
+
+def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000) -> Server:
     """The server, bound (``port=0``: any free port, ``server.server_address`` says which), not started."""
     handler = type("BoundHandler", (Handler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return Server((host, port), handler)
 
 
-def serve_in_background(server: ThreadingHTTPServer) -> threading.Thread:
+def serve_in_background(server: Server) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return thread

@@ -52,10 +52,11 @@ def measure(
         return {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
                 "max_tokens": max_tokens}  # fmt: skip
 
+    # the bodies are made before the clock starts: the client's own work is not the server's time
+    bodies = [[body(k * 1000 + r) for r in range(requests_per_client)] for k in range(clients)]
+
     def client(k):
-        return sum(
-            chat(url, body(k * 1000 + r))["usage"]["completion_tokens"] for r in range(requests_per_client)
-        )
+        return sum(chat(url, b)["usage"]["completion_tokens"] for b in bodies[k])
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:

@@ -10,31 +10,30 @@ from transformers import AutoProcessor
 
 from mllm_jax import errors, families, predict
 from mllm_jax.families import store
-from mllm_jax.inference import beam, generate
+from mllm_jax.inference import beam
 from mllm_jax.inference.inputs import prepare_inputs
 
 MAX_NEW = 12
 
 
 def compare(model_dir, hf_model, prompt, image, num_beams, eos):
-    """``(ours, transformers', our greedy)`` ids for one prompt."""
+    """``(ours, transformers', transformers' greedy)`` ids for one prompt."""
     processor = AutoProcessor.from_pretrained(model_dir)
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        out = hf_model.generate(
-            **inputs, do_sample=False, num_beams=num_beams, max_new_tokens=MAX_NEW, eos_token_id=eos
+        ref, greedy = (
+            hf_model.generate(
+                **inputs, do_sample=False, num_beams=k, max_new_tokens=MAX_NEW, eos_token_id=eos
+            )[0, n:].tolist()
+            for k in (num_beams, 1)
         )
-    ref = out[0, inputs["input_ids"].shape[1] :].tolist()
     pre, assets = store.load_any(model_dir)
     inp = prepare_inputs(pre.family, pre.config, assets, prompt, [image])
     model = families.build(pre.family, inp.config or pre.config)
     ids, _ = beam.beam_search(
         model, pre.params, inp.tokens, inp.pixels, num_beams=num_beams, max_new_tokens=MAX_NEW,
         eos_ids=[eos], embed_kwargs=inp.embed_kwargs,
-    )  # fmt: skip
-    [(greedy, _)] = generate.generate(
-        model, pre.params, [inp.tokens], inp.pixels, max_new_tokens=MAX_NEW, eos_ids=[eos],
-        embed_kwargs=inp.embed_kwargs,
     )  # fmt: skip
     return ids, ref, greedy
 
