@@ -22,6 +22,10 @@ Tasks (``mllm_jax/evaluation/tasks.py``; one evaluator file each under ``mllm_ja
   records are skipped and counted (``"skipped"``); ``--mc=loglik`` answers the multiple-choice ones by
   option likelihood; ``--predictions`` also writes the leaderboard's file (``OUT.submission.*``).
 
+On several hosts every process runs the same command with the flags of ``main``
+(``--distributed=on --coordinator_address=HOST:PORT --num_processes=N --process_id=I``) and a
+``--mesh`` over all devices; process 0 prints the result and writes the predictions.
+
 One JSON object of metrics goes to stdout, logs to stderr; ``--predictions`` writes one JSON line per
 example. Bad input is reported in one line with exit code 2. From Python: ``evaluation.run.evaluate``.
 """
@@ -31,8 +35,10 @@ from __future__ import annotations
 import json
 import sys
 
+import jax
 from absl import app, flags
 
+from mllm_jax import distributed
 from mllm_jax.errors import ConfigError, ConversionError, UsageError
 from mllm_jax.evaluation.run import TASK_NAMES, evaluate
 
@@ -68,6 +74,7 @@ def define_flags():
         "",
         "Decode sharded as training: e.g. data=-1,fsdp=1,tensor=1 (as config.mesh); empty: one device.",
     )
+    distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, --process_id
 
 
 # evaluate()'s keyword arguments, each a flag of the same name
@@ -95,10 +102,12 @@ def main(argv):
     if not FLAGS.model or not FLAGS.task:
         _exit_with("--model and --task are required")
     try:
+        distributed.start(distributed.Cluster.from_flags())  # every process runs the same command
         result = evaluate(FLAGS.model, FLAGS.task, FLAGS.data, **{k: FLAGS[k].value for k in OPTION_FLAGS})
     except USER_ERRORS as e:
         _exit_with(str(e))
-    print(json.dumps(result))
+    if jax.process_index() == 0:  # one result however many processes decoded it
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

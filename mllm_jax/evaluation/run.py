@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Sequence
 
+import jax
 from absl import logging
 
 from mllm_jax.errors import UsageError
@@ -84,7 +85,7 @@ def evaluate(
     pretrained, assets = family_hooks.load_model(model_path)
     logging.info("loaded %s model from %s", pretrained.family, model_path)
     metrics, lines = run_task(pretrained, assets, task, examples, options, keep_predictions=bool(predictions))
-    if predictions:
+    if predictions and jax.process_index() == 0:  # one writer on multi-process runs
         with open(predictions, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
         logging.info("wrote %d predictions to %s", len(lines), predictions)
