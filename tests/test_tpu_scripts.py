@@ -88,12 +88,12 @@ def test_setup_copies_the_checkout_and_installs_the_tpu_extra(tmp_path):
 def test_commands_for_the_workers_are_valid_bash(tmp_path):
     remote = []
     for name, args in (
-        ("setup.sh", ("--mount=my-bucket", "pod", "z")),
-        ("launch.sh", ("pod", "z", "configs/llava.py:7b", "/mnt/gcs/my-bucket/run")),
+        ("setup.sh", ("pod", "z")),
+        ("launch.sh", ("pod", "z", "configs/llava.py:7b", "gs://my-bucket/run")),
         ("stop.sh", ("pod", "z")),
     ):
         remote += [option(c, "--command") for c in dry_run(name, *args, cwd=tmp_path) if "ssh" in c]
-    assert len(remote) == 4 and "gcsfuse --implicit-dirs my-bucket /mnt/gcs/my-bucket" in remote[1]
+    assert len(remote) == 3
     for command in remote:
         r = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
         assert r.returncode == 0, (command, r.stderr)
@@ -121,6 +121,25 @@ def test_launch_runs_main_on_every_worker_with_logs_per_worker(tmp_path):
     ]
     [_, ssh] = dry_run("launch.sh", "--logs=mine", "pod", "z", "c.py", "gs://b/r")
     assert option(ssh, "--output-directory") == "mine"
+
+
+def test_launch_passes_the_cluster_flags_and_warns_on_a_workdir_not_in_a_bucket(tmp_path):
+    args = ("--dry-run", "pod", "z", "c.py")
+    r = script("launch.sh", *args, "gs://b/run", "--", "--distributed_timeout=600", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    remote = shlex.split(option(shlex.split(r.stdout.splitlines()[1]), "--command"))
+    # the user's flags come after ours: absl takes the last value, so they can override
+    assert remote[-2:] == ["--distributed=on", "--distributed_timeout=600"]
+    r = script("launch.sh", *args, "/home/me/run", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.startswith("warning: WORKDIR /home/me/run is not gs://"), r.stderr
+
+
+def test_setup_has_no_mount_any_more():
+    """gs:// paths work directly; an old --mount command says so in one line instead of mounting."""
+    assert "gcsfuse" not in open(os.path.join(ROOT, "tpu", "setup.sh")).read()
+    r = script("setup.sh", "--dry-run", "--mount=my-bucket", "pod", "z")
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("error: --mount is gone: pass gs://BUCKET/... paths"), r.stderr
 
 
 def test_stop_sends_sigterm_to_the_job_only_and_delete_removes_the_tpu():

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Run one training command on every worker of a TPU VM at once (JAX's multi-host runtime connects
-# them: --distributed=on). Each worker's output goes to LOGS/<worker>.log on this machine. Rerunning
-# the same command resumes from the newest checkpoint in WORKDIR, e.g. after a preemption.
+# Run one training command on every worker of a TPU VM at once (--distributed=on: JAX finds the
+# slice's hosts by itself and joins them into one cluster). Each worker's output goes to
+# LOGS/<worker>.log on this machine. Rerunning the same command resumes from the newest checkpoint in
+# WORKDIR, e.g. after a preemption.
 #
 #   tpu/launch.sh [--logs=DIR] [--dry-run] NAME ZONE CONFIG WORKDIR [-- MAIN_FLAGS...]
 #
 #   CONFIG       e.g. configs/llava.py:7b (a path inside the checkout)
 #   WORKDIR      gs://BUCKET/run: checkpoints and metrics, shared by all workers
-#   MAIN_FLAGS   more flags for python -m mllm_jax.main, e.g. --config.model.init.llm=/data/vicuna
+#   MAIN_FLAGS   more flags for python -m mllm_jax.main, e.g. --config.model.init.llm=gs://BUCKET/vicuna
+#                or --distributed_timeout=600 (seconds for every worker to join; default 300)
 #   --logs=DIR   where the logs go (default: logs/NAME-<date>-<time>)
 #   --dry-run    print the commands instead of running them
 
@@ -32,6 +34,10 @@ done
 expect 4 "${ARGS[@]}"
 NAME=${ARGS[0]} ZONE=${ARGS[1]} CONFIG=${ARGS[2]} WORKDIR=${ARGS[3]}
 LOGS=${LOGS:-logs/$NAME-$(date +%Y%m%d-%H%M%S)}
+if [[ $WORKDIR != gs://* ]]; then
+  # each host would write its shards of every checkpoint to its own disk, lost with the VM
+  echo "warning: WORKDIR $WORKDIR is not gs://: on a slice of several hosts they must all see it" >&2
+fi
 
 main=(python3 -m mllm_jax.main --config="$CONFIG" --workdir="$WORKDIR" --distributed=on)
 main+=("${MAIN_FLAGS[@]}")

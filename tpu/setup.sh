@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
 # Copy this checkout to every worker of a TPU VM and install it there (with libtpu: the "tpu" extra).
-# Rerun it after changing the code; it replaces ~/mllm_jax on every worker.
+# Rerun it after changing the code; it replaces ~/mllm_jax on every worker. Workdirs, data and model
+# directories can then be gs:// paths directly (no mount needed; see docs/tpu.md).
 #
-#   tpu/setup.sh [--mount=BUCKET] [--dry-run] NAME ZONE
+#   tpu/setup.sh [--dry-run] NAME ZONE
 #
-#   --mount=BUCKET   also mount gs://BUCKET at /mnt/gcs/BUCKET on every worker (gcsfuse): a workdir
-#                    there is shared by all workers and outlives the VM (see docs/tpu.md)
-#   --dry-run        print the commands instead of running them
+#   --dry-run   print the commands instead of running them
 
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh"
 
-BUCKET=""
 ARGS=()
 for arg in "$@"; do
   case "$arg" in
-    --mount=*) BUCKET=${arg#--mount=} ;;
+    --mount=*) die "--mount is gone: pass gs://BUCKET/... paths to tpu/launch.sh directly (docs/tpu.md)" ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage && exit 0 ;;
     -*) die "unknown flag $arg (see --help)" ;;
@@ -38,15 +36,3 @@ install+=" && python3 -c 'import sys, jax; print(jax.process_index(), jax.device
 install+=" \"python\", sys.version.split()[0], \"jax\", jax.__version__)'"
 run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$install"
 
-if [[ -n "$BUCKET" ]]; then
-  # gcsfuse from Google's apt repository, as https://cloud.google.com/storage/docs/cloud-storage-fuse/install
-  repo="https://packages.cloud.google.com/apt"
-  mount="command -v gcsfuse > /dev/null || { curl -fsSL $repo/doc/apt-key.gpg"
-  mount+=" | sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null"
-  mount+=" && echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] $repo gcsfuse-\$(lsb_release -cs) main\""
-  mount+=" | sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null"
-  mount+=" && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }"
-  mount+=" && sudo mkdir -p /mnt/gcs/$BUCKET && sudo chown \$(id -u):\$(id -g) /mnt/gcs/$BUCKET"
-  mount+=" && { mountpoint -q /mnt/gcs/$BUCKET || gcsfuse --implicit-dirs $BUCKET /mnt/gcs/$BUCKET; }"
-  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$mount"
-fi

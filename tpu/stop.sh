@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stop the training job on every worker: SIGTERM makes it save a checkpoint at the next step boundary
-# and exit (code 143); this waits until it has. tpu/launch.sh with the same WORKDIR resumes it.
+# Stop the training job on every worker: SIGTERM makes every process save the same step and exit
+# (code 143); this waits until they have. tpu/launch.sh with the same WORKDIR resumes it.
 #
 #   tpu/stop.sh [--vm] [--dry-run] NAME ZONE
 #
