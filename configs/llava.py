@@ -129,7 +129,8 @@ def dpo(c: ml_collections.ConfigDict):
     (adversarial existence questions, colour / shape questions, hallucinated captions). POPE (random,
     popular, adversarial negatives) is measured after instruct and after DPO."""
     c.synthetic.existence_questions = True
-    c.stages.instruct.data.mix = (dict(weight=0.75, task="vqa"), dict(weight=0.25, task="existence"))
+    if c.stages.instruct.data.source == "synthetic":  # 7b,dpo keeps its instruct data
+        c.stages.instruct.data.mix = (dict(weight=0.75, task="vqa"), dict(weight=0.25, task="existence"))
     c.stage_order = (*c.stage_order, "dpo")
     c.stages.dpo = stage(
         steps=200,

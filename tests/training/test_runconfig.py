@@ -80,7 +80,7 @@ def test_modifiers_compose_left_to_right():
     "spec, message",
     [
         ("llava.py:huge", "unknown preset 'huge' for configs/llava.py; presets: ['13b', '7b', 'tiny', "),
-        ("llava.py:tiny,lroa", "unknown modifier 'lroa' for configs/llava.py; modifiers: ['dpo', 'grounding', "),
+        ("llava.py:tiny,lroa", "unknown modifier 'lroa' for configs/llava.py; modifiers: ['dpo', 'gro"),
         ("llava.py:tiny,task=ocr", "unknown modifier 'task=ocr' for configs/llava.py"),
         ("blip2.py:tiny,lora", "unknown modifier 'lora' for configs/blip2.py; modifiers: []"),
         ("flamingo.py:tiny,", "config argument 'tiny,': expected PRESET[,MODIFIER[=VALUE]]..."),
