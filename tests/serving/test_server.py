@@ -101,6 +101,25 @@ def test_openai_client_greedy_equals_hf_generate(llava):
         assert answer.choices[0].finish_reason == ("stop" if ids[-1] == 2 else "length")
     assert len({a.choices[0].message.content for a in answers}) > 1  # the answers do depend on the input
 
+    # sampled: a seed gives the same answer whatever else decodes beside it
+    def sample(seed):
+        return (
+            c.chat.completions.create(
+                model="tiny-llava",
+                messages=requests[0],
+                temperature=1.5,
+                top_p=0.9,
+                seed=seed,
+                max_tokens=MAX_NEW,
+            )
+            .choices[0]
+            .message.content
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sampled = list(pool.map(sample, [5, 5, 6, 7]))
+    assert sampled[0] == sampled[1] == sample(5) and len(set(sampled)) > 1
+
     # streamed: the deltas concatenate to the same text (a JPEG, a WebP: formats the client may send)
     for fmt in ("JPEG", "WEBP"):
         messages = user(QUESTIONS[0], images[0], fmt=fmt)
