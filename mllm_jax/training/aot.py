@@ -24,7 +24,7 @@ from mllm_jax import sharding
 from mllm_jax.errors import PlanError
 from mllm_jax.models import flops
 from mllm_jax.models import params as param_tree
-from mllm_jax.training import step, train
+from mllm_jax.training import dpo, step, train
 
 GIB = 1024**3
 
@@ -185,7 +185,8 @@ class Planner:
         if self._example is None:
             d = self.stage.data
             shapes = {k: getattr(d, k) for k in SHAPE_KEYS}
-            data = type(d)(source="synthetic", shuffle=False, size=1, **shapes)
+            task = "preference" if self.stage.loss == "dpo" else "vqa"  # DPO: pairs, tokens [B, 2, T]
+            data = type(d)(source="synthetic", task=task, shuffle=False, size=1, **shapes)
             example = next(
                 self.trainer.setup.data_iterator(dataclasses.replace(self.stage, batch_size=1, data=data), 0)
             )
@@ -281,7 +282,8 @@ def step_flops(trainer, stage, state, batch_size: int) -> float:
     vision = family.vision_config(c)
     if vision is not None and "vision" not in state["trainable"]:
         per_sequence -= 4.0 * flops.vit_params(vision) * vision.num_positions * d.max_images
-    return batch_size * per_sequence
+    pairs = dpo.SEQUENCES_PER_PAIR if stage.loss == "dpo" else 1  # a DPO batch row is a pair
+    return batch_size * per_sequence * pairs
 
 
 def gib(x) -> str:

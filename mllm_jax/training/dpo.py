@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 REFERENCE = "reference_logps"  # the batch key reference_logps adds: f32[B, 2]
+# a pair's model FLOPs in training sequences (6·N·tokens each): its two rows forward and backward, plus the
+# reference's forward of both (2·N each)
+SEQUENCES_PER_PAIR = 2 * (1 + 1 / 3)
 
 
 def sequence_logps(model, params, batch) -> jax.Array:

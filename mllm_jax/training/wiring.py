@@ -210,6 +210,8 @@ class RunSetup:
             return {}
         d = stage.data
         per_sequence = self.family.flops_per_sequence(self.config, d.max_length, d.max_images)
+        if stage.loss == "dpo":  # a batch row is a pair, and the reference runs too
+            per_sequence *= dpo.SEQUENCES_PER_PAIR
         return {"mfu": steps_per_sec * stage.batch_size * per_sequence / self.peak}
 
 
