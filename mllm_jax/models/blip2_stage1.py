@@ -8,10 +8,11 @@
   are all positives of each other's images (soft targets, as LAVIS does when it knows image ids).
   "In-batch" is the global batch: the train step is one jit over a batch sharded across the mesh.
 - ITM (image-text matching): a 2-way ``itm_head`` on the mean query output of a pass where queries and
-  text see each other; per image one hard-negative caption, per caption one hard-negative image, drawn
-  with probability ``softmax(ITC score / temp)`` over the pairs that are not positives (never a pair
-  with the same caption). An example whose caption fills the whole batch has no negatives: only its
-  positive pair counts.
+  text see each other; per image one negative caption, per caption one negative image, drawn over the
+  pairs that are not positives (never a pair with the same caption) with probability
+  ``(1 - u) * softmax(ITC score / temp) + u / candidates`` (hard negatives as BLIP-2, ``u`` =
+  ``ITM_UNIFORM_SHARE`` of easy ones); the positive weighs ``ITM_POSITIVE_WEIGHT`` negatives. An
+  example whose caption fills the whole batch has no negatives: only its positive pair counts.
 - ITG (image-grounded text generation): the caption's first token becomes [DEC] (``dec_token_id``);
   causal LM over the caption where text sees all queries and the earlier text, queries only queries. The
   output layer is tied to the Q-Former's word embeddings (BERT's LM head without its transform and
@@ -19,7 +20,8 @@
 
 Batch: ``images`` f32[B, 1, Y, X, 3], ``text_tokens`` i32[B, T] (Q-Former vocabulary, starting with
 BOS/CLS, right-padded), ``text_mask`` i32[B, T]. Losses are sums over examples: each example's ITC
-term, its ITM terms averaged over its (1 to 3) pairs and its ITG NLL averaged over its target tokens.
+term, its ITM terms (weighted) averaged over its (1 to 3) pairs and its ITG NLL averaged over its
+target tokens.
 ITC and ITG run as one Q-Former call over 2B rows (one mask mode per row); ITM needs the ITC scores
 first, so it is a second call over 3B rows.
 """
@@ -33,6 +35,13 @@ import optax
 LABEL_SMOOTHING = 0.1  # LAVIS: ITC and ITG cross entropies
 TEMP_RANGE = (0.001, 0.5)  # LAVIS clamps the learned temperature into this range every step
 BATCH_KEYS = ("images", "text_tokens", "text_mask")
+# ITM departs from LAVIS in two ways (measured in docs/blip2.md: with LAVIS's choices the head never left
+# "always no match"): half of the negatives are drawn uniformly over the other captions instead of by
+# ITC similarity (hard negatives that differ in one word give no gradient before ITM can bind words to
+# the image), and the positive pair weighs as much as its two negatives together (otherwise "no match"
+# is right 2 times in 3 and is where the head settles).
+ITM_UNIFORM_SHARE = 0.5
+ITM_POSITIVE_WEIGHT = 2.0  # relative to each negative
 
 
 def _normalize(x):
@@ -71,8 +80,21 @@ def same_text(tokens_BxT, mask_BxT):
     return (t[:, None, :] == t[None, :, :]).all(-1) & (valid[:, None, :] == valid[None, :, :]).all(-1)
 
 
-def sample_negatives(sim_i2t_BxB, same_BxB, rng):
-    """Hard negatives for ITM, drawn ``∝ softmax(sim)`` among pairs whose captions differ.
+def _negative_logits(sim_BxB, allowed_BxB, uniform_share: float):
+    """Log-probabilities of drawing each candidate: ``(1 - u) * softmax(sim) + u * uniform`` over the
+    allowed ones (``-inf`` elsewhere)."""
+    hard = jax.nn.log_softmax(jnp.where(allowed_BxB, sim_BxB, -jnp.inf), axis=-1)
+    if not uniform_share:
+        return hard
+    n = jnp.maximum(allowed_BxB.sum(-1, keepdims=True), 1)
+    easy = jnp.where(allowed_BxB, -jnp.log(n.astype(sim_BxB.dtype)), -jnp.inf)
+    mixed = jnp.logaddexp(hard + jnp.log1p(-uniform_share), easy + jnp.log(uniform_share))
+    return jnp.where(allowed_BxB, mixed, -jnp.inf)
+
+
+def sample_negatives(sim_i2t_BxB, same_BxB, rng, uniform_share: float = 0.0):
+    """Hard negatives for ITM, drawn ``∝ softmax(sim)`` among pairs whose captions differ; with
+    ``uniform_share > 0`` that share of the draws is uniform over the same candidates instead.
 
     Returns ``(neg_text_B, neg_image_B, has_neg_B)``: a caption index for each image, an image index
     for each caption, and whether row i had any candidate (where not, its indices are meaningless).
@@ -80,8 +102,8 @@ def sample_negatives(sim_i2t_BxB, same_BxB, rng):
     sim = jax.lax.stop_gradient(sim_i2t_BxB)
     allowed = ~same_BxB
     text_key, image_key = jax.random.split(rng)
-    neg_text = jax.random.categorical(text_key, jnp.where(allowed, sim, -jnp.inf), axis=-1)
-    neg_image = jax.random.categorical(image_key, jnp.where(allowed.T, sim.T, -jnp.inf), axis=-1)
+    neg_text = jax.random.categorical(text_key, _negative_logits(sim, allowed, uniform_share), axis=-1)
+    neg_image = jax.random.categorical(image_key, _negative_logits(sim.T, allowed.T, uniform_share), axis=-1)
     return neg_text, neg_image, allowed.any(-1)
 
 
@@ -137,7 +159,7 @@ def _stage1(m, images, tokens_BxT, mask_BxT, rng):
     itc_B = _itc(sim_BxB, same_BxB)
 
     # ITM: B positives, B (image, negative caption), B (negative image, caption)
-    neg_text, neg_image, has_neg = sample_negatives(sim_BxB, same_BxB, rng)
+    neg_text, neg_image, has_neg = sample_negatives(sim_BxB, same_BxB, rng, ITM_UNIFORM_SHARE)
     logits_3Bx2 = _itm_head(
         m,
         jnp.concatenate([image_BxPxE, image_BxPxE, image_BxPxE[neg_image]]),
@@ -149,7 +171,8 @@ def _stage1(m, images, tokens_BxT, mask_BxT, rng):
     right_3xB = (logits_3Bx2.argmax(-1) == labels_3B).astype(jnp.float32).reshape(3, b)
     weight_3xB = jnp.stack([jnp.ones(b), has_neg, has_neg]).astype(jnp.float32)
     pairs_B = weight_3xB.sum(0)
-    itm_B = (ce_3xB * weight_3xB).sum(0) / pairs_B
+    loss_weight_3xB = weight_3xB * jnp.array([ITM_POSITIVE_WEIGHT, 1.0, 1.0])[:, None]
+    itm_B = (ce_3xB * loss_weight_3xB).sum(0) / loss_weight_3xB.sum(0)
     correct_B = (right_3xB * weight_3xB).sum(0) / pairs_B
 
     # ITG: predict token t + 1 from the queries and tokens <= t

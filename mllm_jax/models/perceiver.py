@@ -45,14 +45,45 @@ class PerceiverConfig:
     # Init scale of the latents (IDEFICS: 1). Unit-scale latents swamp what the images add to the residual
     # stream, which a from-scratch model is slow to overcome; tiny starts them small.
     latents_init_std: float = 1.0
+    # Init scale of the q and k projections (0: the N(0, 0.02) of every other kernel). With 0.02 the
+    # attention logits start near 0, so every latent reads the mean of the image (docs/flamingo.md).
+    qk_init_std: float = 0.0
 
     def validate(self):
         for name in ("embed_dim", "num_latents", "depth", "num_heads", "head_dim", "mlp_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"perceiver {name} must be >= 1, got {getattr(self, name)}")
+        if self.latents_init_std < 0 or self.qk_init_std < 0:
+            raise ValueError(
+                f"perceiver latents_init_std and qk_init_std must be >= 0, got {self.latents_init_std}, "
+                f"{self.qk_init_std}"
+            )
         if self.max_frames < 0:
             raise ValueError(f"perceiver max_frames must be >= 0, got {self.max_frames}")
         activation(self.act)
+
+
+class _Projection(nn.Module):
+    """``Dense`` without bias whose kernel starts at ``N(0, std)`` (same param tree as ``Dense``)."""
+
+    features: int
+    std: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(self.std)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, ("embed", "heads")), (x.shape[-1], self.features)
+        )
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+def _qk_heads(c: PerceiverConfig, name: str, x_BxTxD, dtype):
+    if not c.qk_init_std:
+        return split_heads(x_BxTxD, name, c.num_heads, c.head_dim, False, dtype)
+    y = _Projection(c.num_heads * c.head_dim, c.qk_init_std, dtype, name=name)(x_BxTxD)
+    return y.reshape(*x_BxTxD.shape[:-1], c.num_heads, c.head_dim)
 
 
 class PerceiverAttention(Block):
@@ -68,8 +99,8 @@ class PerceiverAttention(Block):
         latents_BxQxD = ln("latents_layer_norm")(latents_BxQxD)
         kv_BxSxD = jnp.concatenate([context_BxPxD, latents_BxQxD], axis=1)  # S = P + Q keys
         heads = lambda name, x: split_heads(x, name, c.num_heads, c.head_dim, False, self.dtype)  # noqa: E731
-        q_BxQxNxH = heads("q_proj", latents_BxQxD)
-        k_BxSxNxH = heads("k_proj", kv_BxSxD)
+        q_BxQxNxH = _qk_heads(c, "q_proj", latents_BxQxD, self.dtype)
+        k_BxSxNxH = _qk_heads(c, "k_proj", kv_BxSxD, self.dtype)
         v_BxSxNxH = heads("v_proj", kv_BxSxD)
         if c.qk_layer_norms:
             q_BxQxNxH = ln("q_layer_norm")(q_BxQxNxH)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mllm_jax.evaluation.retrieval import retrieval_recall
+from mllm_jax.evaluation.retrieval import balanced_negatives, rerank, retrieval_recall, top_k
 
 E = np.eye(3, dtype=np.float32)
 
@@ -50,3 +50,31 @@ def test_bad_inputs_are_refused():
         retrieval_recall(images, texts, [0])
     with pytest.raises(ValueError, match="text_keys"):
         retrieval_recall(images, texts, [0, 1], text_keys=["a", "b"])
+
+
+def test_itm_rerank_reorders_the_top_k_only():
+    # image 0: ITC ranks texts 1, 0, 2, 3; ITM raises text 0 (its truth) above 1 within the top 2
+    scores = np.array([[0.5, 0.6, 0.4, 0.1], [0.1, 0.2, 0.3, 0.9]])
+    candidates = top_k(scores, 2)
+    np.testing.assert_array_equal(candidates, [[1, 0], [3, 2]])
+    itm = np.array([[-3.0, 2.0], [0.0, 5.0]])  # text 1: 0.6 - 3; text 0: 0.5 + 2; image 1: text 2 wins
+    reranked = rerank(scores, candidates, itm)
+    np.testing.assert_array_equal(np.argsort(-reranked, axis=1), [[0, 1, 2, 3], [2, 3, 1, 0]])
+    images, texts = np.zeros((2, 1, 3)), np.zeros((4, 3))
+    assert retrieval_recall(images, texts, [0, 3], ks=(1,), scores_NxM=scores)["r1"] == 0.5
+    out = retrieval_recall(images, texts, [0, 3], ks=(1, 2), scores_NxM=reranked)
+    assert out["r1"] == 0.5 and out["r2"] == 1.0  # image 0 now right, image 1's truth second
+    # a candidate with a very low ITM logit still ranks above every non-candidate
+    low = rerank(scores, candidates, np.full((2, 2), -100.0))
+    assert set(np.argsort(-low, axis=1)[0, :2]) == {0, 1}
+    with pytest.raises(ValueError, match="scores"):
+        retrieval_recall(images, texts, [0, 3], scores_NxM=scores[:, :3])
+
+
+def test_balanced_negatives_differ_and_are_reproducible():
+    captions = ["a", "b", "a", "c", "b", "a"]
+    neg = balanced_negatives(captions, seed=0)
+    assert all(captions[j] != captions[i] for i, j in enumerate(neg))
+    np.testing.assert_array_equal(neg, balanced_negatives(captions, seed=0))
+    assert len(set(balanced_negatives(captions * 20, seed=1))) > 5  # drawn, not always the same one
+    np.testing.assert_array_equal(balanced_negatives(["x", "x"]), [-1, -1])  # nothing differs

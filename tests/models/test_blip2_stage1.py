@@ -6,6 +6,7 @@ Run as a script (by ``test_sharded_loss_equals_single_device``) it prints the lo
 """
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -173,11 +174,11 @@ def test_attention_masks_of_the_three_passes():
     np.testing.assert_allclose(np.linalg.norm(ref["text_emb"], axis=-1), 1.0, atol=1e-5)
 
 
-@jax.jit
-def _sample_many(sims_NxBxB, captions_NxB, keys_N):
+@functools.partial(jax.jit, static_argnums=3)
+def _sample_many(sims_NxBxB, captions_NxB, keys_N, uniform_share=0.0):
     def one(sim, caption, key):
         same = caption[:, None] == caption[None, :]
-        return (same, *blip2_stage1.sample_negatives(sim, same, key))
+        return (same, *blip2_stage1.sample_negatives(sim, same, key, uniform_share))
 
     return jax.vmap(one)(sims_NxBxB, captions_NxB, keys_N)
 
@@ -210,6 +211,14 @@ def test_itm_negatives_are_hard():
     )
     share = float((np.asarray(neg_text)[:, 0] == 3).mean())
     assert share > 0.95  # exp(6) / (exp(6) + 4) = 0.990
+    # with half the draws uniform over the 5 other captions: 0.5 * 0.990 + 0.5 / 5 = 0.595
+    _, neg_text, neg_image, _ = map(
+        np.asarray,
+        _sample_many(jnp.broadcast_to(sim, (n, b, b)), captions, jax.random.split(jax.random.key(1), n), 0.5),
+    )
+    assert 0.52 < float((neg_text[:, 0] == 3).mean()) < 0.67
+    assert (neg_text[:, 0] != 0).all() and (neg_image != np.arange(b)).all()  # never the positive
+    assert len(set(neg_text[:, 0])) == b - 1  # every other caption is drawn
 
 
 def test_losses_are_finite_and_reach_every_stage1_part(reference):

@@ -59,6 +59,23 @@ def test_param_tree_mirrors_idefics(setup):
     chex.assert_shape(mlp["fc"]["kernel"], (16, 32))
 
 
+def test_init_scales_change_the_numbers_not_the_tree(setup):
+    # latents_init_std and qk_init_std only set the starting weights: the tree (and so the HF export) is
+    # the same, and q/k/latents start at the asked scale while v and the rest keep N(0, 0.02)
+    x, params = setup
+    config = dataclasses.replace(CONFIG, latents_init_std=0.05, qk_init_std=0.5)
+    scaled = init(config, x)
+    chex.assert_trees_all_equal_shapes(params, scaled)
+    attn = scaled["blocks_1"]["attn"]
+    std = lambda a: float(np.std(np.asarray(a)))  # noqa: E731
+    assert 0.4 < std(attn["q_proj"]["kernel"]) < 0.6 and 0.4 < std(attn["k_proj"]["kernel"]) < 0.6
+    assert 0.03 < std(scaled["latents"]) < 0.07
+    assert 0.015 < std(attn["v_proj"]["kernel"]) < 0.025
+    assert 0.015 < std(params["blocks_1"]["attn"]["q_proj"]["kernel"]) < 0.025  # the default
+    with pytest.raises(ValueError, match="qk_init_std"):
+        dataclasses.replace(CONFIG, qk_init_std=-1.0).validate()
+
+
 def test_qk_layer_norms_are_per_head():
     params = jax.eval_shape(
         lambda: init(dataclasses.replace(CONFIG, qk_layer_norms=True), jnp.ones((1, 4, 16)))
