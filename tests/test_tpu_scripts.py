@@ -2,6 +2,7 @@
 ``--dry-run`` and through a stand-in ``gcloud`` that records its arguments (gcloud cannot run here)."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -209,3 +210,36 @@ def test_usage_errors_exit_2_with_the_usage(name, args):
 def test_unknown_flag_is_one_line():
     r = script("stop.sh", "--force", "pod", "z")
     assert r.returncode == 2 and r.stderr.strip() == "error: unknown flag --force (see --help)"
+
+
+def test_the_commands_in_docs_tpu_md_are_valid_invocations(tmp_path):
+    """Every ``tpu/*.sh`` line of docs/tpu.md's code blocks, run with ``--dry-run`` (and the variable
+    lines before it), is accepted: the walkthrough names no removed flag, and its launches pass a
+    ``gs://`` workdir and ``--distributed=on``."""
+    text = open(os.path.join(ROOT, "docs", "tpu.md")).read()
+    assert "gcsfuse" not in text and "/mnt/gcs" not in text and "--mount" not in text
+    blocks = text.split("```bash\n")[1:]
+    lines = []
+    for block in blocks:
+        for line in block.split("```")[0].replace("\\\n", " ").splitlines():
+            if line.startswith("tpu/"):
+                path, _, rest = line.partition(" ")
+                lines.append(f"{ROOT}/{path} --dry-run {rest}")
+            elif re.fullmatch(r"([A-Z_]+=[\w:/.-]+ *)+(#.*)?", line):  # NAME=... ZONE=... B=gs://...
+                lines.append(line)
+    assert sum(line.startswith(ROOT) for line in lines) >= 10
+    script = "set -e\nNAME=llava-7b ZONE=us-west4-a\n" + "\n".join(lines)
+    fake = tmp_path / "bin" / "gcloud"  # a dry run never calls gcloud; if it did, it would fail here
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 99\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    r = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    launches = [shlex.split(line) for line in r.stdout.splitlines() if "mllm_jax.main" in line]
+    assert launches
+    for ssh in launches:
+        remote = shlex.split(option(ssh, "--command"))
+        assert "--distributed=on" in remote and option(remote, "--workdir").startswith("gs://")
