@@ -67,7 +67,24 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped so far in this run (kept in checkpoints)
         self.writer = None
         self._check_trainable()
+        self._check_batches()
         self.ckpt = None
+
+    def _check_batches(self):
+        """Each stage's global batch splits evenly over the hosts and, per micro-batch, over the devices
+        that hold batch rows (data x fsdp): else one line here, not an error deep in a sharded step."""
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        hosts = jax.process_count()
+        for stage in self.run_config.stages:
+            key = f"config.stages.{stage.name}.batch_size={stage.batch_size}"
+            micro = stage.batch_size // stage.grad_accum
+            if stage.batch_size % hosts:
+                raise ConfigError(f"{key} (the global batch) does not divide over {hosts} processes")
+            if micro % rows:
+                raise ConfigError(
+                    f"{key}: its micro-batches of {micro} (grad_accum={stage.grad_accum}) do not divide over "
+                    f"data x fsdp = {rows} devices"
+                )
 
     def _check_trainable(self):
         paths = param_tree.flatten(self._abstract_params()[0])
