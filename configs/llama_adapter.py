@@ -45,12 +45,15 @@ def tiny() -> ml_collections.ConfigDict:
         ),
         adapter_len=10,
         adapter_layers=2,
+        # from nothing the gates start a little open (tanh(0.1)), as configs/flamingo.py:tiny's: the
+        # tower's only gradient passes through them (LLaMA-Adapter's 0 is for a pretrained LLaMA: 7b)
+        gate_init=0.1,
     )
-    # One stage from nothing: the questions are learned with the images, which reach the decoder only
-    # through the prompts (one <image> token marks them; no image tokens: 24 positions suffice).
+    # One stage from nothing: captions and questions are learned with the images, which reach the
+    # decoder only through the prompts (one <image> token marks them, so 32 positions suffice).
     c.stage_order = ("instruct",)
     c.stages.instruct = stage(
-        steps=2000,
+        steps=3000,
         batch_size=32,
         trainable=(r"vision/.*", r"adapter/.*", r"llm/.*"),
         learning_rate=2e-3,
