@@ -131,11 +131,11 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
         planner = aot.Planner(run, devices, os.path.join(workdir, "run"), remat, stage, log=_log)
         st, shards = planner.stage, shape["data"] * shape["fsdp"]
         hosts = len({d.process_index for d in devices})
-        micro = st.batch_size * hosts // st.grad_accum  # batch_size is per host (docs/training.md)
+        micro = st.batch_size // st.grad_accum  # batch_size is the global batch (docs/training.md)
         if batch is None and micro % shards:
             raise errors.PlanError(
-                f"stages.{st.name}: a micro-batch of {micro} ({hosts} hosts) does not split over data x fsdp "
-                f"= {shards} devices; pass --batch=N (sequences per chip)"
+                f"stages.{st.name}: a micro-batch of {micro} does not split over data x fsdp = {shards} "
+                "devices; pass --batch=N (sequences per chip)"
             )
         per_chip = batch if batch is not None else micro // shards
         if per_chip < 1:
@@ -210,7 +210,7 @@ def suggest(planner: aot.Planner, remat: str, per_chip: int, limit: float, max_b
         out["note"] = f"the search stopped at --max_batch={max_batch}"
     elif best_batch < per_chip:
         out["note"] = (
-            f"to keep stages.{st.name}.batch_size={st.batch_size} (per host), raise its grad_accum and "
+            f"to keep stages.{st.name}.batch_size={st.batch_size} (global), raise its grad_accum and "
             "check that with plan: accumulation adds a gradient buffer"
         )
     return out
