@@ -5,10 +5,13 @@ embedding (``blip2_stage1.itc_scores``). Recall@k: the share of images with a gr
 their k best-scored texts, where texts are compared by their text (``text_keys``), so an identical
 caption of another image counts as a hit: the synthetic data has many identical captions.
 
-ITM re-ranking as BLIP-2 retrieves (LAVIS ``compute_sim_matrix``): each image's ``ITM_TOP_K`` best texts
-by ITC are scored again by ITC similarity + the ITM head's match logit, and ranked by that sum ahead of
-the rest. ITM accuracy is measured on balanced held-out pairs: each image with its own caption and
-with the caption of another image that differs from it (drawn with a fixed seed).
+ITM re-ranking as BLIP-2 retrieves: each image's ``ITM_TOP_K`` best texts by ITC are scored again and
+ranked by that score ahead of the rest. The score is the sum of two log-likelihoods, ITC's logit (the
+similarity over the learned temperature, as in the ITC loss) and the log-probability of "match" from
+the ITM head; LAVIS's ``compute_sim_matrix`` adds the raw similarity to the raw match logit instead,
+whose scales are arbitrary against each other (docs/blip2.md has both figures). ITM accuracy is
+measured on balanced held-out pairs: each image with its own caption and with the caption of another
+image that differs from it (drawn with a fixed seed).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def top_k(scores_NxM, k: int):
 
 
 def rerank(scores_NxM, candidates_NxK, itm_match_NxK):
-    """Scores ``[N, M]`` after ITM re-ranking: a candidate's is its ITC score + its ITM match logit,
+    """Scores ``[N, M]`` after ITM re-ranking: a candidate's is its ITC score + its ITM match score,
     placed above every non-candidate (which keep their ITC order below)."""
     scores_NxM = np.asarray(scores_NxM, np.float64)
     out = scores_NxM - (np.abs(scores_NxM).max() + np.abs(itm_match_NxK).max() + 1.0) * 4
@@ -152,13 +155,14 @@ def synthetic_retrieval(
     gt = np.arange(num_images)
     recall = retrieval_recall(image_emb, text_emb, gt, (1, 5), captions)
 
-    def match_logits(image_idx, text_idx):  # ITM match logit of each (image, caption) pair
-        return _itm_match(model, params, pixels, tokens, mask, image_idx, text_idx, ITM_PAIR_BATCH)
-
-    scores_NxM = np.einsum("nqe,me->nmq", image_emb, text_emb).max(-1)
+    # ITC logits, and the ITM log-probability of "match" for each image's top-k captions
+    scores_NxM = np.einsum("nqe,me->nmq", image_emb, text_emb).max(-1) / blip2_stage1.temperature(params)
     candidates_NxK = top_k(scores_NxM, ITM_TOP_K)
     rows_NxK = np.broadcast_to(np.arange(num_images)[:, None], candidates_NxK.shape)
-    itm_NxK = match_logits(rows_NxK.ravel(), candidates_NxK.ravel()).reshape(candidates_NxK.shape)
+    logits = _itm_logits_of_pairs(
+        model, params, pixels, tokens, mask, rows_NxK.ravel(), candidates_NxK.ravel(), ITM_PAIR_BATCH
+    )
+    itm_NxK = np.asarray(jax.nn.log_softmax(logits, axis=-1))[:, 1].reshape(candidates_NxK.shape)
     reranked = retrieval_recall(
         image_emb, text_emb, gt, (1, 5), captions, scores_NxM=rerank(scores_NxM, candidates_NxK, itm_NxK)
     )
@@ -209,7 +213,3 @@ def _itm_logits_of_pairs(model, params, pixels, tokens, mask, image_idx, text_id
         logits = _itm(model, params, jnp.asarray(pixels[i]), jnp.asarray(tokens[t]), jnp.asarray(mask[t]))
         out.append(np.asarray(logits, np.float32)[: min(batch_size, len(image_idx) - start)])
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
-
-
-def _itm_match(model, params, pixels, tokens, mask, image_idx, text_idx, batch_size):
-    return _itm_logits_of_pairs(model, params, pixels, tokens, mask, image_idx, text_idx, batch_size)[:, 1]

@@ -221,6 +221,11 @@ def stage1_loss(model, params, batch: dict, rng):
 # ---------------------------------------------------------------- features for retrieval and scoring
 
 
+def temperature(params) -> float:
+    """The ITC temperature the loss divides the similarities by (the learned one, clamped)."""
+    return float(jnp.clip(jnp.asarray(params["adapter"]["temp"]).reshape(()), *TEMP_RANGE))
+
+
 def image_embeddings(model, params, images_Bx1xYxXxC):
     """Normalised ITC image embeddings ``f32[B, Q, E]`` (one per query)."""
     fn = lambda m, x: _image_feats(m, m.adapter.encode(_vision(m, x), mask_mode="uni"))  # noqa: E731

@@ -318,6 +318,9 @@ def test_short_training_teaches_retrieval(setup):
     assert after["eval/retrieval_r1"] >= 0.75 > before["eval/retrieval_r1"], (before, after)
     assert after["eval/retrieval_r5"] >= after["eval/retrieval_r1"]
     assert after["eval/retrieval_r1_chance"] == pytest.approx(1 / B)  # the 8 captions are distinct
+    # ITM re-ranks all 8 captions here (top 16 > 8) and is scored on 8 positive + 8 negative pairs
+    assert after["eval/retrieval_r5_itm"] >= after["eval/retrieval_r1_itm"]
+    assert after["eval/itm_accuracy"] in {i / 16 for i in range(17)}
 
 
 # ---------------------------------------------------------------- sharding (subprocess with 8 CPU devices)
