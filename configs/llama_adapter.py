@@ -51,6 +51,8 @@ def tiny() -> ml_collections.ConfigDict:
     )
     # One stage from nothing: captions and questions are learned with the images, which reach the
     # decoder only through the prompts (one <image> token marks them, so 32 positions suffice).
+    # Measured (docs/llama_adapter.md): eval/vqa_accuracy 0.677, 0.337 with blank images; accuracy was
+    # still rising at step 3000 (the global feature is one vector per image).
     c.stage_order = ("instruct",)
     c.stages.instruct = stage(
         steps=3000,
