@@ -82,7 +82,7 @@ class RunSetup:
         self.image_spec = (
             model_init.image_spec(self.family, m, self.config)
             if self.fresh
-            else base.image_spec_of_assets(self.assets)
+            else base.image_spec_of_assets(store.local_assets(workdir))
         )
         self.model_spec = self.family.model_spec(self.config, self.tokenizer)
         _check_location_tokens(run, self.tokenizer)
