@@ -81,6 +81,10 @@ def predict(
     model = families.build(pretrained.family, inputs.config or pretrained.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_ids = eos_token_ids(assets, pretrained.hf_config, tokenizer)
+    if explain_path:  # a model --explain cannot draw is refused before decoding
+        if inputs.pixels is None:
+            raise UsageError("--explain needs an --image")
+        explain.patch_tokens(model, inputs.tokens, inputs.pixels)
     if num_beams > 1:
         try:
             ids, score = beam.beam_search(
@@ -111,8 +115,6 @@ def _explained(result: dict, path, layer, model, params, inputs) -> dict:
     """With ``path``: the attention heatmap of the answer written there (``result["explain"]``)."""
     if not path:
         return result
-    if inputs.pixels is None:
-        raise UsageError("--explain needs an --image")
     attention = explain.explain(model, params, inputs.tokens, result["token_ids"], inputs.pixels, layer)
     explain.save_heatmaps(path, inputs.pixels, attention)
     return {**result, "explain": path}

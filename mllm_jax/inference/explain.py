@@ -67,16 +67,11 @@ def attention_onto_images(model, params, prompt: list[int], answer: list[int], p
     return np.asarray(jnp.stack(out))
 
 
-def explain(
-    model, params, prompt: list[int], answer: list[int], pixels, layer: int | None = None
-) -> AttentionMap:
-    """The answer's attention onto each image's patch grid (module docstring); ``layer``: one layer's
-    map (an index, negative from the end) instead of the layers' mean."""
-    if not answer:
-        raise UsageError("--explain needs at least one generated token")
+def patch_tokens(model, prompt: list[int], pixels) -> tuple[np.ndarray, int, int]:
+    """Where the image tokens are (``(positions, tokens per image, patch grid side)``), or a one-line
+    ``UsageError`` for a model whose image tokens are not one per patch (checked before decoding)."""
     cfg, v = model.config, families.of_module(model).vision_config(model.config)
-    image_token_id = getattr(cfg, "image_token_id", None)
-    is_image = np.asarray(prompt) == image_token_id
+    is_image = np.asarray(prompt) == getattr(cfg, "image_token_id", None)
     n_images = 0 if pixels is None else pixels.shape[1]
     grid = v.image_size // v.patch_size if v is not None else 0
     per_image = int(is_image.sum()) // max(n_images, 1)
@@ -85,11 +80,22 @@ def explain(
             "--explain needs a model whose image features are tokens of the sequence, one per patch "
             "(LLaVA); this model's images reach the LLM otherwise"
         )
+    return np.flatnonzero(is_image), per_image, grid
+
+
+def explain(
+    model, params, prompt: list[int], answer: list[int], pixels, layer: int | None = None
+) -> AttentionMap:
+    """The answer's attention onto each image's patch grid (module docstring); ``layer``: one layer's
+    map (an index, negative from the end) instead of the layers' mean."""
+    if not answer:
+        raise UsageError("--explain needs at least one generated token")
+    image_cols, per_image, grid = patch_tokens(model, prompt, pixels)
+    n_images = pixels.shape[1]
     probs_LxNxAxT = attention_onto_images(model, params, prompt, answer, pixels)
     num_layers = probs_LxNxAxT.shape[0]
     if layer is not None and not -num_layers <= layer < num_layers:
         raise UsageError(f"--explain_layer={layer}: the LLM has {num_layers} layers")
-    image_cols = np.flatnonzero(is_image)
     onto_LxNxAxS = probs_LxNxAxT[..., image_cols]
     per_layer = onto_LxNxAxS.mean(axis=(1, 2)).reshape(num_layers, n_images, per_image)
     per_layer = per_layer[..., per_image - grid * grid :]  # a class token's feature has no place

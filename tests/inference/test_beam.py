@@ -95,3 +95,11 @@ def test_blip2_beam_search_equals_hf(blip2_dir):
         assert ids == ref, (seed, k, eos)
         differs |= ids != greedy
     assert differs
+
+
+def test_explain_refuses_a_model_without_patch_tokens(blip2_dir, image_files):
+    """(Here for the BLIP-2 dir this module builds.) BLIP-2's LLM sees query tokens, not patches: one
+    clear line instead of a wrong map."""
+    with pytest.raises(errors.UsageError, match="one per patch"):
+        predict.predict(blip2_dir, "question : what is it ? answer :", image_files[:1], max_new_tokens=2,
+                        explain_path="/nonexistent/x.png")  # fmt: skip
