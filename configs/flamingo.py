@@ -102,7 +102,7 @@ def tiny() -> ml_collections.ConfigDict:
     captions = dict(weight=0.5, task="interleaved_caption")
     docs = dict(weight=0.5, task="interleaved")
     c.stages.align = stage(
-        steps=300,
+        steps=200,
         batch_size=32,
         trainable=everything,
         learning_rate=3e-3,
@@ -111,7 +111,7 @@ def tiny() -> ml_collections.ConfigDict:
         data=data(max_length=length, max_images=images, mix=(pairs, captions)),
     )
     c.stages.instruct = stage(
-        steps=900,
+        steps=600,
         batch_size=32,
         trainable=everything,
         learning_rate=2e-3,

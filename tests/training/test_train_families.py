@@ -119,6 +119,7 @@ def test_blip2_trains_both_stages_and_exports(blip2_run, tmp_path):
     assert all({"loss/itc", "loss/itm", "loss/itg"} <= set(r) for r in train_rows[:2])
     evals = {r["stage"]: r for r in rows if any(k.startswith("eval/") for k in r)}
     assert 0 <= evals["qformer"]["eval/retrieval_r1"] <= 1 and "eval/retrieval_r1_chance" in evals["qformer"]
+    assert 0 <= evals["qformer"]["eval/itm_accuracy"] <= 1 and "eval/retrieval_r1_itm" in evals["qformer"]
     assert "eval/vqa_accuracy" in evals["generate"]
 
     model, info = Blip2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
