@@ -32,6 +32,7 @@ class LlamaAdapterSettings(ModelSettings):
     adapter_len: int = 10  # K adaption prompts per adapted layer
     adapter_layers: int = 30  # the top L decoder layers that get prompts (LLaMA-Adapter on 7B: 30)
     gate_init: float = 0.0  # the gates' start (LLaMA-Adapter: 0, the base model exactly)
+    pooling: str = "class"  # the global image feature: "class" (CLIP's pooled) or "mean" (of the patches)
 
     def check(self, where: str):
         super().check(where)
@@ -84,6 +85,7 @@ class LlamaAdapterFamily(TrainableFamily):
             adapter_len=m.adapter_len,
             adapter_layers=m.adapter_layers,
             gate_init=m.gate_init,
+            pooling=m.pooling,
             image_token_id=base.token_id(tokenizer, base.IMAGE_TOKEN),
         )
 

@@ -3,7 +3,7 @@ base decoder as a plain ``LlamaForCausalLM`` (config.json + model.safetensors, w
 on its own) plus two files beside it:
 
 - ``llama_adapter_config.json``: ``{"vision_config": <CLIPVisionConfig>, "adapter_len", "adapter_layers",
-  "image_token_id", "eod_token_id", "gate_init"}``;
+  "image_token_id", "eod_token_id", "gate_init", "pooling"}``;
 - ``llama_adapter.safetensors``: the CLIP tower under ``vision_model.*`` (CLIPVisionModel's keys) and
   the adapter: ``adapter.prompts [L, K, D]``, ``adapter.gates [L, N]``, ``adapter.visual_proj.*`` (a
   torch Linear), ``adapter.visual_norm.*`` (a LayerNorm).
@@ -44,6 +44,7 @@ def adapter_config(c: LlamaAdapterConfig) -> dict:
         image_token_id=c.image_token_id,
         eod_token_id=c.eod_token_id,
         gate_init=c.gate_init,  # how training started them (not needed to run the model)
+        pooling=c.pooling,
     )
 
 
@@ -57,6 +58,7 @@ def config_from_hf(hf_config: dict, adapter: dict) -> LlamaAdapterConfig:
         image_token_id=adapter["image_token_id"],
         eod_token_id=adapter.get("eod_token_id"),
         gate_init=adapter.get("gate_init", 0.0),
+        pooling=adapter.get("pooling", "class"),
     )
     try:
         config.validate()

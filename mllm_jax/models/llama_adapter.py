@@ -49,6 +49,8 @@ from mllm_jax.models.mllm import MultimodalLM, per_image
 from mllm_jax.models.vit import VisionTower, VitConfig
 from mllm_jax.models.xattn import latest_image_mask
 
+POOLINGS = ("class", "mean")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaAdapterConfig:
@@ -61,6 +63,9 @@ class LlamaAdapterConfig:
     # LLaMA-Adapter starts the gates at 0 (the base model exactly); a model trained from nothing may
     # start them open a little (as configs/flamingo.py:tiny does its tanh gates)
     gate_init: float = 0.0
+    # the global feature: "class" (CLIP's pooled output, the post-LN class token) or "mean" (the mean of
+    # the last layer's patch tokens, which keeps how much of the image the objects cover)
+    pooling: str = "class"
 
     @property
     def first_adapted(self) -> int:
@@ -74,6 +79,8 @@ class LlamaAdapterConfig:
                 f"adapter_layers must be in [1, {self.llm.num_layers}] (the decoder's layers), "
                 f"got {self.adapter_layers}"
             )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.adapter_len < 1:
             raise ValueError(f"adapter_len must be >= 1, got {self.adapter_len}")
 
@@ -221,7 +228,9 @@ class LlamaAdapter(MultimodalLM, Stack):
         b, i = images_BxIxYxXxC.shape[:2]
         if i > 1:
             raise ValueError(f"LLaMA-Adapter reads one image per sample, got {i}")
-        _, pooled_BIxE = self.vision(per_image(images_BxIxYxXxC))
+        hidden_states, pooled_BIxE = self.vision(per_image(images_BxIxYxXxC))
+        if self.config.pooling == "mean":
+            pooled_BIxE = hidden_states[-1][:, int(self.config.vision.class_token) :].mean(axis=1)
         return self.adapter.visual(pooled_BIxE).reshape(b, i, -1)
 
     def embed(self, tokens_BxT, images_BxIxYxXxC=None):

@@ -1,7 +1,9 @@
 """LLaMA-Adapter's module: with the gates at zero it is the base LLaMA exactly (bit for bit), the image
 and the prompts act only through the gates, and cached decoding with the image as media (how
 ``generate`` drives it) gives the logits of one full forward (``generate`` itself runs on a trained
-model in tests/training/test_llama_adapter.py)."""
+model in tests/training/test_train_llama_adapter.py)."""
+
+import dataclasses
 
 import chex
 import jax
@@ -113,3 +115,12 @@ def test_cached_decoding_with_media_matches_the_full_forward(setup):
         )
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_pooling_is_class_or_mean(setup):
+    _, params, images, _ = setup
+    with pytest.raises(ValueError, match="pooling"):
+        dataclasses.replace(CONFIG, pooling="max").validate()
+    mean = LlamaAdapter(dataclasses.replace(CONFIG, pooling="mean"))
+    shape = jax.eval_shape(lambda p: mean.apply({"params": p}, images, method="media"), params)
+    assert shape.shape == (2, 1, 32)  # the same params, one feature per image
