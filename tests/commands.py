@@ -47,3 +47,24 @@ def module_cmd(module, *flags):
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# `python -m mllm_jax.main`, with SIGTERM sent to itself right after a chosen step (1-based count of
+# steps this process ran): deterministic where an outside signal can only aim at a window.
+SIGTERM_AFTER_STEP = """
+import os, signal, sys
+from mllm_jax import main
+from mllm_jax.training import train
+
+after, calls, step = int(sys.argv.pop(1)), [0], train.Trainer.step
+
+def counted(self, *args, **kwargs):
+    out = step(self, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == after:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+train.Trainer.step = counted
+main.run()
+"""

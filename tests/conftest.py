@@ -24,6 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# The tests run on the CPU. Without this an installed libtpu (the test extra's jax[tpu], for plan) first
+# looks for a TPU, asking the GCE metadata server, which on some machines answers 403 to retries for
+# tens of seconds per process. (plan's tests remove it for the commands that compile for TPU slices.)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 assert "jax" not in sys.modules, "conftest.py must set JAX's cache before JAX is imported"
 
 import hf_fixtures  # noqa: E402

@@ -51,13 +51,23 @@ class TrainCheckpointer:
         return self._manager.latest_step()
 
     def save(
-        self, step: int, params, meta: dict, opt_state=None, data_state=None, wait: bool = False, lora=None
+        self,
+        step: int,
+        params,
+        meta: dict,
+        opt_state=None,
+        data_state=None,
+        wait: bool = False,
+        lora=None,
+        reference=None,
     ):
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         if lora:  # a LoRA stage's factors, mid-stage (``params`` then holds the unmerged base)
             items[LORA] = ocp.args.StandardSave(lora)
+        if reference is not None:  # a DPO stage's frozen starting params, mid-stage
+            items["reference"] = ocp.args.StandardSave(reference)
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)

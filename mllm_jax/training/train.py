@@ -199,6 +199,11 @@ class Trainer:
                     state["trainable"][lora.KEY],
                 )
                 state["trainable"][lora.KEY] = self.ckpt.restore(resume.global_step, lora.KEY, target)
+            if "reference" in state:  # DPO: the stage's starting params, not the resumed ones
+                target = jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["reference"]
+                )
+                state["reference"] = self.ckpt.restore(resume.global_step, "reference", target)
             if resume.data_state is not None:
                 iterator.set_state(checkpoint.decode_state(self._own_data_state(resume.data_state)))
         progress = logger.Progress(stage.name, start, stage.steps)
@@ -332,6 +337,7 @@ class Trainer:
             data_state=self._data_states(iterator) if opt else None,
             wait=wait,
             lora=factors,
+            reference=state.get("reference") if opt else None,
         )
 
     def _data_states(self, iterator) -> dict:

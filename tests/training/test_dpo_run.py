@@ -5,11 +5,12 @@ one-line errors of a DPO stage on the wrong data or a tokenizer without yes / no
 
 import json
 import math
+import sys
 
 import jobs
 import numpy as np
 import pytest
-from commands import main_cmd, read_metrics
+from commands import SIGTERM_AFTER_STEP, main_cmd, read_metrics
 from PIL import Image
 
 PAIRS = [
@@ -40,24 +41,43 @@ def write_pairs(root):
     return str(path), str(root)
 
 
+def dpo_cmd(tmp) -> list[str]:
+    path, root = write_pairs(tmp)
+    return main_cmd(
+        str(tmp / "run"),
+        *FLAGS,
+        "--config.stages.dpo.data.source=preference_json",
+        f"--config.stages.dpo.data.path={path}",
+        f"--config.stages.dpo.data.image_root={root}",
+        "--config.stages.dpo.data.max_skipped_fraction=0.5",
+        config="configs/llava.py:tiny_dpo",
+    )
+
+
 @jobs.fixture
 def dpo_run(tmp):
-    path, root = write_pairs(tmp)
-    workdir = str(tmp / "run")
-    jobs.check(
-        jobs.run(
-            main_cmd(
-                workdir,
-                *FLAGS,
-                "--config.stages.dpo.data.source=preference_json",
-                f"--config.stages.dpo.data.path={path}",
-                f"--config.stages.dpo.data.image_root={root}",
-                "--config.stages.dpo.data.max_skipped_fraction=0.5",
-                config="configs/llava.py:tiny_dpo",
-            )
-        )
-    )
-    return read_metrics(workdir)
+    jobs.check(jobs.run(dpo_cmd(tmp)))
+    return read_metrics(str(tmp / "run"))
+
+
+@jobs.fixture
+def dpo_resumed(tmp):
+    """The same run stopped by SIGTERM right after its 4th step (DPO's 2nd), then run to its end."""
+    jobs.result("dpo_run")  # whose compilations (in the session's cache) this one reuses
+    cmd = dpo_cmd(tmp)
+    jobs.check(jobs.run([sys.executable, "-c", SIGTERM_AFTER_STEP, "4", *cmd[3:]]), 143)
+    jobs.check(jobs.run(cmd))
+    return read_metrics(str(tmp / "run"))
+
+
+def test_a_dpo_stage_resumed_mid_stage_keeps_its_reference(dpo_run, dpo_resumed):
+    """The reference is the stage's starting params, saved with the mid-stage checkpoint: after a
+    resume the margins are measured against it, not against the resumed params."""
+    dpo = lambda rows: [r for r in rows if r["stage"] == "dpo" and "dpo/loss" in r]  # noqa: E731
+    assert len(dpo(dpo_resumed)) == len(dpo(dpo_run)) == 3
+    for a, b in zip(dpo(dpo_resumed), dpo(dpo_run), strict=True):
+        for key in ("dpo/loss", "dpo/reward_margin", "loss"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
 
 
 def test_tiny_dpo_logs_the_dpo_metrics_and_pope_after_instruct_and_dpo(dpo_run):

@@ -17,7 +17,7 @@ import time
 import jobs
 import numpy as np
 import pytest
-from commands import ROOT, main_cmd, read_metrics
+from commands import ROOT, SIGTERM_AFTER_STEP, main_cmd, read_metrics
 from PIL import Image
 
 from mllm_jax.families import store
@@ -171,27 +171,6 @@ def test_preempted_at_several_points_the_reruns_end_like_an_uninterrupted_run(re
             if key.startswith(COMPARED):
                 assert abs(value - have[key]) <= 1e-6, (want["step"], key, value, have[key])
     assert [r["step"] for r in got if "eval/vqa_accuracy" in r] == [ALIGN, end]
-
-
-# `python -m mllm_jax.main`, with SIGTERM sent to itself right after a chosen step (1-based count of
-# steps this process ran): deterministic where an outside signal can only aim at a window.
-SIGTERM_AFTER_STEP = """
-import os, signal, sys
-from mllm_jax import main
-from mllm_jax.training import train
-
-after, calls, step = int(sys.argv.pop(1)), [0], train.Trainer.step
-
-def counted(self, *args, **kwargs):
-    out = step(self, *args, **kwargs)
-    calls[0] += 1
-    if calls[0] == after:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-train.Trainer.step = counted
-main.run()
-"""
 
 
 @jobs.fixture
