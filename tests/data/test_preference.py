@@ -67,7 +67,9 @@ def test_preference_json_pairs_and_bad_records_are_counted(tmp_path, tok):
         max_skipped_fraction=1.0,
     )
     skipped = collections.Counter()
-    batch = next(make_iterator(data, tok, SPEC, _model(tok), batch_size=4, seed=0, skipped=skipped))
+    it = make_iterator(data, tok, SPEC, _model(tok), batch_size=4, seed=0, skipped=skipped)
+    batch = next(it)
+    next(it)  # 8 pairs: past the end of the file's 6 good ones, so its bad records have been read
     assert batch["tokens"].shape == (4, 2, 24) and batch["images"].shape == (4, 1, 16, 16, 3)
     assert batch["loss_mask"].shape == batch["targets"].shape == batch["attention_mask"].shape == (4, 2, 24)
     # (the reader prefetches past the file's end: every epoch counts its bad records again)
