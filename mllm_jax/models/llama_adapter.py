@@ -49,7 +49,7 @@ from mllm_jax.models.mllm import MultimodalLM, per_image
 from mllm_jax.models.vit import VisionTower, VitConfig
 from mllm_jax.models.xattn import latest_image_mask
 
-POOLINGS = ("class", "mean")
+POOLINGS = ("class", "mean", "concat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,9 @@ class LlamaAdapterConfig:
     # LLaMA-Adapter starts the gates at 0 (the base model exactly); a model trained from nothing may
     # start them open a little (as configs/flamingo.py:tiny does its tanh gates)
     gate_init: float = 0.0
-    # the global feature: "class" (CLIP's pooled output, the post-LN class token) or "mean" (the mean of
-    # the last layer's patch tokens, which keeps how much of the image the objects cover)
+    # the global feature: "class" (CLIP's pooled output, the post-LN class token), "mean" (the mean of
+    # the last layer's patch tokens, which keeps how much of the image the objects cover) or "concat"
+    # (both, concatenated, as LLaMA-Adapter concatenates several global features before projecting)
     pooling: str = "class"
 
     @property
@@ -229,8 +230,11 @@ class LlamaAdapter(MultimodalLM, Stack):
         if i > 1:
             raise ValueError(f"LLaMA-Adapter reads one image per sample, got {i}")
         hidden_states, pooled_BIxE = self.vision(per_image(images_BxIxYxXxC))
+        mean_BIxE = hidden_states[-1][:, int(self.config.vision.class_token) :].mean(axis=1)
         if self.config.pooling == "mean":
-            pooled_BIxE = hidden_states[-1][:, int(self.config.vision.class_token) :].mean(axis=1)
+            pooled_BIxE = mean_BIxE
+        elif self.config.pooling == "concat":
+            pooled_BIxE = jnp.concatenate([pooled_BIxE, mean_BIxE], axis=-1)
         return self.adapter.visual(pooled_BIxE).reshape(b, i, -1)
 
     def embed(self, tokens_BxT, images_BxIxYxXxC=None):
