@@ -22,9 +22,9 @@ from mllm_jax.errors import ConfigError
 from mllm_jax.families import store
 
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-STEPS = [
-    "--config.stages.align.steps=6",
-    "--config.stages.instruct.steps=6",
+STEPS = [  # one stage (its evaluation included): each process compiles one train step
+    "--config.stage_order=('instruct',)",
+    "--config.stages.instruct.steps=12",
     "--config.checkpoint_every=2",
     "--config.tensorboard=True",
 ]

@@ -95,7 +95,8 @@ def test_step_trains_what_it_should(steps, case):
         if key not in trainable:
             assert change[key] == 0, key
         elif key in SPLIT[case]:
-            assert change[key] > 0 and np.abs(after[f"mu/{key}"]).max() > 1e3 * GRAD_FLOOR, key
+            # two orders of magnitude above the floor the gradient comparison allows: a real gradient
+            assert change[key] > 0 and np.abs(after[f"mu/{key}"]).max() > 1e2 * GRAD_FLOOR, key
 
 
 @pytest.mark.parametrize("case", CASES)

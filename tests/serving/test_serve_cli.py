@@ -19,7 +19,7 @@ url = first.split(" on ")[1]
 get = lambda path: json.load(urllib.request.urlopen(url + path, timeout=60))
 seen = {"first_line": first, "health": get("/health"), "models": get("/v1/models")}
 proc.send_signal(signal.SIGINT)
-seen["exit"] = proc.wait(timeout=60)
+seen["exit"] = proc.wait(timeout=300)  # SIGINT waits for a compilation under way
 print(json.dumps(seen))
 """
 

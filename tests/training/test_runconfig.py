@@ -157,7 +157,7 @@ def _tiny(**changes):
         (dict(model=KeyError), "config.model is missing"),
         (
             dict(model__family="flamingo"),
-            "config.model.family 'flamingo': one of ['blip2', 'idefics', 'llava']",
+            "config.model.family 'flamingo': one of ['blip2', 'idefics', 'llama_adapter', 'llava']",
         ),
         (dict(model__perceiver={}), "unknown config key model.'perceiver'"),  # an IDEFICS key on LLaVA
         (
