@@ -108,24 +108,20 @@ def glob(directory: str, pattern: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def local_dir(path: str, skip: tuple[str, ...] = ()) -> str:
-    """``path`` itself when local; else a local copy of the remote directory (made once per process;
-    sub-directories named in ``skip`` are left out, e.g. a workdir's checkpoints that orbax reads in
-    place)."""
+def local_dir(path: str) -> str:
+    """``path`` itself when local; else a local copy of the remote directory (made once per process)."""
     if not is_remote(path):
         return path
     root = tempfile.mkdtemp(prefix="mllm_jax_remote_")
-    _download(epath.Path(path), root, skip)
+    _download(epath.Path(path), root)
     return root
 
 
-def _download(src: epath.Path, dst: str, skip: tuple[str, ...]) -> None:
+def _download(src: epath.Path, dst: str) -> None:
     os.makedirs(dst, exist_ok=True)
     for child in src.iterdir():
-        if child.name in skip:
-            continue
         if child.is_dir():
-            _download(child, os.path.join(dst, child.name), ())
+            _download(child, os.path.join(dst, child.name))
         else:
             with child.open("rb") as f, open(os.path.join(dst, child.name), "wb") as out:
                 shutil.copyfileobj(f, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,21 @@ def main_cmd(workdir, *flags, config="configs/llava.py:tiny"):
         *SMALL,
         *flags,
     ]
+
+
+def rows(workdir) -> list[dict]:
+    """The complete rows of a run's metrics.jsonl so far (none before it exists), while it runs."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def module_cmd(module, *flags):

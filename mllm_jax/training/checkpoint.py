@@ -96,6 +96,11 @@ class TrainCheckpointer:
         self._manager.close()
 
 
+def abstract(x) -> jax.ShapeDtypeStruct:
+    """An array's restore target: its shape, dtype and layout."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
 # ---------------------------------------------------------------- integrity
 
 

@@ -189,21 +189,15 @@ class Trainer:
         state, tx, lr_fn = self.stage_state(stage, params, start)
         iterator = self.setup.data_iterator(stage, seed=run.seed + 1000 * index)
         if start > 0:
-            target = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["opt_state"]
+            # each item restored laid out as the fresh state's arrays
+            like = lambda name, tree: self.ckpt.restore(  # noqa: E731
+                resume.global_step, name, jax.tree.map(checkpoint.abstract, tree)
             )
-            state["opt_state"] = self.ckpt.restore(resume.global_step, "opt_state", target)
+            state["opt_state"] = like("opt_state", state["opt_state"])
             if stage.lora.enabled:  # the factors trained so far (the params item holds the base)
-                target = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                    state["trainable"][lora.KEY],
-                )
-                state["trainable"][lora.KEY] = self.ckpt.restore(resume.global_step, lora.KEY, target)
+                state["trainable"][lora.KEY] = like(lora.KEY, state["trainable"][lora.KEY])
             if "reference" in state:  # DPO: the stage's starting params, not the resumed ones
-                target = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["reference"]
-                )
-                state["reference"] = self.ckpt.restore(resume.global_step, "reference", target)
+                state["reference"] = like("reference", state["reference"])
             if resume.data_state is not None:
                 iterator.set_state(checkpoint.decode_state(self._own_data_state(resume.data_state)))
         progress = logger.Progress(stage.name, start, stage.steps)

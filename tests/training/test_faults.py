@@ -17,7 +17,7 @@ import time
 import jobs
 import numpy as np
 import pytest
-from commands import ROOT, SIGTERM_AFTER_STEP, main_cmd, read_metrics
+from commands import ROOT, SIGTERM_AFTER_STEP, main_cmd, read_metrics, rows
 from PIL import Image
 
 from mllm_jax.families import store
@@ -67,14 +67,6 @@ def signal_when(proc, condition, sig, what: str, timeout=240):
         time.sleep(0.001)
     proc.kill()
     pytest.fail(f"timed out waiting for {what}")
-
-
-def rows(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def writing(workdir, after: int, before: int) -> bool:
