@@ -3,6 +3,9 @@
     python -m mllm_jax.convert --from_hf=HF_DIR --to=CKPT_DIR     # HF -> orbax checkpoint + our config
     python -m mllm_jax.convert --from=CKPT_DIR --to_hf=HF_DIR     # newest checkpoint -> HF directory
                                [--step=N]
+    python -m mllm_jax.convert --from_hf=BIN_DIR --to_safetensors=HF_DIR   # .bin-only HF dir, once
+    python -m mllm_jax.convert --from_llava_repo=DIR --vision=CLIP_DIR --to_hf=HF_DIR [--llm=LLM_DIR]
+                               # the original LLaVA repo's checkpoint -> HF LLaVA directory
 
 CKPT_DIR may be a training workdir: its newest checkpoint is exported. HF -> ours -> HF is bit-exact,
 and tokenizer/processor files travel along.
@@ -24,6 +27,16 @@ flags.DEFINE_string("to", None, "Checkpoint directory to write (with --from_hf).
 flags.DEFINE_string("from", None, "Our checkpoint directory (or training workdir) to export.")
 flags.DEFINE_string("to_hf", None, "HF directory to write (with --from).")
 flags.DEFINE_integer("step", None, "Checkpoint step to export (default: newest).")
+flags.DEFINE_string(
+    "to_safetensors", None, "With --from_hf: convert its pytorch_model*.bin files once into this new HF dir."
+)
+flags.DEFINE_string("from_llava_repo", None, "A checkpoint of the original LLaVA repo to convert (--to_hf).")
+flags.DEFINE_string(
+    "vision", None, "With --from_llava_repo: its CLIP tower's HF dir (CLIPModel or CLIPVisionModel)."
+)
+flags.DEFINE_string(
+    "llm", None, "With --from_llava_repo of a stage-1 output (mm_projector.bin only): the base LLM dir."
+)
 
 
 def import_hf(hf_dir: str, ckpt_dir: str):
@@ -59,8 +72,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     src_ours = getattr(FLAGS, "from")
+    names = ("from_hf", "to", "from", "to_hf", "to_safetensors", "from_llava_repo", "vision", "llm")
+    given = {k for k in names if getattr(FLAGS, k)}
     try:
-        if FLAGS.from_hf and FLAGS.to and not (src_ours or FLAGS.to_hf):
+        if given == {"from_hf", "to_safetensors"}:
+            written = store.bin_to_safetensors(FLAGS.from_hf, FLAGS.to_safetensors)
+            logging.info("wrote %s to %s", ", ".join(written), FLAGS.to_safetensors)
+        elif given in ({"from_llava_repo", "vision", "to_hf"}, {"from_llava_repo", "vision", "to_hf", "llm"}):
+            store.from_llava_repo(FLAGS.from_llava_repo, FLAGS.vision, FLAGS.to_hf, FLAGS.llm)
+            logging.info("converted %s to the HF LLaVA directory %s", FLAGS.from_llava_repo, FLAGS.to_hf)
+        elif FLAGS.from_hf and FLAGS.to and not (src_ours or FLAGS.to_hf):
             model = import_hf(FLAGS.from_hf, FLAGS.to)
             logging.info("imported %s (%s) into %s", FLAGS.from_hf, model.family, FLAGS.to)
         elif src_ours and FLAGS.to_hf and not (FLAGS.from_hf or FLAGS.to):
@@ -68,7 +89,9 @@ def main(argv):
             logging.info("exported %s (%s) to %s", src_ours, model.family, FLAGS.to_hf)
         else:
             raise ConversionError(
-                "use either --from_hf=HF_DIR --to=CKPT_DIR or --from=CKPT_DIR --to_hf=HF_DIR"
+                "use one of --from_hf=HF_DIR --to=CKPT_DIR, --from=CKPT_DIR --to_hf=HF_DIR, "
+                "--from_hf=BIN_DIR --to_safetensors=HF_DIR, "
+                "--from_llava_repo=DIR --vision=CLIP_DIR --to_hf=HF_DIR"
             )
     except (ConversionError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -220,3 +220,121 @@ def built_once(tmp_path_factory, prefix: str, build):
         return cache[name]
 
     return get
+
+
+# ---------------------------------------------------------------- stock layouts (issue 19)
+
+
+def save_bin(path: str, state: dict, shards: int = 1):
+    """``state`` as PyTorch ``.bin`` files, as older stock repos ship them: ``pytorch_model.bin``, or
+    ``pytorch_model-0000x-of-0000y.bin`` shards with ``pytorch_model.bin.index.json``."""
+    import json
+
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    names = sorted(state)
+    if shards == 1:
+        torch.save({k: state[k].contiguous() for k in names}, os.path.join(path, "pytorch_model.bin"))
+        return
+    weight_map = {}
+    for i in range(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state[k].contiguous() for k in names[i::shards]}
+        torch.save(part, os.path.join(path, fname))
+        weight_map.update({k: fname for k in part})
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def build_dual(path: str, kind: str = "clip", seed: int = 0, as_bin: bool = False):
+    """A stock ``CLIPModel`` / ``SiglipModel`` directory (text and vision halves, contrastive heads,
+    tokenizer, preprocessor_config.json); ``as_bin``: weights in ``pytorch_model.bin`` only, as
+    openai/clip-vit-large-patch14-336 ships them."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    seed_all(seed)
+    tokenizer = make_tokenizer(image_token=False)
+    v = {k: x for k, x in VISION[kind].items() if k != "model_type"}
+    t = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1)
+    t.update(
+        vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
+    cls, config_cls = (CLIPModel, CLIPConfig) if kind == "clip" else (SiglipModel, SiglipConfig)
+    model = randomize_(cls(config_cls(text_config=t, vision_config=v)).eval(), seed)
+    model.save_pretrained(path)
+    if as_bin:
+        os.remove(os.path.join(path, "model.safetensors"))
+        save_bin(path, model.state_dict())
+    tokenizer.save_pretrained(path)
+    make_image_processor(kind).save_pretrained(path)
+    return path
+
+
+def build_llama_bin(path: str, seed: int = 0, shards: int = 2, image_token: bool = False):
+    """A stock LLaMA directory with ``.bin`` shards only (as lmsys/vicuna-7b-v1.5 ships): its model."""
+    model_dir = build_causal_lm(path, seed=seed, image_token=image_token)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for name in os.listdir(path):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            os.remove(os.path.join(path, name))
+    save_bin(path, model.state_dict(), shards)
+    return model
+
+
+def build_llava_repo(
+    path: str, clip_dir: str, seed: int = 0, tower_inside: bool = False, stage1: bool = False
+):
+    """A checkpoint of the original LLaVA repo (haotian-liu/LLaVA): ``LlavaLlamaForCausalLM`` config with
+    its ``mm_*`` keys and LLaMA weights (``model.*``, ``lm_head``) plus ``model.mm_projector.0/2`` in
+    ``.bin`` shards; ``tower_inside``: the CLIP tower saved in it too
+    (``model.vision_tower.vision_tower.*``); ``stage1``: only ``mm_projector.bin`` and config.json, as its
+    pretraining stage saves them. Returns ``(config dict, {key: tensor})`` of what was written."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    seed_all(seed)
+    tokenizer = make_tokenizer(image_token=False)
+    t = text_config(tokenizer)
+    llm = randomize_(AutoModelForCausalLM.from_config(AutoConfig.for_model(t.pop("model_type"), **t)), seed)
+    vision = AutoModel.from_pretrained(clip_dir).vision_model
+    width = vision.config.hidden_size
+    g = torch.Generator().manual_seed(seed + 1)
+    projector = {
+        "model.mm_projector.0.weight": 0.2 * torch.randn(t["hidden_size"], width, generator=g),
+        "model.mm_projector.0.bias": 0.2 * torch.randn(t["hidden_size"], generator=g),
+        "model.mm_projector.2.weight": 0.2 * torch.randn(t["hidden_size"], t["hidden_size"], generator=g),
+        "model.mm_projector.2.bias": 0.2 * torch.randn(t["hidden_size"], generator=g),
+    }
+    config = dict(
+        llm.config.to_dict(),
+        architectures=["LlavaLlamaForCausalLM"],
+        model_type="llava_llama",
+        mm_vision_tower="openai/clip-vit-large-patch14-336",
+        mm_hidden_size=width,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        image_aspect_ratio="pad",
+        tune_mm_mlp_adapter=stage1,
+    )
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if stage1:
+        torch.save(projector, os.path.join(path, "mm_projector.bin"))
+        return config, projector
+    state = dict(llm.state_dict(), **projector)
+    if tower_inside:
+        state.update(
+            {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in vision.state_dict().items()}
+        )
+    save_bin(path, state, shards=2)
+    tokenizer.save_pretrained(path)
+    return config, state

@@ -11,7 +11,9 @@ DIR/
 ```
 
 A HF directory is config.json + safetensors; its architecture (or ``model_type``) names the family and
-conversion module that read it (``Family.hf_types``).
+conversion module that read it (``Family.hf_types``). A ``.bin``-only directory, and the original LLaVA
+repository's checkpoints, are converted once by explicit opt-in (``bin_to_safetensors``,
+``from_llava_repo``: the ``convert`` command).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import orbax.checkpoint as ocp
 from mllm_jax import hf, paths
 from mllm_jax.errors import ConversionError
 from mllm_jax.families import FAMILIES, Pretrained, get
-from mllm_jax.hf import common
+from mllm_jax.hf import common, llava_repo, pytorch_bin
 from mllm_jax.models import params as param_tree
 from mllm_jax.models import scan
 
@@ -58,6 +60,11 @@ def load_pretrained(model_dir: str) -> Pretrained:
     """Read a HF directory (config.json + safetensors) into our params (numpy, HF dtypes kept)."""
     model_dir = paths.local_dir(model_dir)
     hf_config = common.read_config(model_dir)
+    if llava_repo.is_llava_repo(hf_config):
+        raise ConversionError(
+            f"{model_dir}: a checkpoint of the original LLaVA repo ({llava_repo.ARCHITECTURE}); convert it "
+            f"once: python -m mllm_jax.convert --from_llava_repo={model_dir} --vision=CLIP_DIR --to_hf=OUT"
+        )
     for owner in FAMILIES.values():
         if owner.owns_hf_dir(model_dir):  # a HF model with the family's own files beside it
             return owner.read_hf_dir(model_dir)
@@ -65,7 +72,33 @@ def load_pretrained(model_dir: str) -> Pretrained:
     config = family.config_from_hf(hf_config, module)
     drop = family.tied_keys if family.tied_keys and family.decoder_config(config).tie_embeddings else ()
     params = hf.read_params(model_dir, module, config, drop)
+    base = getattr(module, "base_config", None)  # a part read alone (CLIPModel's vision half): its config
+    hf_config = base(hf_config) if base else hf_config
     return Pretrained(family.name, config, family.complete_params(config, params, module), hf_config)
+
+
+def bin_to_safetensors(src: str, out: str) -> list[str]:
+    """``convert --from_hf=DIR --to_safetensors=OUT``: a ``.bin``-only HF directory, once, into one that
+    every other command reads (weights through PyTorch's restricted loader; config and tokenizer /
+    processor files copied). Returns the weight files written."""
+    src = paths.local_dir(src)
+    with paths.Staged(out) as local:
+        written = pytorch_bin.to_safetensors(src, local)
+        hf.copy_assets(src, local)
+    return written
+
+
+def from_llava_repo(src: str, vision: str, out: str, llm: str | None = None):
+    """``convert --from_llava_repo=DIR --vision=CLIP_DIR --to_hf=OUT [--llm=DIR]``: the original LLaVA
+    repo's checkpoint as a HF LLaVA directory (``hf/llava_repo.py``); returns its config."""
+    if not paths.isfile(paths.join(vision, "preprocessor_config.json")):
+        raise ConversionError(
+            f"--vision={vision}: no preprocessor_config.json (the image processor's settings, which stock "
+            "CLIP repos carry beside config.json)"
+        )
+    src, vision = paths.local_dir(src), paths.local_dir(vision)
+    with paths.Staged(out) as local:
+        return llava_repo.convert(src, vision, local, paths.local_dir(llm) if llm else None)
 
 
 def save_pretrained(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_jax.families.base import Family
-from mllm_jax.hf import clip
+from mllm_jax.hf import clip, clip_dual
 from mllm_jax.models.vit import VisionTower, VitConfig
 
 
@@ -14,7 +14,12 @@ class VitFamily(Family):
     name = "vit"
     config_cls = VitConfig
     module_cls = VisionTower
-    hf_types = {"clip_vision_model": clip, "siglip_vision_model": clip}
+    hf_types = {
+        "clip_vision_model": clip,
+        "siglip_vision_model": clip,
+        "clip": clip_dual,
+        "siglip": clip_dual,
+    }
 
     def vision_config(self, config: VitConfig) -> VitConfig:
         return config

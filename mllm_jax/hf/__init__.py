@@ -16,7 +16,7 @@ from mllm_jax.hf import common
 
 # Files that are weights or the model config: everything else in a HF dir (tokenizer, processor,
 # chat template, generation config) is an asset that travels with the model.
-_NOT_ASSETS = ("config.json", "model.safetensors.index.json")
+_NOT_ASSETS = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
@@ -26,6 +26,8 @@ def read_params(model_dir: str, module: ModuleType, config, drop_keys=()) -> dic
     tensors = common.normalize_keys(common.read_safetensors(model_dir), module.ALIASES)
     for key in drop_keys:
         tensors.pop(key, None)
+    skip = getattr(module, "SKIP", ())  # parts the model is read without (CLIPModel's text half)
+    tensors = {k: v for k, v in tensors.items() if not (skip and k.startswith(skip))}
     what = f"{model_dir} ({common.read_config(model_dir)['model_type']})"
     return common.hf_to_params(tensors, module.rules(config), what)
 

@@ -19,6 +19,7 @@ TOWERS = {
         architecture="CLIPVisionModel",
         default_act="quick_gelu",
         default_eps=1e-5,
+        default_patch=32,
     ),
     "siglip_vision_model": dict(
         class_token=False,
@@ -27,9 +28,12 @@ TOWERS = {
         architecture="SiglipVisionModel",
         default_act="gelu_pytorch_tanh",
         default_eps=1e-6,
+        default_patch=16,
     ),
 }
 ALIASES = (("vision_model.", ""),)
+# transformers' defaults (ViT-B at 224 px), which older stock configs leave out of config.json
+DEFAULT_DIMS = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12)
 
 
 def config_from_hf(d: dict) -> VitConfig:
@@ -38,9 +42,9 @@ def config_from_hf(d: dict) -> VitConfig:
         raise ConversionError(f"vision model_type {model_type!r} not supported; supported: {sorted(TOWERS)}")
     t = TOWERS[model_type]
     return VitConfig(
-        **dims_from_hf(d),
-        image_size=d["image_size"],
-        patch_size=d["patch_size"],
+        **dims_from_hf(d, DEFAULT_DIMS),
+        image_size=d.get("image_size", 224),
+        patch_size=d.get("patch_size", t["default_patch"]),
         num_channels=d.get("num_channels", 3),
         act=d.get("hidden_act", t["default_act"]),
         layer_norm_eps=d.get("layer_norm_eps", t["default_eps"]),

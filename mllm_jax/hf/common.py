@@ -4,7 +4,8 @@ A conversion is a list of ``Rule``s: an HF key pattern, our param path(s) and a 
 ``{i}`` in a pattern expands over layer indices. Transforms are exact (transposes, splits and
 concatenations), so HF -> ours -> HF reproduces every tensor bit for bit, dtype included.
 
-Weights are read only from safetensors: nothing here ever unpickles a file.
+Weights are read only from safetensors: nothing here ever unpickles a file (PyTorch ``.bin`` files are
+converted once, by explicit opt-in: ``hf/pytorch_bin.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _TAGS = {v: k for k, v in _DTYPES.items()}
 # ---------------------------------------------------------------- safetensors
 
 
-def _read_file(path: str) -> dict[str, np.ndarray]:
+def read_file(path: str) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -66,18 +67,22 @@ def read_safetensors(model_dir: str) -> dict[str, np.ndarray]:
         files = ["model.safetensors"]
     else:
         pickled = [n for n in os.listdir(model_dir) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = f" (found {', '.join(sorted(pickled))}, which we never unpickle)" if pickled else ""
+        hint = (
+            f" (found {', '.join(sorted(pickled)[:3])}, which is only read by explicit opt-in)"
+            if pickled
+            else ""
+        )
         raise ConversionError(
-            f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}; "
-            "safetensors is required - convert with transformers: model.save_pretrained(dir)"
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}; convert it once with "
+            f"python -m mllm_jax.convert --from_hf={model_dir} --to_safetensors=OUT_DIR"
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        tensors.update(_read_file(os.path.join(model_dir, name)))
+        tensors.update(read_file(os.path.join(model_dir, name)))
     return tensors
 
 
-def _write_file(path: str, tensors: dict[str, np.ndarray]):
+def write_file(path: str, tensors: dict[str, np.ndarray]):
     header, offset, order = {}, 0, sorted(tensors)
     for name in order:
         arr = tensors[name]
@@ -114,12 +119,12 @@ def write_safetensors(model_dir: str, tensors: dict[str, np.ndarray], max_shard_
         shards[-1][name] = tensors[name]
         size += nbytes
     if len(shards) == 1:
-        _write_file(os.path.join(model_dir, "model.safetensors"), shards[0])
+        write_file(os.path.join(model_dir, "model.safetensors"), shards[0])
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_file(os.path.join(model_dir, fname), shard)
+        write_file(os.path.join(model_dir, fname), shard)
         weight_map.update({k: fname for k in shard})
     total = sum(t.nbytes for t in tensors.values())
     with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:

@@ -86,7 +86,7 @@ def read(model_dir: str) -> tuple[LlamaAdapterConfig, dict]:
     path = os.path.join(model_dir, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise ConversionError(f"{model_dir}: {CONFIG_FILE} without its weights {WEIGHTS_FILE}")
-    tensors = common._read_file(path)
+    tensors = common.read_file(path)
     params = common.hf_to_params(tensors, adapter_rules(config), f"{path} (LLaMA-Adapter)")
     return config, {**params, "llm": llm}
 
@@ -96,6 +96,6 @@ def write(out_dir: str, config: LlamaAdapterConfig, params, hf_config: dict, ass
     hf.write(out_dir, llama, config.llm, params["llm"], hf_config, assets_dir)
     rest = hf._to_numpy({"vision": params["vision"], "adapter": params["adapter"]})
     tensors = common.params_to_hf(rest, adapter_rules(config), "export of the LLaMA-Adapter")
-    common._write_file(os.path.join(out_dir, WEIGHTS_FILE), tensors)
+    common.write_file(os.path.join(out_dir, WEIGHTS_FILE), tensors)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(adapter_config(config), f, indent=2, sort_keys=True)

@@ -15,6 +15,7 @@ and the HF configs of pretrained parts (the base of a later export).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -55,8 +56,10 @@ def initial_model(family: TrainableFamily, m: ModelSettings, synthetic_config) -
         return InitialModel(pretrained.config, tokenizer, pretrained.params)
     if init.hf:
         pretrained = load_hf(init.hf, family.name, "config.model.init.hf")
-        tokenizer = AutoTokenizer.from_pretrained(
-            tok_dir if own_tokenizer else init.hf, trust_remote_code=False
+        tok_dir = tok_dir if own_tokenizer else init.hf
+        check_tokenizer(tok_dir, "config.model.tokenizer" if own_tokenizer else "config.model.init.hf")
+        tokenizer = with_chat_template(
+            AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False), tok_dir
         )
         return InitialModel(
             pretrained.config, location_tokens(m, tokenizer, "config.model.init.hf"), pretrained.params
@@ -64,7 +67,10 @@ def initial_model(family: TrainableFamily, m: ModelSettings, synthetic_config) -
     if init.vision or init.llm:
         return _from_parts(family, m, tok_dir if own_tokenizer else init.llm)
     if own_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+        check_tokenizer(tok_dir, "config.model.tokenizer")
+        tokenizer = with_chat_template(
+            AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False), tok_dir
+        )
     else:
         tokenizer = build_tokenizer(synthetic.vocabulary(synthetic_config), family.special_tokens)
     tokenizer = location_tokens(m, tokenizer)
@@ -85,9 +91,12 @@ def _from_parts(family: TrainableFamily, m: ModelSettings, tok_dir: str) -> Init
             f"config.model.init.vision/llm: {family.name} starts from a whole model (config.model.init.hf)"
             " or from scratch"
         )
+    check_processor(init.vision, "config.model.init.vision")
+    tok_key = "config.model.tokenizer" if tok_dir != init.llm else "config.model.init.llm"
+    check_tokenizer(tok_dir, tok_key)
     vision = load_hf(init.vision, family.vision_family, "config.model.init.vision")
     llm = load_hf(init.llm, "llm", "config.model.init.llm")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
+    tokenizer = with_chat_template(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False), tok_dir)
     missing = [t for t in family.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
@@ -102,6 +111,49 @@ def _from_parts(family: TrainableFamily, m: ModelSettings, tok_dir: str) -> Init
     config = family.from_parts(m, vision.config, llm_config, tokenizer)
     pretrained = {"vision": vision.params, "llm": llm_params}
     return InitialModel(config, tokenizer, pretrained, {"vision": vision.hf_config, "llm": llm.hf_config})
+
+
+# Where stock HF repos keep a tokenizer (any one of these), its chat template and the image processor.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def check_tokenizer(directory: str, key: str):
+    """A one-line error naming the files a tokenizer directory lacks (before transformers' own)."""
+    if os.path.isdir(directory) and not any(
+        os.path.exists(os.path.join(directory, n)) for n in TOKENIZER_FILES
+    ):
+        raise ConfigError(
+            f"{key}={directory!r}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); point"
+            " config.model.tokenizer at a directory that has them (stock LLM repos keep them by config.json)"
+        )
+
+
+def check_processor(directory: str, key: str):
+    """The tower's image preprocessing (size, crop, mean / std) comes from its preprocessor_config.json."""
+    if os.path.isdir(directory) and not any(
+        os.path.exists(os.path.join(directory, n)) for n in PROCESSOR_FILES
+    ):
+        raise ConfigError(
+            f"{key}={directory!r}: no preprocessor_config.json (the image processor's settings, which stock"
+            " CLIP / SigLIP repos carry beside config.json; copy it from the tower's repo)"
+        )
+
+
+def with_chat_template(tokenizer, directory: str):
+    """A tokenizer whose chat template sits in its own file (``chat_template.jinja``, or a processor's
+    ``chat_template.json``, as stock LLaVA-style repos keep it) rather than in tokenizer_config.json."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    for name in CHAT_TEMPLATE_FILES:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                text = f.read()
+            tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+            break
+    return tokenizer
 
 
 def grow_vocab(llm_params: dict, vocab: int) -> dict:
