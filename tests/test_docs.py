@@ -302,3 +302,56 @@ def test_real_names_pass_and_error_examples_are_exempt():
     bad, checked = offences(good)
     assert not bad, bad
     assert checked >= 14, checked
+
+
+def github_anchors(path: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file (lowercased, punctuation dropped,
+    spaces as hyphens, repeats numbered)."""
+    out, counts, in_code = set(), {}, False
+    with open(path) as f:
+        for line in f:
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+            m = None if in_code else re.match(r"#{1,6} (.*)", line)
+            if m:
+                slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+                n = counts[slug] = counts.get(slug, -1) + 1
+                out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_every_relative_link_and_anchor_resolves():
+    pages = [
+        *docs(),
+        os.path.join(ROOT, "CHANGELOG.md"),
+        *glob.glob(os.path.join(ROOT, "docs", "notes", "*.md")),
+    ]
+    bad = []
+    for page in pages:
+        with open(page) as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+        for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+            link = m.group(1)
+            if re.match(r"[a-z]+:", link):  # http:, https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            where = f"{os.path.relpath(page, ROOT)}: ({link})"
+            if not os.path.exists(target):
+                bad.append(f"{where}: no such file")
+            elif anchor and target.endswith(".md") and anchor not in github_anchors(target):
+                bad.append(f"{where}: no heading with that anchor")
+    assert not bad, "broken links in the docs:\n" + "\n".join(bad)
+
+
+def test_architecture_page_names_every_module():
+    """docs/architecture.md's package tree names every module of the package."""
+    with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+        page = f.read()
+    tree = page[page.index("## Package layout") : page.index("## Shape letters")]
+    missing = []
+    for path in glob.glob(os.path.join(ROOT, "mllm_jax", "**", "*.py"), recursive=True):
+        name = os.path.basename(path)[:-3]
+        if name != "__init__" and not re.search(rf"(?<![\w/]){re.escape(name)}(\.py)?(?!\w)", tree):
+            missing.append(os.path.relpath(path, ROOT))
+    assert not missing, f"docs/architecture.md's package layout does not name {sorted(missing)}"
