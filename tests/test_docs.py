@@ -44,7 +44,7 @@ FILE_SUFFIXES = {"json", "py", "yaml", "jsonl"}  # config.json, config.py: files
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A stretch of a doc: a logical line of a code block or an inline code span (or a prose line)."""
+    """A stretch of a doc: a logical line of a code block, or a paragraph of prose (its first line)."""
 
     text: str
     line: int
@@ -71,8 +71,11 @@ def segments(text: str) -> list[Segment]:
                 joined, first = "", None
             if joined:
                 out.append(Segment(joined, first, shows_error))
-        else:
-            out.append(Segment(lines[i], i + 1, False))
+        elif lines[i].strip():  # a paragraph (an inline code span may cross its line breaks)
+            first = i
+            while i + 1 < len(lines) and lines[i + 1].strip() and not lines[i + 1].lstrip().startswith("```"):
+                i += 1
+            out.append(Segment(" ".join(lines[first : i + 1]), first + 1, False))
         i += 1
     return out
 
