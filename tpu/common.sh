@@ -1,7 +1,14 @@
 # Sourced by the tpu/ scripts: usage text, errors and --dry-run.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # its variables are the sourcing scripts'
 
 DRY_RUN=0
+# On the workers: the Python tpu/setup.sh installs (uv, from PyPI) and the environment it installs into
+# (paths relative to the home directory, where gcloud's ssh starts), and the pattern that finds a job of
+# ours (the brackets keep the shell that runs pgrep from matching itself).
+PYTHON_VERSION=3.11
+ENV_DIR=mllm_jax_env
+JOB_PATTERN='python3? -m [m]llm_jax[.]'
+LOG_DIR=mllm_jax_logs
 
 # The calling script's header comment (its lines after the shebang, up to the first blank line).
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "$0"; }
@@ -40,6 +47,14 @@ run() {
   else
     "$@"
   fi
+}
+
+# The GCE accelerator type of a slice as `python -m mllm_jax.plan --target` names it: v5e-N is v5litepod-N.
+accelerator_type() {
+  case "$1" in
+    v5e-*) echo "v5litepod-${1#v5e-}" ;;
+    *) echo "$1" ;;
+  esac
 }
 
 # The runtime (VM image) for an accelerator type, from Google's TPU software versions page.

@@ -25,8 +25,7 @@ done
 expect 2 "${ARGS[@]}"
 NAME=${ARGS[0]} ZONE=${ARGS[1]}
 
-# "[m]llm" matches the job but not the shell that runs this, whose own text holds "[m]llm"
-job="python3 -m [m]llm_jax.main"
+job="${JOB_PATTERN}main"
 stop="pkill -TERM -f '$job' || true; for _ in \$(seq 120); do pgrep -f '$job' > /dev/null || exit 0; sleep 5;"
 stop+=" done; echo 'still running after 10 minutes' >&2; exit 1"
 run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$stop"
