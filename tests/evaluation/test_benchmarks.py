@@ -1,8 +1,10 @@
 """`python -m mllm_jax.evaluate --task=<benchmark>` end to end on tiny fixtures in each benchmark's
-released layout (tests/evaluation/benchmark_files.py) and a tiny random LLaVA: the commands run as a
-background job (tests/jobs.py); the printed metrics must equal the official scoring
-(reference_benchmarks.py) of the written predictions, the skipped records must be counted, and the
-option log-likelihoods of ``--mc=loglik`` must equal transformers' own on the same inputs.
+released layout (tests/evaluation/benchmark_files.py) and a tiny random LLaVA: the commands (every
+task once; GQA and SEED, with ``--mc=loglik``, on a mesh) run as one background job (tests/jobs.py);
+each printed JSON's metrics must equal the official scoring (reference_benchmarks.py) of the written
+predictions, the skipped records must be counted, and SEED's option log-likelihoods must equal
+transformers' own on the same inputs. The scorers themselves are checked against faithful
+re-implementations of the official scripts in test_benchmark_scores.py.
 
 A random model answers nonsense: generation checks the plumbing and the scoring, not quality.
 """
@@ -25,7 +27,14 @@ from mllm_jax.evaluation import mme, run
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ("--batch_size=2", "--max_new_tokens=4")
-SEED_LOGLIK = ("--mc=loglik", "--batch_size=3", "--mesh=data=-1")  # 8 option rows: 3 batches
+# task -> its command's flags: one model and one batch shape, so that after the first command the
+# compilations are hits of the session's persistent cache. --mesh on one task of each kind (generation:
+# GQA; multiple choice by option likelihood: SEED); on several devices the mesh decodes as one device
+# (tests/inference/test_generate_sharded.py), and every task shares the loop (evaluation/benchmark.py).
+RUNS = {task: COMMON for task in benchmark_files.WRITERS} | {
+    "gqa": (*COMMON, "--mesh=data=-1"),
+    "seed": ("--mc=loglik", "--batch_size=3", "--mesh=data=-1"),  # 8 option rows: 3 batches
+}
 
 
 def _evaluate(model, task, flags, out, *extra):
@@ -42,8 +51,9 @@ def _read(path):
 
 @jobs.fixture
 def benchmark_cli(tmp):
-    """The command itself (a background job): a tiny LLaVA built by a command, SEED-Bench with
-    ``--mc=loglik`` on a 1-device mesh, and two bad invocations: ``{"model", "files", "run", "errors"}``."""
+    """The command itself (a background job): a tiny LLaVA built by a command, then every benchmark
+    (``RUNS``) and two bad invocations: ``{"model", "files", "runs": {task: (result, lines, submission or
+    None)}, "errors"}``."""
     model = str(tmp / "llava")
     build = (
         f"import sys; sys.path.insert(0, {TESTS!r}); import hf_fixtures; hf_fixtures.build_llava({model!r})"
@@ -57,38 +67,18 @@ def benchmark_cli(tmp):
     with open(tmp / "llava" / "tokenizer.json", "w") as f:
         json.dump(tokenizer, f)
     files = benchmark_files.write_all(str(tmp / "data"))
-    out = str(tmp / "seed.jsonl")
-    r = jobs.check(_evaluate(model, "seed", files["seed"][0], out, *SEED_LOGLIK))
-    submission = (tmp / "seed.submission.jsonl").read_bytes()
+    runs = {}
+    for task, extra in RUNS.items():
+        out = str(tmp / f"{task}.jsonl")
+        r = jobs.check(_evaluate(model, task, files[task][0], out, *extra))
+        found = [p for p in os.listdir(tmp) if p.startswith(f"{task}.submission.")]
+        submission = (tmp / found[0]).read_bytes() if found else None
+        runs[task] = (json.loads(r.stdout), _read(out), submission)
     errors = {
         "layout": _evaluate(model, "seed", files["gqa"][0], str(tmp / "x.jsonl")),
         "mc": _evaluate(model, "gqa", files["gqa"][0], str(tmp / "y.jsonl"), "--mc=loglik"),
     }
-    return {
-        "model": model,
-        "files": files,
-        "run": (json.loads(r.stdout), _read(out), submission),
-        "errors": errors,
-    }
-
-
-@pytest.fixture(scope="module")
-def benchmark_runs(llava_dir, tmp_path_factory):
-    """Every benchmark (and ``--mc=loglik`` on MMBench) through ``run.evaluate``, the library call the
-    command makes, in this process (one compilation of ``generate`` serves them all):
-    ``{name: (result, lines, submission or None)}``."""
-    tmp = tmp_path_factory.mktemp("benchmarks")
-    files = benchmark_files.write_all(str(tmp / "data"))
-    runs = {}
-    plan = [(task, task, "generate") for task in files] + [("mmbench_loglik", "mmbench", "loglik")]
-    for name, task, mc in plan:
-        out = str(tmp / f"{name}.jsonl")
-        flags = dict(files[task][0], batch_size=2, max_new_tokens=4, predictions=out, mc=mc)
-        result = run.evaluate(llava_dir("clip_default"), task, **flags)
-        found = [p for p in os.listdir(tmp) if p.startswith(f"{name}.submission.")]
-        submission = (tmp / found[0]).read_bytes() if found else None
-        runs[name] = (result, _read(out), submission)
-    return {"files": files, "runs": runs}
+    return {"model": model, "files": files, "runs": runs, "errors": errors}
 
 
 def read_xlsx(content: bytes) -> list[list[str]]:
@@ -200,21 +190,15 @@ def official(task, lines, flags) -> dict:
     raise AssertionError(task)
 
 
-@pytest.mark.parametrize("name", [*benchmark_files.WRITERS, "mmbench_loglik", "seed_loglik_cli"])
-def test_benchmark_end_to_end_scores_as_the_official_script(name, request):
-    task = name.split("_")[0]
-    if name.endswith("_cli"):
-        runs = request.getfixturevalue("benchmark_cli")
-        (result, lines, submission), files = runs["run"], runs["files"]
-    else:
-        runs = request.getfixturevalue("benchmark_runs")
-        (result, lines, submission), files = runs["runs"][name], runs["files"]
+@pytest.mark.parametrize("task", list(RUNS))
+def test_benchmark_cli_scores_as_the_official_script(task, benchmark_cli):
+    (result, lines, submission), files = benchmark_cli["runs"][task], benchmark_cli["files"]
     flags, num_examples, skipped = files[task]
     assert (result["task"], result["num_examples"], result["skipped"]) == (task, num_examples, skipped)
     metrics = {k: v for k, v in result.items() if k not in ("task", "model", "num_examples", "skipped")}
     assert metrics == pytest.approx(official(task, lines, flags), abs=1e-9)
     assert all(x["prompt"].startswith("USER: <image>\n") for x in lines)
-    if "_loglik" in name:  # the answer is the option with the best mean log-probability
+    if "--mc=loglik" in RUNS[task]:  # the answer is the option with the best mean log-probability
         assert all(x["prediction"] == x["letters"][int(np.argmax(x["loglik"]))] for x in lines)
     if task in ("gqa", "textvqa", "vizwiz", "okvqa", "seed", "mmbench"):
         assert submission is not None
@@ -257,7 +241,7 @@ def test_loglik_equals_transformers(benchmark_cli):
     model_dir = benchmark_cli["model"]
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    _, lines, _ = benchmark_cli["run"]
+    _, lines, _ = benchmark_cli["runs"]["seed"]
     for line in lines:
         image = Image.open(line["image"]).convert("RGB")
         prompt_ids = processor(text=line["prompt"], images=image, return_tensors="pt")["input_ids"][
