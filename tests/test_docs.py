@@ -358,3 +358,23 @@ def test_architecture_page_names_every_module():
         if name != "__init__" and not re.search(rf"(?<![\w/]){re.escape(name)}(\.py)?(?!\w)", tree):
             missing.append(os.path.relpath(path, ROOT))
     assert not missing, f"docs/architecture.md's package layout does not name {sorted(missing)}"
+
+
+def test_the_pictures_are_rendered_from_the_data_beside_them():
+    """docs/img's SVG curves and memory plan equal what tools/render_figures.py draws from the
+    metrics.jsonl / plan JSON kept in docs/img/data (so a picture cannot drift from its numbers)."""
+    spec = importlib.util.spec_from_file_location(
+        "_render_figures", os.path.join(ROOT, "tools", "render_figures.py")
+    )
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    data = os.path.join(ROOT, "docs", "img", "data")
+    runs = [os.path.join(data, f"{name}_tiny.jsonl") for name in ("llava", "flamingo", "blip2")]
+    expected = {"tiny_curves.svg": render.curves(runs, ["LLaVA tiny", "Flamingo tiny", "BLIP-2 tiny"])}
+    plans = sorted(glob.glob(os.path.join(data, "plan_*.json")))
+    if plans:
+        expected["plan_memory.svg"] = render.plan(plans)
+    for name, svg in expected.items():
+        with open(os.path.join(ROOT, "docs", "img", name)) as f:
+            assert f.read() == svg, f"docs/img/{name} is stale: rerun tools/render_figures.py (its docstring)"
+    assert 'stroke="#1f77b4"' in expected["tiny_curves.svg"]  # the first run's line was drawn
