@@ -1,12 +1,14 @@
 """Benchmark a LLaVA train step and decoding; optionally transformers' PyTorch model side by side.
 
     python -m mllm_jax.bench [--size=small] [--batch=8] [--seq=256] [--steps=8] [--compare=torch]
+    python -m mllm_jax.bench --packing [--size=tiny] [--batch=8] [--seq=256] [--steps=8]
 
 Prints one JSON object: train-step time (median over steps after compilation), tokens/s, model FLOPs
 per step (analytic, as MaxText counts them), MFU against the device peak (on CPU: the measured f32
 rate of a 2048x2048 jitted matmul in this process), decode tokens/s, and with ``--compare=torch`` the
 same figures for ``LlavaForConditionalGeneration`` (forward + backward + AdamW; greedy ``generate``)
-on the same inputs, and the ratios.
+on the same inputs, and the ratios. ``--packing``: the train step on ragged LLaVA-like examples, one per
+row and packed (training/pack_bench.py), target tokens/s of both and their ratio.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mllm_jax.models.llm import LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
 from mllm_jax.models.projector import ProjectorConfig
 from mllm_jax.models.vit import VitConfig
-from mllm_jax.training import step
+from mllm_jax.training import pack_bench, step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "small", ["tiny", "small", "medium", "large"], "Model size (see SIZES).")
@@ -44,6 +46,7 @@ flags.DEFINE_enum("compare", "none", ["none", "torch"], "Also run transformers' 
 flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay f32; torch: autocast)."
 )
+flags.DEFINE_bool("packing", False, "Time ragged LLaVA-like examples padded and packed (pack_bench.py).")
 flags.DEFINE_enum(
     "attention",
     "xla",
@@ -211,6 +214,11 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(f"--attention: {e}") from None
     config = bench_config(FLAGS.size)
+    if FLAGS.packing:
+        result = pack_bench.run(config, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.dtype, kernel)
+        meta = {"size": FLAGS.size, "batch": FLAGS.batch, "seq": FLAGS.seq, "steps": FLAGS.steps}
+        print(json.dumps({**meta, "device": jax.devices()[0].device_kind, "dtype": FLAGS.dtype, **result}))
+        return
     batch = make_batch(config, FLAGS.batch, FLAGS.seq)
     flops_per_step = FLAGS.batch * families.get("llava").flops_per_sequence(config, FLAGS.seq)
     peak = flops.peak_flops_per_device() * jax.device_count()

@@ -25,10 +25,11 @@ SYNTHETIC_TASKS = (
     "video",
     "existence",
     "preference",
+    "retrieval",
 )
 MULTI_IMAGE_TASKS = ("interleaved", "interleaved_caption")  # these need max_images >= 2
 TEXT_SOURCES = ("all", "prompt")
-PARENT_ONLY = ("mix", "max_length", "max_images", "text_length", "num_workers")
+PARENT_ONLY = ("mix", "max_length", "max_images", "text_length", "num_workers", "packing", "packed_images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,11 @@ class DataConfig:
     # but catches a wrong image_root, template or file format early instead of training on the
     # surviving scraps. 1.0 disables the check. Images dropped from a kept document do not count.
     max_skipped_fraction: float = 0.05
+    # Pack several examples into each max_length row (data/packing.py, docs/packing.md): positions
+    # restart and attention stays within each example; images travel with their examples.
+    packing: bool = False
+    # packing: image slots per row (0: as many image blocks as max_length holds, <= 4 x max_images)
+    packed_images: int = 0
 
     def __post_init__(self):
         mix = self.mix
@@ -132,6 +138,7 @@ def _check(c: DataConfig, where: str) -> None:
         "text_length": c.text_length >= 0,
         "num_workers": c.num_workers >= 0,
         "size": c.size >= 1,
+        "packed_images": c.packed_images >= 0,
     }
     for key, ok in checks.items():
         if not ok:

@@ -26,6 +26,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from mllm_jax.data import packing
 from mllm_jax.data.config import SOURCES, DataConfig
 from mllm_jax.data.fewshot import heldout_questions, support_questions
 from mllm_jax.data.layouts import IMAGE, ModelSpec, as_spec, truncate
@@ -352,7 +353,9 @@ def make_iterator(
     ``skipped`` (if given) counts dropped examples by reason, in this process only
     (``num_workers == 0``), including prefetched ones. ``synthetic_config`` is the scene generator of
     ``source="synthetic"`` (default ``SyntheticConfig()``). ``text_tokenizer`` tokenizes the
-    ``text_tokens`` of ``data.text_length > 0`` (default: ``tokenizer``). With ``num_workers > 0``, call
+    ``text_tokens`` of ``data.text_length > 0`` (default: ``tokenizer``). ``data.packing``: each row
+    packs several examples (``packing.py``: segment ids, positions, the images of the row's examples in
+    order). With ``num_workers > 0``, call
     ``close()`` on the iterator when done to stop the worker processes.
     """
     if not 0 <= process_index < process_count:
@@ -372,6 +375,10 @@ def make_iterator(
         )
         weights.append(weight)
     ds = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
+    if data.packing:  # rows of several examples (packing.py); the packer's position is in the state
+        spec = as_spec(model)
+        slots = packing.row_images(data.max_length, data.max_images, data.packed_images, spec)
+        ds = packing.PackIterDataset(ds, data.max_length, slots, _pad_id(tokenizer), spec)
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
     if data.num_workers > 0:
         # grain's workers read absl flags; outside an absl app (tests, notebooks) they are unparsed,

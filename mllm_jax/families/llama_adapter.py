@@ -67,6 +67,7 @@ class LlamaAdapterFamily(TrainableFamily):
     grows_vocab = True  # <image> gets a row of the (frozen) table, as LLaVA's
     nested_text_config = False  # the HF config is the decoder's own
     reads_media = True  # the image reaches the layers as media (the prompts), not as token features
+    cannot_pack = "its adaption prompts carry one image's global feature for the whole row"
 
     def build(self, config, dtype=jnp.float32, remat="none", scan_layers=False, attention=AttentionKernel()):
         # adapted and plain layers differ: no layer scan for this family

@@ -62,6 +62,7 @@ class TrainableFamily(Family):
     grows_vocab: bool = False
     losses: tuple[str, ...] = ("lm",)  # the stage losses (config.stages.*.loss) it supports
     starts_from_parts: bool = False  # a pretrained tower + LLM (model.init.vision/llm) can start it
+    cannot_pack: str = ""  # why its rows cannot hold several examples (data.packing); "": they can
 
     def scratch(self, m: ModelSettings, tokenizer):
         """The model config from the sizes in ``config.model`` and the tokenizer."""

@@ -134,12 +134,16 @@ class Blip2(MultimodalLM, ScanStack):
         clips when ``video_pool`` is "mean". ``embed`` and ``__call__`` take the same keywords.
 
         ``qformer_tokens_BxT`` (InstructBLIP): the instruction in the Q-Former's vocabulary (its own
-        length T, not the LLM sequence's), shared by all I images of a sample; ``qformer_mask_BxT``
-        marks its valid tokens.
+        length T, not the LLM sequence's), shared by all I images of a sample, or ``[B, I, T]``, one per
+        image (packed rows: each image's own sample's); ``qformer_mask_BxT`` marks its valid tokens.
         """
-        i = images_BxIxYxXxC.shape[1]
+        b, i = images_BxIxYxXxC.shape[:2]
         _, image_BIxPxE = self.vision(per_image(images_BxIxYxXxC))
-        if qformer_tokens_BxT is not None and i > 1:
+        if qformer_tokens_BxT is not None and qformer_tokens_BxT.ndim == 3:  # [B, I, T]: one per image
+            qformer_tokens_BxT = qformer_tokens_BxT.reshape(b * i, -1)  # (packed rows: its sample's)
+            if qformer_mask_BxT is not None:
+                qformer_mask_BxT = qformer_mask_BxT.reshape(b * i, -1)
+        elif qformer_tokens_BxT is not None and i > 1:
             qformer_tokens_BxT = jnp.repeat(qformer_tokens_BxT, i, axis=0)
             if qformer_mask_BxT is not None:
                 qformer_mask_BxT = jnp.repeat(qformer_mask_BxT, i, axis=0)

@@ -27,7 +27,7 @@ from mllm_jax.models.mllm import MultimodalLM, per_image
 from mllm_jax.models.perceiver import Perceiver, PerceiverConfig
 from mllm_jax.models.scan import layer_stack
 from mllm_jax.models.vit import VisionTower, VitConfig
-from mllm_jax.models.xattn import GatedCrossAttention, XattnConfig, latest_image_mask
+from mllm_jax.models.xattn import GatedCrossAttention, XattnConfig, latest_image_mask, own_media
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +248,8 @@ class Idefics(MultimodalLM, Stack):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask = chunk_mask(b, t, attention_mask_BxT, cache, cache_index_B)
+        if cache is None and attention_mask_BxT is not None and media_mask_BxTxM is not None:
+            media_mask_BxTxM = own_media(media_mask_BxTxM, attention_mask_BxT)  # packed: own images
         x = embeds_BxTxD.astype(self.dtype)
         new_cache = []
         for i in range(c.llm.num_layers):

@@ -294,9 +294,9 @@ def attention(
     Grouped-query attention is native (N query heads, K kv heads, N % K == 0). ``mask`` is boolean,
     True where a query may attend; broadcastable to ``[B, N, T, S]``. Softmax runs in f32. ``causal``
     says the mask is ``causal_mask(idx, idx, key_valid, sliding_window)`` over this chunk's own
-    positions: the splash kernel then builds the causal part itself and reads only the key padding,
-    off the mask's diagonal (every valid key sees itself). Splash takes that and unmasked attention;
-    other masks (Q-Former, cross-attention, the KV-cache decode path) stay on XLA.
+    positions: the splash kernel then builds the causal part itself and reads only the segment ids
+    (key padding, and packed rows' examples) off the mask (``segments_of``). Splash takes that and
+    unmasked attention; other masks (Q-Former, cross-attention, the KV-cache decode path) stay on XLA.
     """
     impl = ATTENTION_CHOICES[kernel.name]
     if impl == "splash":
@@ -320,8 +320,9 @@ def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, 
     kernel.check()  # a kernel built without attention_kernel is checked when a step is traced
     key_valid_BxS = None
     if mask_BxNxTxS is not None:
-        diagonal = jnp.diagonal(mask_BxNxTxS[:, 0], axis1=-2, axis2=-1)
-        key_valid_BxS = jnp.broadcast_to(diagonal, (q_BxTxNxH.shape[0], diagonal.shape[-1]))
+        # only a causal chunk_mask comes here: its segments (padding 0) are the kernel's segment ids
+        mask_BxTxT = jnp.broadcast_to(mask_BxNxTxS[:, 0], (q_BxTxNxH.shape[0], *mask_BxNxTxS.shape[-2:]))
+        key_valid_BxS = segments_of(mask_BxTxT)
     return splash.splash_attention(
         q_BxTxNxH.astype(dtype),
         k_BxSxKxH.astype(dtype),
@@ -331,6 +332,19 @@ def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, 
         sliding_window=sliding_window,
         interpret=kernel.interpret,
     )
+
+
+def segments_of(mask_BxTxT):
+    """Segment ids ``[B, T]`` (0: padding) read off a causal ``chunk_mask``: a valid token starts a new
+    segment when it may not see the valid token before it (packed rows; exact for any sliding window,
+    holes of padding included), so splash can take the mask as its segment ids."""
+    t = mask_BxTxT.shape[-1]
+    valid_BxT = jnp.diagonal(mask_BxTxT, axis1=-2, axis2=-1)
+    last_valid_BxT = jax.lax.cummax(jnp.where(valid_BxT, jnp.arange(t), -1), axis=1)
+    previous_BxT = jnp.pad(last_valid_BxT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    sees_BxT = jnp.take_along_axis(mask_BxTxT, jnp.maximum(previous_BxT, 0)[..., None], axis=-1)[..., 0]
+    starts_BxT = ~(sees_BxT & (previous_BxT >= 0))
+    return jnp.where(valid_BxT, jnp.cumsum(starts_BxT & valid_BxT, axis=1), 0)
 
 
 def causal_mask(q_idx_BxT, k_idx_BxS, key_valid_BxS=None, sliding_window: int | None = None):

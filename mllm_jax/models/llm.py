@@ -105,12 +105,19 @@ def write_cache(cache, k_BxTxKxH, v_BxTxKxH, cache_index_B):
 
 def chunk_mask(b: int, t: int, attention_mask_BxT=None, cache=None, cache_index_B=None, sliding_window=None):
     """A decoder chunk's self-attention mask ``[B, 1, T, S]``. Without a cache: causal over the chunk,
-    ``attention_mask`` marking valid keys. With one (per-layer pairs or stacked): each query sees the
+    ``attention_mask`` marking valid keys; its values are segment ids (0: padding; packed rows number
+    their examples 1, 2, ...: a query sees only keys of its own segment; a padding query any valid key,
+    as with a 0/1 mask). With a cache (per-layer pairs or stacked): each query sees the
     buffer up to its own position (``attention_mask`` is not needed: right-padded prompts are overwritten
     by the decoded tokens before any query can see them)."""
     if cache is None:
         idx_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        return causal_mask(idx_BxT, idx_BxT, attention_mask_BxT, sliding_window)
+        mask = causal_mask(idx_BxT, idx_BxT, attention_mask_BxT, sliding_window)
+        if attention_mask_BxT is None:
+            return mask
+        seg_BxT = attention_mask_BxT.astype(jnp.int32)
+        same_BxTxS = (seg_BxT[:, :, None] == seg_BxT[:, None, :]) | (seg_BxT[:, :, None] == 0)
+        return mask & same_BxTxS[:, None]
     s = cache[0][0].shape[1]
     q_idx_BxT = cache_index_B[:, None] + jnp.arange(t)[None]
     return causal_mask(q_idx_BxT, jnp.broadcast_to(jnp.arange(s), (b, s)), None, sliding_window)

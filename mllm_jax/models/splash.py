@@ -5,8 +5,9 @@ causal self-attention over a chunk (training, scoring; not the KV-cache decode p
 attention (vision towers, perceiver); any other mask stays on XLA. What the kernel asks for:
 
 - **no dense mask**: causality is a static ``CausalMask`` (``LocalMask`` with a sliding window) and key
-  padding becomes segment ids (1: a real key, 0: padding). A query attends keys of its own segment,
-  so a padding query sees padding keys (its output is never read) and no row is ever empty.
+  padding becomes segment ids (0: padding; 1, or in packed rows 1, 2, ... one per example). A query
+  attends keys of its own segment, so a packed example never sees another and a padding query sees
+  padding keys (its output is never read): no row is ever empty.
 - **lengths in whole blocks**: sequences are padded to a multiple of 128 (the padding is segment 0)
   and each block is the largest of 512, 256, 128 dividing the padded length.
 - **grouped-query attention** is native: ``N`` query heads over ``K`` kv heads, ``N % K == 0``.
@@ -115,8 +116,9 @@ def splash_attention(
     interpret: bool = False,
 ):
     """``softmax(q k^T / sqrt(H)) v`` over the keys each query may see: causal (and within
-    ``sliding_window``) if asked, never a key where ``key_valid`` is 0. Returns ``[B, T, N, H]`` in
-    ``q``'s dtype; rows of padding queries are unspecified."""
+    ``sliding_window``) if asked, never a key where ``key_valid`` is 0; in causal self-attention
+    ``key_valid`` may be segment ids (packed rows): a query sees only keys of its own segment.
+    Returns ``[B, T, N, H]`` in ``q``'s dtype; rows of padding queries are unspecified."""
     b, t, n, h = q_BxTxNxH.shape
     s, kv_heads = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     if n % kv_heads:

@@ -6,7 +6,8 @@ the identity, so inserting blocks into a pretrained LLM leaves its outputs uncha
 the gates.
 
 Media masking: ``media_mask_BxTxM[b, t, m]`` says whether text token ``t`` may see image ``m`` (IDEFICS's
-``image_attention_mask``: the latest image at or before the token). A token that may see no image gets
+``image_attention_mask``: the latest image at or before the token; in packed rows only images of the
+token's own example, ``own_media``). A token that may see no image gets
 a zero cross-attention output (HF's ``cross_attention_gate``); the dense branch is not gated by it.
 """
 
@@ -142,6 +143,17 @@ class GatedCrossAttention(Block):
         h = GatedMlp(c.intermediate_size, c.act, False, self.dtype, name="mlp")(h)
         x_BxTxD = x_BxTxD + jnp.tanh(alpha_dense).astype(self.dtype) * h
         return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+
+
+def own_media(media_mask_BxTxM, segments_BxT):
+    """``media_mask`` restricted to each token's own segment (packed rows: ``chunk_mask``'s segment
+    ids): an image belongs to the segment of the first token that may see it (its own image token);
+    padding tokens (0) keep what they had, so a 0/1 attention mask changes nothing."""
+    seg_BxT = segments_BxT.astype(jnp.int32)
+    first_BxM = jnp.argmax(media_mask_BxTxM, axis=1)
+    image_seg_BxM = jnp.take_along_axis(seg_BxT, first_BxM, axis=1)
+    same_BxTxM = (seg_BxT[:, :, None] == image_seg_BxM[:, None, :]) | (seg_BxT[:, :, None] == 0)
+    return media_mask_BxTxM.astype(bool) & same_BxTxM
 
 
 def latest_image_mask(tokens_BxT, image_token_id: int, num_images: int, eod_token_id: int | None = None):

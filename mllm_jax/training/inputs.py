@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mllm_jax import paths
+from mllm_jax import families, paths
 from mllm_jax.data.webdataset import list_shards
 from mllm_jax.errors import ConfigError
 from mllm_jax.families import store
@@ -22,6 +22,7 @@ def check_inputs(run: RunConfig, workdir: str) -> None:
 
     On resume the model comes from the workdir, so ``model.init.*`` is not needed any more, and the
     data of stages the checkpoint has finished is not read again."""
+    check_packing(run)
     done = checkpoint.finished_stages(workdir, [(s.name, s.steps) for s in run.stages])
     if done is None:
         _check_model_dirs(run.model)
@@ -29,6 +30,23 @@ def check_inputs(run: RunConfig, workdir: str) -> None:
         for i, (_, data) in enumerate(stage.data.components()):
             where = f"config.stages.{stage.name}.data." + (f"mix[{i}]." if stage.data.mix else "")
             _check_data(data, where)
+
+
+def check_packing(run: RunConfig) -> None:
+    """``data.packing`` only where rows of several examples train as those examples would: an LM loss
+    (token sums), in a family whose model keeps examples apart (``cannot_pack`` says why not)."""
+    family = families.trainable(run.model.family)
+    for stage in run.stages:
+        key = f"config.stages.{stage.name}.data.packing=True"
+        if not stage.data.packing:
+            continue
+        if stage.loss != "lm":
+            raise ConfigError(
+                f"{key}: loss {stage.loss!r} scores whole examples (BLIP-2 stage 1's ITC/ITM contrast "
+                "them across the batch, DPO pairs them); packing is for loss 'lm'"
+            )
+        if family.cannot_pack:
+            raise ConfigError(f"{key}: model.family {family.name!r} cannot pack: {family.cannot_pack}")
 
 
 def _check_model_dirs(model: ModelSettings) -> None:

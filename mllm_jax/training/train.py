@@ -208,12 +208,13 @@ class Trainer:
         eval_every = run.eval.every
         inject = _injected_nan_steps()
         bad_streak, pending = 0, None
-        window_t0, window_tokens, window_steps = time.time(), 0, 0
+        window_t0, window_tokens, window_targets, window_steps = time.time(), 0, 0.0, 0
         for s in range(start, stage.steps):
             batch = next(iterator)
             if offset + s + 1 in inject:
                 batch = dict(batch, images=batch["images"] * np.float32("nan"))
             window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            window_targets += float(batch["loss_mask"].sum()) if "loss_mask" in batch else 0.0
             state, metrics = self.step(stage, tx, lr_fn, state, batch, jax.random.fold_in(key, offset + s))
             window_steps += 1
             done = s + 1
@@ -230,21 +231,22 @@ class Trainer:
                 metrics = jax.device_get(metrics)
                 elapsed = max(time.time() - window_t0, 1e-9)
                 # tokens and skipped records of every host (a collective, at log steps only)
-                hosts = distributed.gather_json([window_tokens, self.setup.data_counters()])
+                hosts = distributed.gather_json([window_tokens, window_targets, self.setup.data_counters()])
                 row = {
                     "stage": stage.name,
                     "stage_step": done,
                     **{k: float(v) for k, v in metrics.items() if k != "skipped"},
-                    "tokens_per_sec": sum(tokens for tokens, _ in hosts) / elapsed,
+                    "tokens_per_sec": sum(tokens for tokens, _, _ in hosts) / elapsed,
+                    "target_tokens_per_sec": sum(targets for _, targets, _ in hosts) / elapsed,
                     "steps_per_sec": window_steps / elapsed,
                 }
                 row["train/skipped_steps"] = self.skipped_steps
                 row.update(self.setup.mfu(row["steps_per_sec"], stage))
-                counters = [counts for _, counts in hosts]
+                counters = [counts for _, _, counts in hosts]
                 row.update({k: sum(c.get(k, 0) for c in counters) for k in sorted(set().union(*counters))})
                 self.writer.write(offset + done, row)
                 progress.update(done, row["loss"])
-                window_t0, window_tokens, window_steps = time.time(), 0, 0
+                window_t0, window_tokens, window_targets, window_steps = time.time(), 0, 0.0, 0
             # a stop in the stage's last step finishes the stage (evaluation, final save) first
             if stop and done < stage.steps:
                 self._save(offset + done, stage, done, state, iterator, wait=True)
