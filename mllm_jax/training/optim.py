@@ -3,18 +3,26 @@
 Params are split by path patterns (regexes on ``"vision/layers_0/mlp/fc1/kernel"``-style paths) into a
 trainable tree and a frozen tree. Gradients are taken w.r.t. the trainable tree only, and the
 optimizer state covers only it: frozen params cost neither gradient memory nor Adam moments.
+
+Adam's two moments are stored in ``moment_dtype`` (float32, or bfloat16 to halve them) whatever the
+params' dtype; the update itself is always computed in float32 and added to the params in their own
+dtype (``param_dtype``). There is no separate float32 master copy: with bf16 params an update smaller
+than half a bf16 step of its weight (about 2**-9 of it) rounds away (docs/scaling.md, Memory).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from mllm_jax import schema
 from mllm_jax.models import params as param_tree
 
 SCHEDULES = ("cosine", "linear", "constant")
+MOMENT_DTYPES = ("float32", "bfloat16")
 # params without weight decay by default: biases, norm scales, embedding tables
 NO_DECAY = (r".*bias", r".*scale", r".*embedding", r".*class_embedding", r".*probe")
 
@@ -34,9 +42,11 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = dataclasses.field(default=1e-8, metadata={"key": False})  # not a config key
     clip_norm: float = 1.0  # 0: off
+    moment_dtype: str = "float32"  # Adam's mu and nu as stored (the update is computed in float32)
 
     def check(self, where: str):
         schema.one_of(self.schedule, SCHEDULES, where + "schedule")
+        schema.one_of(self.moment_dtype, MOMENT_DTYPES, where + "moment_dtype")
         schema.number(self.learning_rate, where + "learning_rate")
         schema.positive(self.warmup_steps, where + "warmup_steps", allow_zero=True)
         schema.regexes(self.no_decay, where + "no_decay")
@@ -68,5 +78,35 @@ def make_optimizer(c: OptimConfig, total_steps: int) -> tuple[optax.GradientTran
         return param_tree.unflatten({k: not param_tree.matches(k, c.no_decay) for k in flat})
 
     parts = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
-    parts.append(optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask))
+    # optax.adamw's own chain (the same state tree, so checkpoints load either way) with our Adam
+    adamw = optax.chain(
+        scale_by_adam(c.b1, c.b2, c.eps, jnp.dtype(c.moment_dtype)),
+        optax.add_decayed_weights(c.weight_decay, decay_mask),
+        optax.scale_by_learning_rate(lr),
+    )
+    parts.append(adamw)
     return optax.chain(*parts), lr
+
+
+def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` with both moments stored in ``moment_dtype`` (optax casts only ``mu``;
+    ``nu`` follows the params) and all arithmetic in float32, so bf16 storage costs only rounding."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, moment_dtype)  # noqa: E731
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)
+        )
+
+    def update(updates, state, params=None):
+        del params
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
+        count = optax.safe_increment(state.count)
+        mu_fix, nu_fix = 1 - b1 ** f32(count), 1 - b2 ** f32(count)
+        out = jax.tree.map(lambda m, v: (m / mu_fix) / (jnp.sqrt(v / nu_fix) + eps), mu, nu)
+        store = lambda tree: jax.tree.map(lambda x: x.astype(moment_dtype), tree)  # noqa: E731
+        return out, optax.ScaleByAdamState(count=count, mu=store(mu), nu=store(nu))
+
+    return optax.GradientTransformation(init, update)

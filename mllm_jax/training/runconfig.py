@@ -73,6 +73,9 @@ class Stage:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig, metadata={"flat": True})
     loss: str = "lm"  # a LOSSES entry: "qformer" is BLIP-2 stage 1 (ITC + ITM + ITG)
     beta: float = 0.1  # loss "dpo": how far from the reference (the stage's starting params) it may move
+    # loss "lm": tokens per chunk of the LM head + cross-entropy, so the f32 [B, T, V] logits are never
+    # whole (training/xent.py); 0: all tokens at once
+    loss_chunk: int = 0
     # low-rank adapters on the targets, merged into them at the end of the stage (rank 0: off)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     data: DataConfig = dataclasses.field(metadata={"missing": "each stage names its data"})
@@ -88,6 +91,9 @@ class Stage:
         if not self.trainable:
             raise ConfigError(f"{where}trainable is empty: name the param paths to train (e.g. 'adapter/.*')")
         schema.one_of(self.loss, LOSSES, where + "loss")
+        schema.positive(self.loss_chunk, where + "loss_chunk", allow_zero=True)
+        if self.loss_chunk and self.loss != "lm":
+            raise ConfigError(f"{where}loss_chunk applies to loss 'lm' only, not {self.loss!r}")
         if not self.beta > 0:
             raise ConfigError(f"{where}beta must be > 0, got {self.beta!r}")
 

@@ -20,15 +20,16 @@ import optax
 
 from mllm_jax import sharding
 from mllm_jax.models import params as param_tree
-from mllm_jax.training import dpo, lora, optim
+from mllm_jax.training import dpo, lora, optim, xent
 from mllm_jax.training.runconfig import Stage
 
 # what a step reads of a batch (the pipeline also yields host-only keys, such as image positions)
 BATCH_KEYS = ("images", "tokens", "targets", "loss_mask", "attention_mask", "text_tokens", "text_mask")
 
 
-def lm_loss(model, params, batch, rng):
-    """Summed next-token NLL over target tokens, with ``count`` (target tokens) and ``correct``."""
+def lm_loss(model, params, batch, rng, chunk: int = 0):
+    """Summed next-token NLL over target tokens, with ``count`` (target tokens) and ``correct``;
+    ``chunk`` > 0: the LM head and the loss run ``chunk`` tokens at a time (xent.py)."""
     del rng
     # InstructBLIP: the Q-Former reads the instruction too (text_tokens with data.text_source="prompt")
     extra = (
@@ -36,15 +37,16 @@ def lm_loss(model, params, batch, rng):
         if "text_tokens" in batch
         else {}
     )
-    logits, _ = model.apply(
-        {"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"], **extra
-    )
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    targets = batch["targets"]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    args = ({"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (nll * mask).sum(), {"count": mask.sum(), "correct": (correct * mask).sum()}
+    if chunk:
+        hidden, path = xent.final_hidden(model, *args, **extra)
+        head = xent.head_fn(model, {"params": params}, path)
+        nll, correct = xent.chunked_sums(head, hidden, batch["targets"], mask, chunk)
+    else:
+        logits, _ = model.apply(*args, **extra)
+        nll, correct = xent.token_sums(logits, batch["targets"], mask)
+    return nll, {"count": mask.sum(), "correct": correct}
 
 
 def make_train_step(

@@ -202,6 +202,8 @@ class RunSetup:
         """The stage's ``loss_fn(model, params, batch, rng)`` (see ``step.make_train_step``)."""
         if stage.loss == "dpo":
             return functools.partial(LOSSES["dpo"], beta=stage.beta)
+        if stage.loss_chunk:
+            return functools.partial(LOSSES["lm"], chunk=stage.loss_chunk)
         return LOSSES[stage.loss]
 
     def mfu(self, steps_per_sec: float, stage: Stage) -> dict:

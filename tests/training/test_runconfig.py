@@ -40,7 +40,7 @@ with open(os.path.join(os.path.dirname(__file__), "presets_before.json")) as f:
 NEW_KEYS = {
     "eval": {"template": "", "types": ("count", "color", "shape"), "num_pope": 0},
     "synthetic": schema.to_config_dict(SyntheticConfig).to_dict(),
-    "stage": {"beta": 0.1},
+    "stage": {"beta": 0.1, "loss_chunk": 0, "moment_dtype": "float32"},
 }
 
 
