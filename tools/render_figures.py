@@ -10,9 +10,10 @@ made (its JSON on stdout), split into params + optimizer state and the rest, aga
 
 docs/img/tiny_curves.svg and docs/img/plan_memory.svg were made with (inputs kept in docs/img/data/):
 
-    python tools/render_figures.py curves docs/img/data/llava_tiny.jsonl docs/img/data/flamingo_tiny.jsonl \
-        docs/img/data/blip2_tiny.jsonl --labels="LLaVA tiny,Flamingo tiny,BLIP-2 tiny" --out=docs/img/tiny_curves.svg
-    python tools/render_figures.py plan docs/img/data/plan_*.json --out=docs/img/plan_memory.svg
+    cd docs/img && python ../../tools/render_figures.py curves \
+        data/llava_tiny.jsonl data/flamingo_tiny.jsonl data/blip2_tiny.jsonl \
+        --labels="LLaVA tiny,Flamingo tiny,BLIP-2 tiny" --out=tiny_curves.svg
+    cd docs/img && python ../../tools/render_figures.py plan data/plan_*.json --out=plan_memory.svg
 """
 
 from __future__ import annotations
@@ -61,14 +62,14 @@ def _panel(x0, y0, w, h, xs, ys, xmax, ymax, title, starts, color) -> list[str]:
         out.append(_text(x, y0 + h + 13, f"{v:.0f}", 10, "middle"))
     for step, name in starts:
         x = x0 + step / xmax * w
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y0}" y2="{y0 + h}" stroke="#888" stroke-dasharray="4 3"/>')
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y0}" y2="{y0 + h}" stroke="#888" stroke-dasharray="4 3"/>'
+        )
         out.append(_text(x + 3, y0 + 12, name, 10, color="#555"))
-    pts = " ".join(f"{x0 + a / xmax * w:.1f},{y0 + h - min(b, ymax) / ymax * h:.1f}" for a, b in zip(xs, ys))
+    points = [(x0 + a / xmax * w, y0 + h - min(b, ymax) / ymax * h) for a, b in zip(xs, ys, strict=True)]
+    pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
     out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
-    out += [
-        f'<circle cx="{x0 + a / xmax * w:.1f}" cy="{y0 + h - min(b, ymax) / ymax * h:.1f}" r="2.5" fill="{color}"/>'
-        for a, b in zip(xs, ys)
-    ]
+    out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>' for x, y in points]
     return out
 
 
@@ -82,7 +83,7 @@ def curves(paths: list[str], labels: list[str]) -> str:
     pw, ph, left, top, row_h = 400, 170, 60, 40, 260
     width = left + 2 * pw + 70
     out = []
-    for i, (path, label) in enumerate(zip(paths, labels)):
+    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
         rows = read_rows(path)
         train = [r for r in rows if "loss" in r]
         evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -106,50 +107,90 @@ def curves(paths: list[str], labels: list[str]) -> str:
         for r in evals:
             last.update({k: v for k, v in r.items() if k in HEADLINES})
         caption = ", ".join(f"{k.removeprefix('eval/')} {last[k]:.3f}" for k in HEADLINES if k in last)
-        out.append(_text(left, y + ph + 32, f"x: global step (all stages); final evaluation: {caption}", 11, color="#444"))
+        out.append(
+            _text(
+                left,
+                y + ph + 32,
+                f"x: global step (all stages); final evaluation: {caption}",
+                11,
+                color="#444",
+            )
+        )
     height = top + len(paths) * row_h
     return _svg(width, height, out)
 
 
+PLAN_PARTS = (  # (label, colour, bytes of a trial)
+    ("params + optimizer state", "#1f77b4", lambda p, t: p["state_bytes_per_chip"]),
+    ("the batch (other arguments)", "#17becf", lambda p, t: t["arguments"] - p["state_bytes_per_chip"]),
+    ("temporaries (activations, gradients)", "#aec7e8", lambda p, t: t["temporaries"]),
+    ("outputs not aliased, code", "#c7c7c7", lambda p, t: t["outputs"] - t["aliased"] + t["generated_code"]),
+)
+
+
 def plan(paths: list[str]) -> str:
-    """The SVG of ``plan``: one bar per compilation, state and the rest, with the HBM line."""
+    """The SVG of ``plan``: one stacked bar per compiled trial (the compiler's per-chip memory analysis)
+    with the chip's HBM as a red line. Trials the compiler gave up on (no breakdown) are left out."""
     bars = []
     for path in paths:
         with open(path) as f:
             p = json.load(f)
-        state = p["state_bytes_per_chip"] / GIB
         for t in p["trials"]:
-            peak = t["peak"] / GIB
-            name = f"{p['config'].split('/')[-1]} {p['target']}"
-            bars.append((name, t["remat"], t["per_chip_batch"], state, peak, p["memory_limit_bytes"] / GIB,
-                         t.get("lower_bound", False)))  # fmt: skip
-    left, top, bar_h, gap, w = 230, 50, 22, 10, 520
-    xmax = max(max(b[4], b[5]) for b in bars) * 1.08
-    out = [_text(left + w / 2, 22, "per-chip memory of each compiled train step (GiB)", 14, "middle", weight="bold")]
-    for v in _ticks(0, xmax, 5):
-        x = left + v / xmax * w
-        y1 = top + len(bars) * (bar_h + gap)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 5}" y2="{y1}" stroke="#eee"/>')
-        out.append(_text(x, y1 + 14, f"{v:.0f}", 10, "middle"))
-    for i, (name, remat, batch, state, peak, limit, lower) in enumerate(bars):
+            if "arguments" not in t:
+                continue
+            name = (
+                f"{p['config']} on {p['target']}: remat {t['remat']}, "
+                f"{t['per_chip_batch']} x {p['seq_len']} tokens per chip"
+            )
+            parts = [(label, color, get(p, t) / GIB) for label, color, get in PLAN_PARTS]
+            bars.append((name, parts, t["peak"] / GIB, p["memory_limit_bytes"] / GIB))
+    if not bars:
+        raise SystemExit("no trial with a memory breakdown in " + ", ".join(paths))
+    left, top, bar_h, gap, w = 20, 50, 26, 46, 760
+    xmax = max(max(b[2], b[3]) for b in bars) * 1.05
+    out = [
+        _text(
+            left,
+            22,
+            "per-chip memory of the compiled train step (GiB), from python -m mllm_jax.plan",
+            14,
+            weight="bold",
+        )
+    ]
+    for i, (name, parts, peak, limit) in enumerate(bars):
         y = top + i * (bar_h + gap)
-        out.append(_text(left - 8, y + 15, f"{name}, remat {remat}, {batch}/chip", 11, "end"))
-        sw, pw = state / xmax * w, peak / xmax * w
-        out.append(f'<rect x="{left}" y="{y}" width="{sw:.1f}" height="{bar_h}" fill="{COLORS[0]}"/>')
-        out.append(f'<rect x="{left + sw:.1f}" y="{y}" width="{pw - sw:.1f}" height="{bar_h}" fill="#aec7e8"/>')
+        out.append(_text(left, y - 6, name, 12))
+        x = left
+        for _, color, gib in parts:
+            width = gib / xmax * w
+            out.append(f'<rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="{bar_h}" fill="{color}"/>')
+            x += width
         lx = left + limit / xmax * w
-        out.append(f'<line x1="{lx:.1f}" x2="{lx:.1f}" y1="{y - 3}" y2="{y + bar_h + 3}" stroke="#d62728" stroke-width="2"/>')
-        verdict = "fits" if peak <= limit else "does not fit"
-        out.append(_text(left + max(pw, limit / xmax * w) + 6, y + 15,
-                         f"{'≥ ' if lower else ''}{peak:.1f} ({verdict})", 11))  # fmt: skip
-    y = top + len(bars) * (bar_h + gap) + 30
-    out.append(f'<rect x="{left}" y="{y}" width="12" height="12" fill="{COLORS[0]}"/>')
-    out.append(_text(left + 16, y + 10, "params + optimizer state", 11))
-    out.append(f'<rect x="{left + 180}" y="{y}" width="12" height="12" fill="#aec7e8"/>')
-    out.append(_text(left + 196, y + 10, "temporaries, outputs, code", 11))
-    out.append(f'<line x1="{left + 380}" x2="{left + 380}" y1="{y - 2}" y2="{y + 14}" stroke="#d62728" stroke-width="2"/>')
-    out.append(_text(left + 386, y + 10, "chip HBM", 11))
-    return _svg(left + w + 150, y + 30, out)
+        out.append(
+            f'<line x1="{lx:.1f}" x2="{lx:.1f}" y1="{y - 4}" y2="{y + bar_h + 4}" '
+            'stroke="#d62728" stroke-width="2"/>'
+        )
+        out.append(_text(lx - 4, y + bar_h + 16, f"HBM {limit:.1f}", 11, "end", color="#d62728"))
+        out.append(
+            _text(x + 6, y + 17, f"peak {peak:.2f} ({'fits' if peak <= limit else 'does not fit'})", 12)
+        )
+        out.append(
+            _text(
+                left,
+                y + bar_h + 16,
+                " · ".join(f"{label} {gib:.2f}" for label, _, gib in parts),
+                10,
+                color="#444",
+            )
+        )
+    y = top + len(bars) * (bar_h + gap)
+    for k, (label, color, _) in enumerate(PLAN_PARTS):
+        x = left + k * 195
+        out.append(f'<rect x="{x}" y="{y}" width="12" height="12" fill="{color}"/>')
+        out.append(_text(x + 16, y + 10, label, 11))
+    for v in _ticks(0, xmax, 5):
+        out.append(_text(left + v / xmax * w, y + 32, f"{v:.0f}", 10, "middle"))
+    return _svg(left + w + 40, y + 44, out)
 
 
 def _svg(width, height, body: list[str]) -> str:
