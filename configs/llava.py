@@ -81,6 +81,32 @@ def tiny() -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_retrieval() -> ml_collections.ConfigDict:
+    """FROMAGe's retrieval output on ``tiny`` (docs/retrieval.md): a ``[RET]`` head (models/retrieval.py)
+    and one stage from nothing mixing captions (image -> caption, the LM loss) with retrieval examples (a
+    caption naming each shape's cell, then ``[RET]``, whose last hidden state is trained with InfoNCE
+    against the image's pooled CLIP class token, both through linear maps into a 64-wide space)."""
+    c = presets.base()
+    c.synthetic.retrieval_captions = True  # the cells' words and [RET] in the built-in vocabulary
+    c.model = model(retrieval=ml_collections.ConfigDict(dict(dim=64, weight=1.0)))
+    c.stage_order = ("instruct",)
+    c.stages.instruct = stage(
+        steps=1500,
+        batch_size=32,
+        trainable=(r"vision/.*", r"adapter/.*", r"llm/.*", r"retrieval/.*"),
+        learning_rate=2e-3,
+        warmup_steps=50,
+        end_lr_ratio=0.05,
+        # a retrieval row: caption, [RET], then its image (16 tokens) in a later turn: 46 tokens at most
+        data=data(max_length=48, mix=(dict(weight=0.3, task="caption"), dict(weight=0.7, task="retrieval"))),
+    )
+    c.log_every = 100
+    c.checkpoint_every = 500
+    c.eval.every = 0
+    c.eval.num_questions = 0  # evaluate --task=synthetic_retrieval measures it (docs/retrieval.md)
+    return c
+
+
 def lora(c: ml_collections.ConfigDict):
     """LLaVA's LoRA recipe in stage 2 (tuned on ``tiny``): the projector trains fully, the LLM only
     through rank-16 adapters on its attention and MLP projections (merged at the end of the stage), the
@@ -149,6 +175,11 @@ def dpo(c: ml_collections.ConfigDict):
 def _real(llm: dict) -> ml_collections.ConfigDict:
     c = presets.base()
     c.dtype = "bfloat16"
+    # Memory (docs/scaling.md, the presets on TPU slices): bf16 params and Adam moments halve the state
+    # and the gradients; splash attention never builds the [B, N, T, S] scores; the LM head and the loss
+    # run 512 tokens at a time (never the whole f32 [B, T, V] logits)
+    c.param_dtype = "bfloat16"
+    c.attention = "splash"
     c.mesh.fsdp = -1
     c.mesh.data = 1
     c.model = model(
@@ -195,9 +226,12 @@ def _real(llm: dict) -> ml_collections.ConfigDict:
     c.stages.instruct = stage(
         steps=5200,
         batch_size=128,
+        grad_accum=8,  # v5e-8: 8 micro-batches of 16, 2 sequences per chip
         trainable=(r"adapter/.*", r"llm/.*"),
         learning_rate=2e-5,
         warmup_steps=156,
+        moment_dtype="bfloat16",
+        loss_chunk=512,
         data=data(
             source="llava_json",
             path="llava_v1_5_mix665k.json",
@@ -236,7 +270,12 @@ LLAMA_13B = dict(
     tie_embeddings=False,
 )
 
-PRESETS = {"tiny": tiny, "7b": lambda: _real(LLAMA_7B), "13b": lambda: _real(LLAMA_13B)}
+PRESETS = {
+    "tiny": tiny,
+    "tiny_retrieval": tiny_retrieval,
+    "7b": lambda: _real(LLAMA_7B),
+    "13b": lambda: _real(LLAMA_13B),
+}
 MODIFIERS = {
     "lora": lora,
     "video": video,

@@ -28,7 +28,13 @@ from mllm_jax.data.existence import existence_record, preference_record
 from mllm_jax.data.grounding import grounding_record, referring_record
 from mllm_jax.data.interleaved import interleaved_caption, interleaved_vqa, mmc4_document, vqa_turns
 from mllm_jax.data.layouts import IMAGE
-from mllm_jax.data.synthetic import QUESTION_TYPES, SyntheticConfig, make_example, pick_question
+from mllm_jax.data.synthetic import (
+    QUESTION_TYPES,
+    SyntheticConfig,
+    make_example,
+    pick_question,
+    retrieval_record,
+)
 from mllm_jax.data.transforms import safe_join
 from mllm_jax.data.video import clip_record
 from mllm_jax.errors import BadExample
@@ -59,6 +65,7 @@ TASK_RECORDS = {
     "video": clip_record,
     "existence": existence_record,  # yes / no object-existence questions (existence.py)
     "preference": preference_record,  # chosen / rejected pairs for a DPO stage (existence.py)
+    "retrieval": retrieval_record,  # a located caption, [RET], then its image (FROMAGe; synthetic.py)
 }
 assert set(TASK_RECORDS) == set(SYNTHETIC_TASKS)
 

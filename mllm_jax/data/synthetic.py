@@ -18,6 +18,8 @@ import zlib
 
 import numpy as np
 
+from mllm_jax.data.layouts import IMAGE
+
 SPLITS = ("train", "heldout")
 QUESTION_TYPES = ("count", "color", "shape", "position")
 
@@ -49,6 +51,11 @@ MOVING_COLOR_QUESTION = "what color is the moving shape ?"
 # vocabulary only with ``existence_questions`` (other runs keep their tokenizer and initialisation)
 EXISTENCE_QUESTION = "is there a {name} in the image ?"
 EXISTENCE_ANSWERS = ("yes", "no")
+# retrieval (FROMAGe's [RET], models/retrieval.py): captions that also say where each shape is, so that
+# a caption names one scene; these words and [RET] join the vocabulary only with ``retrieval_captions``
+RET_TOKEN = "[RET]"
+CELL_ROWS = {1: ("",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+CELL_COLUMNS = {1: ("",), 2: ("left", "right"), 3: ("left", "center", "right")}
 
 
 def _circle(yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -87,6 +94,7 @@ class SyntheticConfig:
     heldout_fraction: float = 0.1
     num_frames: int = 4  # frames per clip of the ``video`` task (video.py)
     existence_questions: bool = False  # vocabulary: the words of EXISTENCE_QUESTION and yes / no
+    retrieval_captions: bool = False  # vocabulary: the cells' words and [RET] (task "retrieval")
 
     def __post_init__(self):
         unknown = set(self.colors) - set(COLOR_RGB) | set(self.shapes) - set(SHAPE_MASKS)
@@ -98,6 +106,10 @@ class SyntheticConfig:
             raise ValueError("max_shapes exceeds the number of distinct (color, shape) pairs")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.retrieval_captions and self.grid not in CELL_ROWS:
+            raise ValueError(
+                f"retrieval_captions names cells of grids up to 3x3, not {self.grid}x{self.grid}"
+            )
         if self.num_frames < 2:
             raise ValueError(f"num_frames must be >= 2 (a clip shows motion), got {self.num_frames}")
 
@@ -239,4 +251,28 @@ def vocabulary(config: SyntheticConfig) -> list[str]:
     if config.existence_questions:
         words.update(w for w in EXISTENCE_QUESTION.split() if "{" not in w)
         words.update(EXISTENCE_ANSWERS)
+    if config.retrieval_captions:
+        words.update(w for w in CELL_ROWS[config.grid] + CELL_COLUMNS[config.grid] if w)
+        words.add(RET_TOKEN)
     return sorted(words)
+
+
+def located_caption(config: SyntheticConfig, objects: list[dict]) -> str:
+    """``caption`` with each shape's cell: ``"a red circle top left and a blue square bottom right ."``;
+    a scene has exactly one (retrieval among held-out images)."""
+    g, cell = config.grid, config.image_size / config.grid
+    rows, cols = CELL_ROWS[g], CELL_COLUMNS[g]
+    where = lambda o: (rows[int(o["cy"] // cell)], cols[int(o["cx"] // cell)])  # noqa: E731
+    located = [dict(o, shape=" ".join(w for w in (o["shape"], *where(o)) if w)) for o in objects]
+    return caption(located)
+
+
+def retrieval_record(config: SyntheticConfig, split: str, index: int, max_images: int) -> dict:
+    """FROMAGe's retrieval example: the located caption, then ``[RET]`` (the answer, learned), then the
+    image in a later turn, so that ``[RET]`` never sees it (causal attention); the image is the
+    contrastive target of the ``[RET]`` state (models/retrieval.py) and its turn's answer is empty."""
+    if not config.retrieval_captions:
+        raise ValueError("task 'retrieval' needs synthetic.retrieval_captions=True (its words and [RET])")
+    ex = make_example(config, split, index)
+    turns = [("user", located_caption(config, ex["objects"])), ("assistant", RET_TOKEN)]
+    return {"images": [ex["image"]], "turns": [*turns, ("user", IMAGE), ("assistant", "")]}

@@ -19,6 +19,7 @@ from mllm_jax.evaluation import (
     seed,
     synthetic_grounding,
     synthetic_pope,
+    synthetic_retrieval,
     synthetic_video,
     synthetic_vqa,
     textvqa,
@@ -39,6 +40,9 @@ TASKS = {
         ),
         SyntheticTask("synthetic_video", synthetic_video.MAX_NEW_TOKENS, synthetic_video.predictions),
         SyntheticTask("synthetic_pope", synthetic_pope.MAX_NEW_TOKENS, synthetic_pope.predictions),
+        SyntheticTask(
+            "synthetic_retrieval", synthetic_retrieval.MAX_NEW_TOKENS, synthetic_retrieval.predictions
+        ),
     )
 }
 # the LLaVA-1.5 suite (and OK-VQA, VizWiz for the Flamingo line), read from their released files

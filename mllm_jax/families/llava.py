@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from mllm_jax.data.layouts import ModelSpec
-from mllm_jax.errors import UsageError
+from mllm_jax.errors import ConfigError, UsageError
 from mllm_jax.families import base
 from mllm_jax.families.trainable import ModelSettings, TrainableFamily, llm_sizes, video_settings
 from mllm_jax.hf import llava as hf_llava
 from mllm_jax.models import flops
+from mllm_jax.models.layers import AttentionKernel
 from mllm_jax.models.llm import LlmConfig
 from mllm_jax.models.mllm import Llava, LlavaConfig
 from mllm_jax.models.projector import ProjectorConfig
+from mllm_jax.models.retrieval import RET_TOKEN, RetrievalConfig, RetrievalLlava, RetrievalLlavaConfig
 from mllm_jax.models.vit import VitConfig
 
 
@@ -25,6 +29,9 @@ class LlavaSettings(ModelSettings):
     vision_feature_select_strategy: str = "default"  # "default" drops the class token, "full" keeps it
     # video: "concat" (a block of image tokens per frame) or "mean" (one averaged block per clip)
     video_pool: str = "concat"
+    # FROMAGe's [RET] retrieval head (models/retrieval.py): RetrievalConfig's fields (dim, weight,
+    # temperature); empty: none. Needs [RET] in the tokenizer (synthetic.retrieval_captions adds it)
+    retrieval: dict = dataclasses.field(default_factory=dict)
 
 
 class LlavaFamily(TrainableFamily):
@@ -42,6 +49,15 @@ class LlavaFamily(TrainableFamily):
     def frames_per_media(self, config: LlavaConfig) -> int:
         return config.frames_per_media
 
+    # -- the [RET] retrieval head (a RetrievalLlavaConfig), an option of the same family
+
+    def build(self, config, dtype=jnp.float32, remat="none", scan_layers=False, attention=AttentionKernel()):
+        module = RetrievalLlava if isinstance(config, RetrievalLlavaConfig) else Llava
+        return module(config, dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention)
+
+    def config_from_dict(self, d: dict):
+        return base.config_from_dict(RetrievalLlavaConfig if "retrieval" in d else LlavaConfig, d)
+
     # -- sizing from config.model
 
     def scratch(self, m: LlavaSettings, tokenizer) -> LlavaConfig:
@@ -50,7 +66,7 @@ class LlavaFamily(TrainableFamily):
     def from_parts(self, m: LlavaSettings, vision: VitConfig, llm: LlmConfig, tokenizer) -> LlavaConfig:
         layers = m.vision_feature_layers
         projector = ProjectorConfig(vision.hidden_size * len(layers), llm.hidden_size, **m.projector)
-        return LlavaConfig(
+        config = LlavaConfig(
             vision,
             projector,
             llm,
@@ -59,6 +75,16 @@ class LlavaFamily(TrainableFamily):
             m.vision_feature_select_strategy,
             **video_settings(m),
         )
+        if not m.retrieval:
+            return config
+        if RET_TOKEN not in tokenizer.get_vocab():
+            raise ConfigError(
+                f"config.model.retrieval needs the {RET_TOKEN} token in the tokenizer: "
+                "set config.synthetic.retrieval_captions=True (built-in tokenizer)"
+            )
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LlavaConfig)}
+        ret = RetrievalConfig(**{**m.retrieval, "token_id": base.token_id(tokenizer, RET_TOKEN)})
+        return RetrievalLlavaConfig(**fields, retrieval=ret)
 
     def processor(self, config: LlavaConfig, tokenizer, image_processor, qformer_tokenizer=None):
         from transformers import LlavaProcessor
