@@ -39,14 +39,28 @@ def lm_loss(model, params, batch, rng, chunk: int = 0):
     )
     args = ({"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"])
     mask = batch["loss_mask"].astype(jnp.float32)
+    own = {}
     if chunk:
         hidden, path = xent.final_hidden(model, *args, **extra)
         head = xent.head_fn(model, {"params": params}, path)
         nll, correct = xent.chunked_sums(head, hidden, batch["targets"], mask, chunk)
     else:
-        logits, _ = model.apply(*args, **extra)
+        logits, own = _forward(model, args, extra)
         nll, correct = xent.token_sums(logits, batch["targets"], mask)
-    return nll, {"count": mask.sum(), "correct": correct}
+    aux = {"count": mask.sum(), "correct": correct}
+    # a model's own losses are batch means: times the token count (the step's normaliser) they join the
+    # objective with their weight, and are logged (loss/<name>) as they are
+    for name, (value, weight) in own.items():
+        nll, aux[name] = nll + weight * value * aux["count"], value * aux["count"]
+    return nll, aux
+
+
+def _forward(model, args, extra):
+    """``(logits, own losses)``: a model with losses of its own beside the LM's (``train_outputs``:
+    LLaVA's [RET] retrieval head, models/retrieval.py) returns them as ``{name: (mean, weight)}``."""
+    if hasattr(model, "train_outputs"):
+        return model.apply(*args, method="train_outputs", **extra)
+    return model.apply(*args, **extra)[0], {}
 
 
 def make_train_step(
