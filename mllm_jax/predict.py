@@ -12,8 +12,9 @@ BLIP-2 / InstructBLIP take one image whose query tokens go in front of the promp
 Logs go to stderr, the result to stdout; ``--format=json`` prints ``{"text", "token_ids", "logprobs"}``
 (with ``--num_beams`` > 1, beam search as transformers' ``generate(num_beams=k)``: ``{"text", "token_ids",
 "score"}``, the beam's length-normalised log-probability). ``--explain`` writes the input images with a
-heatmap of where the answer's tokens attended (``inference/explain.py``; LLaVA), averaged over layers and
-heads, or of one layer with ``--explain_layer``.
+heatmap of where the answer's tokens attended (``inference/explain.py``: LLaVA's image tokens, IDEFICS's
+gated cross-attention, BLIP-2's Q-Former weighted by the LLM's attention to its queries), averaged over
+layers and heads, or of one layer with ``--explain_layer``.
 """
 
 from __future__ import annotations
@@ -82,9 +83,7 @@ def predict(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_ids = eos_token_ids(assets, pretrained.hf_config, tokenizer)
     if explain_path:  # a model --explain cannot draw is refused before decoding
-        if inputs.pixels is None:
-            raise UsageError("--explain needs an --image")
-        explain.patch_tokens(model, inputs.tokens, inputs.pixels)
+        explain.check(model, inputs.tokens, inputs.pixels)
     if num_beams > 1:
         try:
             ids, score = beam.beam_search(
@@ -115,7 +114,9 @@ def _explained(result: dict, path, layer, model, params, inputs) -> dict:
     """With ``path``: the attention heatmap of the answer written there (``result["explain"]``)."""
     if not path:
         return result
-    attention = explain.explain(model, params, inputs.tokens, result["token_ids"], inputs.pixels, layer)
+    attention = explain.explain(
+        model, params, inputs.tokens, result["token_ids"], inputs.pixels, layer, inputs.embed_kwargs
+    )
     explain.save_heatmaps(path, inputs.pixels, attention)
     return {**result, "explain": path}
 

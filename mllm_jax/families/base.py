@@ -61,6 +61,9 @@ class Family:
     tied_keys: tuple[str, ...] = ()  # HF keys of an lm_head tied to the embeddings (a stored copy is dropped)
     trains: bool = False  # a whole image-text model that `main` trains (the rest are its parts)
     reads_media: bool = False  # images reach the decoder through cross-attention (Flamingo), not as tokens
+    # what predict --explain draws (inference/explain.py): "tokens" (image tokens in the sequence, one
+    # per patch), "cross_attention" (gated cross-attention onto the media), "qformer" (via the queries)
+    attention_map: str = "tokens"
 
     # -- modules and configs
 
@@ -149,6 +152,26 @@ class Family:
             raise UsageError("this is a text-only model: --image is not accepted")
         tokenizer = load_tokenizer(assets)
         return Inputs(tokenizer, tokenizer(prompt, return_tensors="np")["input_ids"][0].tolist())
+
+    def chat_prompt(self, config, turns: list[tuple[str, list]], eos: str = "</s>") -> str:
+        """The prompt of a conversation for a model with no chat template: ``turns`` are ``(role,
+        parts)`` (role ``system``, ``user`` or ``assistant``; a part is a text, or None for an image, in
+        order), ending with the user's turn. This default is LLaVA-1.5's conversation format (each image
+        of a turn as ``<image>\\n`` before its text, the answers closed by ``eos``)::
+
+            [SYSTEM ]USER: <image>\\nQUESTION ASSISTANT: ANSWER</s>USER: ... ASSISTANT:
+        """
+        out = []
+        for role, parts in turns:
+            images = "".join(f"{IMAGE_TOKEN}\n" for p in parts if p is None)
+            text = " ".join(p for p in parts if p is not None)
+            if role == "system":
+                out.append(f"{text} ")
+            elif role == "user":
+                out.append(f"USER: {images}{text} ")
+            else:
+                out.append(f"ASSISTANT: {images}{text}{eos}")
+        return "".join(out) + "ASSISTANT:"
 
 
 def config_from_dict(cls, d: dict):

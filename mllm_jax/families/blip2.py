@@ -37,6 +37,7 @@ class Blip2Settings(ModelSettings):
 
 class Blip2Family(TrainableFamily):
     name = "blip2"
+    attention_map = "qformer"  # predict --explain
     config_cls = Blip2Config
     settings_cls = Blip2Settings
     module_cls = Blip2
@@ -145,6 +146,23 @@ class Blip2Family(TrainableFamily):
         return base.Inputs(
             processor.tokenizer, inputs["input_ids"][0].tolist(), base.to_nhwc(inputs["pixel_values"]), extra
         )
+
+    def chat_prompt(self, config: Blip2Config, turns, eos="</s>") -> str:
+        """BLIP-2's prompt, ``Question: QUESTION Answer:`` (earlier turns as ``Question: Q Answer: A.``,
+        as LAVIS's chat demo); InstructBLIP's is the plain instruction (the turns' texts, one a line).
+        Images need no placeholder: the processor puts the query tokens in front."""
+        texts = [(role, " ".join(p for p in parts if p is not None)) for role, parts in turns]
+        if config.qformer.text_input:
+            return "\n".join(text for _, text in texts if text)
+        out = []
+        for role, text in texts:
+            if role == "system":
+                out.append(text)
+            elif role == "user":
+                out.append(f"Question: {text} Answer:")
+            else:
+                out.append(f"{text.rstrip('.')}.")
+        return " ".join(out)
 
 
 FAMILY = Blip2Family()

@@ -24,6 +24,7 @@ from mllm_jax.models.vit import VitConfig
 from mllm_jax.models.xattn import XattnConfig
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # IDEFICS wraps each image in these
+END_OF_UTTERANCE = "<end_of_utterance>"  # IDEFICS-instruct closes each turn with it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,7 @@ class IdeficsSettings(ModelSettings):
 
 class IdeficsFamily(TrainableFamily):
     name = "idefics"
+    attention_map = "cross_attention"  # predict --explain
     config_cls = IdeficsConfig
     settings_cls = IdeficsSettings
     module_cls = Idefics
@@ -141,6 +143,21 @@ class IdeficsFamily(TrainableFamily):
         return base.Inputs(
             tokenizer, tokens, np.stack([image_spec(im) for im in images])[None], config=config
         )
+
+    def chat_prompt(self, config, turns, eos="</s>") -> str:
+        """IDEFICS-instruct's conversation format: each turn's texts and images in their order, an
+        utterance closed by ``<end_of_utterance>``::
+
+            [SYSTEM\\n]User: QUESTION<image><end_of_utterance>\\nAssistant: ANSWER<end_of_utterance>\\n
+            User:<image>QUESTION<end_of_utterance>\\nAssistant:
+        """
+        out = []
+        for role, parts in turns:
+            body = "".join(base.IMAGE_TOKEN if p is None else p for p in parts)
+            space = " " if parts and parts[0] is not None else ""
+            speaker = {"user": "User:", "assistant": "Assistant:"}.get(role)
+            out.append(f"{speaker}{space}{body}{END_OF_UTTERANCE}\n" if speaker else f"{body}\n")
+        return "".join(out) + "Assistant:"
 
 
 def _config(

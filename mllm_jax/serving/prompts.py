@@ -3,20 +3,16 @@ and the images in order.
 
 The model's own chat template renders it when its processor or tokenizer has one (as transformers'
 ``apply_chat_template(messages, add_generation_prompt=True)``, images as ``{"type": "image"}`` parts);
-otherwise the default conversation format below, LLaVA-1.5's::
-
-    [SYSTEM TEXT ]USER: <image>\n<image>\nQUESTION ASSISTANT: ANSWER</s>USER: ... ASSISTANT:
-
-(each image of a turn as ``<image>\\n`` before its text, in order; BLIP-2's processor drops the
-placeholder and puts its query tokens in front instead).
+otherwise the family's own default conversation format (``Family.chat_prompt``): LLaVA-1.5's for LLaVA,
+IDEFICS-instruct's ``User: ...<end_of_utterance>\\nAssistant:`` for IDEFICS / Flamingo, BLIP-2's
+``Question: ... Answer:`` (InstructBLIP: the plain instruction) for BLIP-2.
 """
 
 from __future__ import annotations
 
+from mllm_jax import families
 from mllm_jax.families import base
 from mllm_jax.serving.protocol import ApiError, Message
-
-DEFAULT_FORMAT = "LLaVA-1.5: 'USER: <image>\\nQUESTION ASSISTANT:'"
 
 
 def hf_messages(messages: list[Message]) -> list[dict]:
@@ -32,19 +28,10 @@ def hf_messages(messages: list[Message]) -> list[dict]:
     ]
 
 
-def default_prompt(messages: list[Message], eos: str = "</s>") -> str:
-    """The default conversation format (module docstring)."""
-    out = []
-    for m in messages:
-        images = "".join(f"{base.IMAGE_TOKEN}\n" for p in m.parts if not isinstance(p, str))
-        text = " ".join(p for p in m.parts if isinstance(p, str))
-        if m.role == "system":
-            out.append(f"{text} ")
-        elif m.role == "user":
-            out.append(f"USER: {images}{text} ")
-        else:
-            out.append(f"ASSISTANT: {images}{text}{eos}")
-    return "".join(out) + "ASSISTANT:"
+def default_prompt(messages: list[Message], family: str, config, eos: str = "</s>") -> str:
+    """The family's default conversation format (``Family.chat_prompt``): images as None parts."""
+    turns = [(m.role, [p if isinstance(p, str) else None for p in m.parts]) for m in messages]
+    return families.get(family).chat_prompt(config, turns, eos)
 
 
 def chat_template_owner(assets: str):
@@ -59,11 +46,12 @@ def chat_template_owner(assets: str):
     return None
 
 
-def render(messages: list[Message], owner, eos: str = "</s>") -> tuple[str, list]:
-    """``(prompt text, images in order)``; ``owner`` from ``chat_template_owner`` (None: the default)."""
+def render(messages: list[Message], owner, pretrained, eos: str = "</s>") -> tuple[str, list]:
+    """``(prompt text, images in order)``; ``owner`` from ``chat_template_owner`` (None: the default
+    format of ``pretrained``'s family)."""
     images = [p for m in messages for p in m.parts if not isinstance(p, str)]
     if owner is None:
-        return default_prompt(messages, eos), images
+        return default_prompt(messages, pretrained.family, pretrained.config, eos), images
     try:
         if hasattr(owner, "tokenizer"):  # a processor: it knows image parts
             prompt = owner.apply_chat_template(

@@ -85,7 +85,7 @@ class Service:
                 f"the model {request.model!r} does not exist (this server has {self.model_id!r})",
                 status=404, param="model", code="model_not_found",
             )  # fmt: skip
-        prompt, images = prompts.render(request.messages, self.template_owner, self.eos)
+        prompt, images = prompts.render(request.messages, self.template_owner, self.pretrained, self.eos)
         p = self.pretrained
         with self._lock:
             try:

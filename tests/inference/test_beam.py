@@ -4,6 +4,7 @@ early and the finished-hypotheses bookkeeping and the early-stopping heuristic d
 
 import blip2_fixtures
 import hf_fixtures
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
@@ -97,9 +98,47 @@ def test_blip2_beam_search_equals_hf(blip2_dir):
     assert differs
 
 
-def test_explain_refuses_a_model_without_patch_tokens(blip2_dir, image_files):
-    """(Here for the BLIP-2 dir this module builds.) BLIP-2's LLM sees query tokens, not patches: one
-    clear line instead of a wrong map."""
-    with pytest.raises(errors.UsageError, match="one per patch"):
-        predict.predict(blip2_dir, "question : what is it ? answer :", image_files[:1], max_new_tokens=2,
-                        explain_path="/nonexistent/x.png")  # fmt: skip
+def test_blip2_explain_equals_hf_attentions(blip2_dir, image_files, tmp_path):
+    """(Here for the BLIP-2 dir this module builds.) ``predict --explain`` on BLIP-2: the Q-Former's
+    cross-attention onto the patches and the LLM's attention onto the query tokens equal HF's
+    ``output_attentions`` (the Q-Former's ``cross_attentions``, ``language_model_outputs.attentions``);
+    the map is the queries' patch attention weighted by the answer's attention to each query."""
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration
+
+    from mllm_jax.inference import explain
+
+    prompt = "Question: what is it ? Answer:"
+    out_png = str(tmp_path / "x.png")
+    result = predict.predict(blip2_dir, prompt, image_files[:1], max_new_tokens=3, explain_path=out_png)
+    assert Image.open(out_png).size == (336, 336)
+    pre, assets = store.load_any(blip2_dir)
+    image = Image.open(image_files[0]).convert("RGB")
+    inputs = prepare_inputs(pre.family, pre.config, assets, prompt, [image])
+    model = families.build(pre.family, pre.config)
+    answer = result["token_ids"]
+    ours = explain.explain(model, pre.params, inputs.tokens, answer, inputs.pixels)
+
+    hf = Blip2ForConditionalGeneration.from_pretrained(blip2_dir, attn_implementation="eager").eval()
+    sequence = torch.tensor([inputs.tokens + answer[:-1]])
+    pixel_values = torch.tensor(inputs.pixels[:, 0].transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        out = hf(input_ids=sequence, pixel_values=pixel_values, output_attentions=True)
+        # the model does not pass output_attentions on to its Q-Former: asked of the Q-Former itself
+        image_embeds = hf.vision_model(pixel_values=pixel_values).last_hidden_state
+        qformer = hf.qformer(
+            query_embeds=hf.query_tokens.expand(1, -1, -1),
+            encoder_hidden_states=image_embeds,
+            output_attentions=True,
+        )
+    cross_LxNxQxP = np.stack([x[0].numpy() for x in qformer.cross_attentions])
+    np.testing.assert_allclose(ours.qformer_attention_LxNxQxP, cross_LxNxQxP, atol=1e-5)
+    t, a = sequence.shape[1], len(answer)
+    queries = np.flatnonzero(np.asarray(inputs.tokens) == pre.config.image_token_id)
+    llm = np.stack([x[0].numpy() for x in out.language_model_outputs.attentions])[:, :, t - a :][..., queries]
+    np.testing.assert_allclose(ours.image_attention_LxNxAxS, llm, atol=1e-5)
+    grid = pre.config.vision.image_size // pre.config.vision.patch_size
+    per_layer = np.einsum("q,lqp->lp", llm.mean(axis=(0, 1, 2)), cross_LxNxQxP.mean(axis=1))
+    per_layer = per_layer[:, 1:].reshape(-1, 1, grid, grid)  # EVA's class token left out
+    np.testing.assert_allclose(ours.per_layer_LxIxGxG, per_layer, atol=1e-6)
+    np.testing.assert_allclose(ours.maps_IxGxG, per_layer.mean(axis=0), atol=1e-6)

@@ -1,6 +1,7 @@
-"""Attention maps (``predict --explain``): the answer's attention onto the image tokens equals
-transformers' own attention probabilities (``output_attentions``, eager attention) on the same sequence,
-per layer and head; the map is their mean over the answer's tokens and heads, and the layers or one."""
+"""Attention maps (``predict --explain``): the attention probabilities they are made of equal
+transformers' own on the same sequence, per layer and head (LLaVA: ``output_attentions``; IDEFICS: the
+gated cross-attention modules' weights and the perceiver's; BLIP-2: tests/inference/test_beam.py); the
+map is their mean over the answer's tokens and heads, and the layers or one."""
 
 import numpy as np
 import pytest
@@ -62,3 +63,77 @@ def test_heatmap_marks_the_attended_patch():
     redness = heat[..., 0] - heat[..., 1:].mean(-1)
     y, x = np.unravel_index(np.argmax(redness), redness.shape)
     assert (y // 16, x // 16) == (1, 2)
+
+
+def _hf_perceiver_probs(attn, context, latents):
+    """HF ``IdeficsPerceiverAttention.forward``'s attention probabilities (its own modules, its lines up to
+    the softmax): ``[B, N, Q, P + Q]``."""
+    context, latents = attn.context_layer_norm(context), attn.latents_layer_norm(latents)
+    b = context.shape[0]
+    q = attn.q_proj(latents)
+    k = attn.k_proj(torch.cat([context, latents], dim=-2))
+    q, k = [x.reshape(b, x.shape[1], attn.n_heads, attn.head_dim).transpose(1, 2) for x in (q, k)]
+    if attn.qk_layer_norms:
+        q, k = attn.q_layer_norm(q), attn.k_layer_norm(k)
+    return torch.einsum("... i d, ... j d -> ... i j", q * attn.qk_scale, k).softmax(dim=-1)
+
+
+@pytest.mark.parametrize("variant", ["vector_i2_resampler_qk_addvocab", "vector_i2_plain_addvocab_qk"])
+def test_idefics_cross_attention_map_equals_hf(variant, image_files, tmp_path):
+    """IDEFICS: the gated cross-attention probabilities equal HF's (eager ``cross_attn`` modules' weights,
+    which ``output_attentions`` does not return), and with a resampler the map composes HF's perceiver
+    probabilities as the docstring says; two images, each answer token seeing the latest."""
+    import idefics_fixtures
+    from transformers import IdeficsForVisionText2Text
+
+    path = str(tmp_path / "idefics")
+    idefics_fixtures.build_idefics(path, seed=3, **idefics_fixtures.IDEFICS_VARIANTS[variant])
+    idefics_fixtures.make_processor().save_pretrained(path)
+    images = [Image.open(f).convert("RGB") for f in image_files[:2]]
+    prompt = "User: <image> what is in this picture ? <image> describe it . Assistant :"
+    answer = [5, 9, 7, 11]
+    if "resampler" in variant:  # the command's path once: decode, then draw both images
+        out_png = str(tmp_path / "x.png")
+        result = predict.predict(path, prompt, image_files[:2], max_new_tokens=4, explain_path=out_png)
+        assert Image.open(out_png).size == (2 * 336, 336)
+        answer = result["token_ids"]
+    pre, assets = store.load_any(path)
+    inputs = prepare_inputs(pre.family, pre.config, assets, prompt, images)
+    model = families.build(pre.family, inputs.config)
+    ours = explain.explain(model, pre.params, inputs.tokens, answer, inputs.pixels)
+
+    hf = IdeficsForVisionText2Text.from_pretrained(path, attn_implementation="eager").eval()
+    cross, perceiver = [], []
+    hooks = [layer.cross_attn.register_forward_hook(lambda m, i, o: cross.append(o[1]))
+             for layer in hf.model.gated_cross_attn_layers]  # fmt: skip
+    if hf.config.use_resampler:
+        hooks += [block[0].register_forward_hook(lambda m, i, o: perceiver.append(_hf_perceiver_probs(m, *i)))
+                  for block in hf.model.perceiver_resampler.blocks]  # fmt: skip
+    sequence = inputs.tokens + answer[:-1]
+    t, a = len(sequence), len(answer)
+    image_ids = np.cumsum(np.asarray(sequence) == inputs.config.image_token_id) - 1
+    image_mask = torch.tensor((image_ids[:, None] == np.arange(2))[None], dtype=torch.long)
+    pixel_values = torch.tensor(inputs.pixels.transpose(0, 1, 4, 2, 3))
+    with torch.no_grad():
+        hf(input_ids=torch.tensor([sequence]), pixel_values=pixel_values, image_attention_mask=image_mask)
+    for h in hooks:
+        h.remove()
+    expected_JxNxAxS = np.stack([c[0, :, t - a :].numpy() for c in cross])
+    np.testing.assert_allclose(ours.image_attention_LxNxAxS, expected_JxNxAxS, atol=1e-5)
+    assert ours.image_attention_LxNxAxS[:, :, :, : inputs.config.tokens_per_image].sum() < 1e-6  # 2nd image
+    per_layer = expected_JxNxAxS.mean(axis=(1, 2)).reshape(len(cross), 2, -1)
+    if perceiver:
+        p = inputs.config.vision.num_positions
+        share = None
+        for probs in perceiver:
+            a_BxQxS = probs.mean(dim=1).numpy()
+            share = a_BxQxS[..., :p] if share is None else a_BxQxS[..., :p] + a_BxQxS[..., p:] @ share
+        per_layer = np.einsum("jmq,mqp->jmp", per_layer, share)
+    grid = inputs.config.vision.image_size // inputs.config.vision.patch_size
+    per_layer = per_layer[..., 1:].reshape(len(cross), 2, grid, grid)  # CLIP's class token left out
+    np.testing.assert_allclose(ours.per_layer_LxIxGxG, per_layer, atol=1e-5)
+    np.testing.assert_allclose(ours.maps_IxGxG, per_layer.mean(axis=0), atol=1e-6)
+    last = explain.explain(model, pre.params, inputs.tokens, answer, inputs.pixels, layer=-1)
+    np.testing.assert_allclose(last.maps_IxGxG, per_layer[-1], atol=1e-6)
+    with pytest.raises(errors.UsageError, match="explain_layer"):
+        explain.explain(model, pre.params, inputs.tokens, answer, inputs.pixels, layer=len(cross))

@@ -1,5 +1,5 @@
 """`serve` on a tiny HF IDEFICS dir (two images in one message) and a tiny BLIP-2 dir, neither with a
-chat template (the default conversation format), with the official `openai` client: greedy answers equal
+chat template (each family's default conversation format), with the official `openai` client: greedy answers equal
 transformers' greedy `generate` with the model's own processor, for 8 concurrent requests; streamed
 deltas concatenate to the same text; an undecodable image gets a 400 and the next request is answered."""
 
@@ -71,8 +71,9 @@ def test_idefics_two_images_per_message(tmp_path):
     for i, q in enumerate(QUESTIONS):
         pair = images(2, 2 * i)
         requests.append(user(q, *pair))
-        # the default format, "USER: <image>\n<image>\nQ ASSISTANT:", as IdeficsProcessor's interleaved list
-        interleaved = ["USER: ", pair[0], "\n", pair[1], f"\n{q} ASSISTANT:"]
+        # IDEFICS's default format, "User:<image><image>Q<end_of_utterance>\nAssistant:", as the
+        # interleaved list IdeficsProcessor takes
+        interleaved = ["User:", pair[0], pair[1], f"{q}<end_of_utterance>\nAssistant:"]
         inputs = processor(text=[interleaved], return_tensors="pt")
         expected.append(hf_greedy(model, inputs, processor))
     with served(path, "tiny-idefics", max_batch=4, max_new_tokens=MAX_NEW) as (url, _):
@@ -96,8 +97,8 @@ def test_blip2(tmp_path):
     for i, q in enumerate(QUESTIONS):
         [image] = images(1, 20 + i)
         requests.append(user(q, image))
-        # the default format without its placeholder: BLIP-2's query tokens go in front instead
-        inputs = processor(images=[image], text=f"USER: \n{q} ASSISTANT:", return_tensors="pt")
+        # BLIP-2's default format (no placeholder: its query tokens go in front)
+        inputs = processor(images=[image], text=f"Question: {q} Answer:", return_tensors="pt")
         expected.append(hf_greedy(model, inputs, processor))
     with served(path, "tiny-blip2", max_batch=4, max_new_tokens=MAX_NEW) as (url, _):
         check_family(url, "tiny-blip2", requests, expected)
