@@ -1,7 +1,8 @@
 """`serve` on a tiny HF IDEFICS dir (two images in one message) and a tiny BLIP-2 dir, neither with a
 chat template (each family's default conversation format), with the official `openai` client: greedy
-answers equal transformers' greedy `generate` with the model's own processor, for 8 concurrent requests; streamed
-deltas concatenate to the same text; an undecodable image gets a 400 and the next request is answered."""
+answers equal transformers' greedy `generate` with the model's own processor, for 8 concurrent
+requests; streamed deltas concatenate to the same text; an undecodable image gets a 400 and the next
+request is answered."""
 
 import concurrent.futures
 
