@@ -37,10 +37,11 @@ AUTO_IMAGE_FACTOR = 4
 
 
 def row_images(max_length: int, max_images: int, packed_images: int, model: ModelSpec) -> int:
-    """Image slots of a packed row: ``packed_images``, or (0) as many image blocks as ``max_length``
-    holds, at most ``AUTO_IMAGE_FACTOR * max_images``; never fewer than one example's ``max_images``."""
-    if packed_images > 0:
-        return max(packed_images, max_images)
+    """Image slots of a packed row: ``packed_images`` (rounded up to whole clips), or (0) as many image
+    blocks as ``max_length`` holds, at most ``AUTO_IMAGE_FACTOR * max_images``; never fewer than one
+    example's ``max_images``."""
+    if packed_images > 0:  # whole clips (a video model's media hold frames_per_image images)
+        return max(-(-packed_images // model.frames_per_image) * model.frames_per_image, max_images)
     blocks = max_length // model.image_tokens * model.frames_per_image
     return max(max_images, min(blocks, AUTO_IMAGE_FACTOR * max_images))
 

@@ -83,7 +83,7 @@ def unpacked_batches(examples: list[dict], batch: int, steps: int) -> list[dict]
 
 def packed_batches(examples: list[dict], batch: int, steps: int, seq: int, spec: ModelSpec) -> list[dict]:
     """The same stream through the pipeline's packer (``data.packing=True``)."""
-    slots = packing.row_images(seq, 1, 0, spec)
+    slots = packing.row_images(seq, 1, seq // spec.image_tokens, spec)  # as many images as tokens allow
     source = grain.MapDataset.source(examples).to_iter_dataset()
     rows = list(itertools.islice(packing.PackIterDataset(source, seq, slots, 0, spec), batch * steps))
     if len(rows) < batch * steps:

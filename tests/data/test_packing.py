@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mllm_jax import bench
 from mllm_jax.data import packing
 from mllm_jax.data.config import DataConfig
 from mllm_jax.data.pipeline import make_iterator
@@ -23,7 +24,7 @@ from mllm_jax.data.tokenizer import build_tokenizer
 from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.errors import ConfigError
 from mllm_jax.models import layers, llm
-from mllm_jax.training import inputs, runconfig, step, wiring
+from mllm_jax.training import inputs, pack_bench, runconfig, step, wiring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL_LLM = dict(num_layers=1, hidden_size=32, intermediate_size=64)
@@ -232,3 +233,19 @@ def test_stages_that_cannot_pack_are_refused(tmp_path):
         inputs.check_packing(runconfig.from_config_dict(c))
     with pytest.raises(ValueError, match=r"data.mix\[0\].packing: set it on the parent"):
         DataConfig(mix=({"weight": 1.0, "packing": True},))
+
+
+def test_bench_packs_the_same_examples_with_less_padding():
+    config = bench.bench_config("tiny")
+    examples = pack_bench.draw_examples(pack_bench.LengthModel(), 400, 256, config)
+    spec = packing.ModelSpec(config.image_token_id, config.tokens_per_image)
+    unpacked = pack_bench.unpacked_batches(examples, 4, 2)
+    packed = pack_bench.packed_batches(examples, 4, 2, 256, spec)
+    lengths = [packing.example_length(e) for e in examples]
+    assert min(lengths) < 40 and max(lengths) > 150  # ragged
+    used = sum(int(b["segment_ids"].max(1).sum()) for b in packed)  # the first `used` examples, packed
+    assert sum(float(b["loss_mask"].sum()) for b in packed) == sum(
+        e["loss_mask"].sum() for e in examples[:used]
+    )
+    pad = lambda bs: 1 - np.mean([(b["attention_mask"] > 0).mean() for b in bs])  # noqa: E731
+    assert pad(packed) < 0.2 < 0.5 < pad(unpacked)
