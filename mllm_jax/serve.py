@@ -1,10 +1,13 @@
 r"""Serve a model over OpenAI's chat-completions API, with a chat page at ``/``.
 
     python -m mllm_jax.serve --model=PATH [--host=127.0.0.1] [--port=8000] [--max_batch=16] \
-        [--max_new_tokens=256] [--max_images=4] [--context=0] [--image_root=DIR] [--model_id=NAME]
+        [--max_new_tokens=256] [--max_images=4] [--context=0] [--image_root=DIR] [--model_id=NAME] \
+        [--mesh=data=-1,fsdp=1,tensor=1]
 
 PATH is a HF directory or one of our checkpoints / training workdirs, of any family (LLaVA, IDEFICS,
-BLIP-2 / InstructBLIP). Concurrent requests decode together (``serving/engine.py``). Bad flags print one
+BLIP-2 / InstructBLIP). Concurrent requests decode together (``serving/engine.py``); with ``--mesh`` (the
+syntax of ``evaluate --mesh``) the params sit on the mesh in training's layout and the KV cache's rows are
+split over its batch axes. Bad flags print one
 ``error:`` line and exit with code 2; bad requests get a 4xx with OpenAI's error body. See docs/serving.md.
 """
 
@@ -15,6 +18,7 @@ import sys
 from absl import app, flags, logging
 
 from mllm_jax.errors import ConversionError, UsageError
+from mllm_jax.evaluation.options import parse_mesh
 from mllm_jax.serving.http import make_server
 from mllm_jax.serving.service import ServeConfig, Service
 
@@ -31,6 +35,9 @@ def define_flags():
     flags.DEFINE_integer("context", 0, "KV-cache positions per request (0: the model's, at most 4096).")
     flags.DEFINE_string("image_root", None, "Allow file:// image URLs under this directory.")
     flags.DEFINE_string("model_id", "", "The model id clients use (default: the directory's name).")
+    flags.DEFINE_string(
+        "mesh", "", "Decode sharded: e.g. data=-1,fsdp=2,tensor=1 (as evaluate --mesh); empty: one device."
+    )
 
 
 def main(argv):
@@ -39,16 +46,17 @@ def main(argv):
     if not FLAGS.model:
         print("error: --model is required", file=sys.stderr)
         sys.exit(2)
-    config = ServeConfig(
-        model=FLAGS.model,
-        model_id=FLAGS.model_id,
-        max_batch=FLAGS.max_batch,
-        max_new_tokens=FLAGS.max_new_tokens,
-        max_images=FLAGS.max_images,
-        context=FLAGS.context,
-        image_root=FLAGS.image_root,
-    )
     try:
+        config = ServeConfig(
+            model=FLAGS.model,
+            model_id=FLAGS.model_id,
+            max_batch=FLAGS.max_batch,
+            max_new_tokens=FLAGS.max_new_tokens,
+            max_images=FLAGS.max_images,
+            context=FLAGS.context,
+            image_root=FLAGS.image_root,
+            mesh=parse_mesh(FLAGS.mesh),
+        )
         service = Service(config)
         server = make_server(service, FLAGS.host, FLAGS.port)
     except (UsageError, ConversionError, FileNotFoundError, OSError) as e:

@@ -10,6 +10,7 @@ concatenates to what a non-streaming one gets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -42,8 +43,10 @@ class Job:
 
 
 class Engine:
-    def __init__(self, rows: steps.Rows, tokenizer, eos_ids):
-        self.rows, self.tokenizer = rows, tokenizer
+    def __init__(self, rows: steps.Rows, tokenizer, eos_ids, context=contextlib.nullcontext):
+        """``context``: entered by the device thread around its work (a mesh's sharding context, under
+        which the steps are traced)."""
+        self.rows, self.tokenizer, self._context = rows, tokenizer, context
         self.eos = set(eos_ids)
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.active: dict[int, Job] = {}
@@ -74,17 +77,18 @@ class Engine:
     # -- the device thread
 
     def _loop(self):
-        while not self._stop.is_set():
-            try:
-                self._admit()
-                if not self.active:
-                    continue
-                self._step()
-            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
-                logging.exception("engine step failed")
-                for row, job in list(self.active.items()):
-                    job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
-                    del self.active[row]
+        with self._context():
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    if not self.active:
+                        continue
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                    logging.exception("engine step failed")
+                    for row, job in list(self.active.items()):
+                        job.events.put(("error", f"generation failed: {type(e).__name__}: {e}"))
+                        del self.active[row]
 
     def _admit(self):
         free = [r for r in range(self.rows.rows) if r not in self.active]

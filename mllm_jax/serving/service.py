@@ -3,17 +3,21 @@ processor inputs, checks against the context, and a ``Job`` the engine decodes."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import threading
 
+import jax
+import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
-from mllm_jax import families
+from mllm_jax import families, sharding
 from mllm_jax.families import base, store
 from mllm_jax.inference import steps
-from mllm_jax.inference.generate import PROMPT_BUCKET, llm_config
+from mllm_jax.inference.generate import PROMPT_BUCKET, llm_config, place_params
 from mllm_jax.inference.inputs import eos_token_ids, prepare_inputs
 from mllm_jax.serving import prompts
 from mllm_jax.serving.engine import Engine, Job
@@ -30,6 +34,7 @@ class ServeConfig:
     context: int = 0  # KV-cache positions per row; 0: the model's (at most 4096)
     image_root: str | None = None  # file:// image URLs are allowed under this directory only
     max_body_bytes: int = 20 * 1024 * 1024
+    mesh: object = None  # a jax Mesh (serve --mesh): params and KV cache on it; None: one device
 
     def validate(self):
         for name in ("max_batch", "max_new_tokens", "max_images"):
@@ -53,12 +58,20 @@ class Service:
         if length < PROMPT_BUCKET:
             raise ApiError(f"a context of {length} positions is too short (>= {PROMPT_BUCKET})")
         self.template_owner = prompts.chat_template_owner(self.assets)
-        rows = steps.Rows(model, p.params, config.max_batch, length, config.max_images)
+        params, context = p.params, contextlib.nullcontext
+        if config.mesh is not None:  # training's layout of the params; the steps traced under the mesh
+            params = place_params(model, params, config.mesh)
+            context = functools.partial(sharding.activation_context, config.mesh, sharding.rules())
+        rows = steps.Rows(model, params, config.max_batch, length, config.max_images)
+        if config.mesh is not None:
+            _place_rows(rows, config.mesh)
+            _log_placement(params, config.mesh)
         self._tokenizer = None
         self._lock = threading.Lock()  # HF processors are not known to be thread-safe
         tokenizer = self._probe_tokenizer()
         self.eos = tokenizer.eos_token or "</s>"
-        self.engine = Engine(rows, tokenizer, eos_token_ids(self.assets, p.hf_config, tokenizer)).start()
+        eos_ids = eos_token_ids(self.assets, p.hf_config, tokenizer)
+        self.engine = Engine(rows, tokenizer, eos_ids, context).start()
         logging.info(
             "serving %s (%s) as %r: %d rows x %d positions", config.model, p.family, self.model_id,
             config.max_batch, length,
@@ -118,3 +131,31 @@ class Service:
 
     def close(self):
         self.engine.close()
+
+
+def _place_rows(rows: steps.Rows, mesh) -> None:
+    """The KV cache (and Flamingo's media) with their rows split over the mesh's batch axes, as
+    ``generate`` splits a batch (replicated when the rows do not divide over them)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def put(x, axis: int):
+        spec = [None] * x.ndim
+        if x.shape[axis] % shards == 0:
+            spec[axis] = ("data", "fsdp")
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    rows.cache = jax.tree.map(lambda x: put(x, 1 if rows.stacked else 0), rows.cache)
+    if rows.media is not None:
+        rows.media, rows.media_mask = put(rows.media, 0), put(rows.media_mask, 0)
+
+
+def _log_placement(params, mesh) -> None:
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    device = mesh.devices.flat[0]
+    mine = sum(
+        int(np.prod(s.data.shape)) * s.data.dtype.itemsize
+        for x in jax.tree.leaves(params)
+        for s in x.addressable_shards
+        if s.device == device
+    )
+    logging.info("params on mesh %s: %d of %d bytes on %s", dict(mesh.shape), mine, total, device)
