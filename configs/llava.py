@@ -1,5 +1,7 @@
 """LLaVA configs: ``configs/llava.py:tiny`` (CPU demo, built-in synthetic data, from scratch),
-``configs/llava.py:7b`` and ``:13b`` (LLaVA-1.5 recipe: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu).
+``configs/llava.py:7b`` and ``:13b`` (LLaVA-1.5 recipe: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu; 7b
+runs on a v5e-8, 2 sequences per chip in 8 micro-batches of the global 128; 13b on a v4-32, 1 per chip;
+``python -m mllm_jax.plan`` and docs/scaling.md show how they fit).
 Modifiers compose with a preset (mllm_jax/training/presets.py): ``:tiny,lora`` (LoRA in stage 2),
 ``:tiny,video`` (4-frame clips), ``:tiny,grounding`` (boxes as location tokens), ``:tiny,dpo`` (alias
 ``tiny_dpo``: align, instruct, then a DPO preference stage, POPE after instruct and DPO); ``task=video``

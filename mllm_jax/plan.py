@@ -159,6 +159,8 @@ def make_plan(run, target: aot.Target, config_name: str = "", stage=None, batch=
             "dtype": run.dtype,
             "attention": run.attention,
             "param_dtype": run.param_dtype,
+            "moment_dtype": st.optim.moment_dtype,
+            "loss_chunk": st.loss_chunk,
             "per_chip_batch": per_chip,
             "grad_accum": st.grad_accum,
             "global_batch": batch_size,
@@ -190,7 +192,7 @@ def suggest(planner: aot.Planner, remat: str, per_chip: int, limit: float, max_b
             "remat": None,
             "per_chip_batch": None,
             "note": f"params + optimizer state need {aot.gib(need)} per chip, more than {aot.gib(limit)}: "
-            "use more chips or param_dtype=bfloat16",
+            f"use more chips, param_dtype=bfloat16 or stages.{planner.stage.name}.moment_dtype=bfloat16",
         }
     fits = lambda p, b: planner.peak(p, b) <= limit  # noqa: E731
     best_remat = least_recompute(lambda p: fits(p, per_chip), policies, remat)
@@ -205,7 +207,10 @@ def suggest(planner: aot.Planner, remat: str, per_chip: int, limit: float, max_b
     out["per_chip_batch_is_largest"] = proven  # else: the largest seen to fit within the search's budget
     st = planner.stage
     if best_batch is None:
-        out["note"] = "not even one sequence per chip fits: use more chips or param_dtype=bfloat16"
+        out["note"] = (
+            "not even one sequence per chip fits: use more chips, or see docs/scaling.md (Memory) for "
+            "bf16 params and moments, splash attention and loss_chunk"
+        )
     elif best_batch == max_batch:
         out["note"] = f"the search stopped at --max_batch={max_batch}"
     elif best_batch < per_chip:
