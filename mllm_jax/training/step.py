@@ -24,7 +24,10 @@ from mllm_jax.training import dpo, lora, optim, xent
 from mllm_jax.training.runconfig import Stage
 
 # what a step reads of a batch (the pipeline also yields host-only keys, such as image positions)
-BATCH_KEYS = ("images", "tokens", "targets", "loss_mask", "attention_mask", "text_tokens", "text_mask")
+BATCH_KEYS = (
+    *("images", "tokens", "targets", "loss_mask", "attention_mask", "text_tokens", "text_mask"),
+    *("segment_ids", "positions"),  # packed rows (data/packing.py)
+)
 
 
 def lm_loss(model, params, batch, rng, chunk: int = 0):
@@ -37,7 +40,9 @@ def lm_loss(model, params, batch, rng, chunk: int = 0):
         if "text_tokens" in batch
         else {}
     )
-    args = ({"params": params}, batch["tokens"], batch["images"], None, batch["attention_mask"])
+    # packed rows: positions restart per example and the mask is the segment ids (data/packing.py)
+    segments = batch.get("segment_ids", batch["attention_mask"])
+    args = ({"params": params}, batch["tokens"], batch["images"], batch.get("positions"), segments)
     mask = batch["loss_mask"].astype(jnp.float32)
     own = {}
     if chunk:
@@ -61,6 +66,13 @@ def _forward(model, args, extra):
     if hasattr(model, "train_outputs"):
         return model.apply(*args, method="train_outputs", **extra)
     return model.apply(*args, **extra)[0], {}
+
+
+def _padding(batch) -> dict:
+    """``data/padding_fraction``: padding tokens / all tokens of the step (every micro-batch)."""
+    if "attention_mask" not in batch:
+        return {}
+    return {"data/padding_fraction": 1.0 - jnp.mean((batch["attention_mask"] > 0).astype(jnp.float32))}
 
 
 def make_train_step(
@@ -126,6 +138,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "learning_rate": lr_fn(state["step"]),
             "target_tokens": aux["count"],
+            **_padding(batch),
             "skipped": 1.0 - finite.astype(jnp.float32),
             **{
                 (k if "/" in k else f"loss/{k}"): v / denom
