@@ -248,36 +248,42 @@ def test_unknown_flag_is_one_line():
 
 
 def test_the_commands_in_docs_tpu_md_are_valid_invocations(tmp_path):
-    """Every ``tpu/*.sh`` line of docs/tpu.md's code blocks, run with ``--dry-run`` (and the variable
-    lines before it), is accepted: the walkthrough names no removed flag, and its launches pass a
-    ``gs://`` workdir and ``--distributed=on``."""
+    """Every ``tpu/*.sh`` line of docs/tpu.md's code blocks, run with ``--dry-run`` after each slice's
+    line of variables (the v5e-16's, the v4-32's), is accepted: the walkthrough names no removed flag,
+    its slices are plan's names that create.sh turns into GCE accelerator types, and its launches pass
+    a ``gs://`` workdir and ``--distributed=on``."""
     text = open(os.path.join(ROOT, "docs", "tpu.md")).read()
     assert "gcsfuse" not in text and "/mnt/gcs" not in text and "--mount" not in text
+    assert "v5litepod-16" not in text.replace("`v5litepod-16`", "")  # one name per slice: plan's
     blocks = text.split("```bash\n")[1:]
-    lines = []
+    lines, slices = [], []
     for block in blocks:
         for line in block.split("```")[0].replace("\\\n", " ").splitlines():
             if line.startswith("tpu/"):
                 path, _, rest = line.partition(" ")
                 lines.append(f"{ROOT}/{path} --dry-run {rest}")
-            elif re.fullmatch(r"([A-Z_]+=[\w:/.-]+ *)+(#.*)?", line):  # NAME=... ZONE=... B=gs://...
-                lines.append(line)
-    assert sum(line.startswith(ROOT) for line in lines) >= 10
-    script = "set -e\nNAME=llava-7b ZONE=us-west4-a\n" + "\n".join(lines)
+            elif re.fullmatch(r"([A-Z_]+=[\w:/.-]+ *)+(#.*)?", line) and "SLICE=" in line:
+                slices.append(line)
+    assert len(lines) >= 10 and [re.search(r"SLICE=(\S+)", v).group(1) for v in slices] == ["v5e-16", "v4-32"]
     fake = tmp_path / "bin" / "gcloud"  # a dry run never calls gcloud; if it did, it would fail here
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\nexit 99\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    r = subprocess.run(
-        ["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
-    )
-    assert r.returncode == 0, r.stderr
-    launches = [shlex.split(line) for line in r.stdout.splitlines() if "mllm_jax.main" in line]
-    assert launches
-    for ssh in launches:
-        remote = shlex.split(option(ssh, "--command"))
-        assert "--distributed=on" in remote and option(remote, "--workdir").startswith("gs://")
+    for variables, accelerator in zip(slices, ("v5litepod-16", "v4-32"), strict=True):
+        script = "set -e\n" + variables + "\n" + "\n".join(lines)
+        r = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        commands = [shlex.split(line) for line in r.stdout.splitlines()]
+        creates = [c for c in commands if "create" in c]
+        assert creates and all(option(c, "--accelerator-type") == accelerator for c in creates)
+        launches = [c for c in commands if "--command" in " ".join(c) and "mllm_jax.main" in " ".join(c)]
+        assert launches
+        for ssh in launches:
+            remote = job_argv(option(ssh, "--command"))
+            assert "--distributed=on" in remote and option(remote, "--workdir").startswith("gs://")
 
 
 # ---------------------------------------------------------------- the workers' side, simulated here
@@ -386,3 +392,17 @@ def test_worker_job_outlives_the_session_refuses_a_second_and_setup_keeps_its_co
     r = on_worker("setup.sh", "pod", "z")
     assert r.returncode == 0 and r.stdout.strip() == "python -c ran", r.stderr
     assert os.listdir(home / "mllm_jax") == ["new_code"] and os.listdir(home / "mllm_jax.old") == ["old_code"]
+
+
+def test_the_python_setup_installs_is_one_the_package_accepts():
+    """tpu/setup.sh's Python satisfies setup.cfg's python_requires (TPU VM images' own 3.10 does not)."""
+    import configparser
+
+    from packaging.specifiers import SpecifierSet
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    required = SpecifierSet(cfg["options"]["python_requires"])
+    common = open(os.path.join(ROOT, "tpu", "common.sh")).read()
+    version = re.search(r"^PYTHON_VERSION=(\S+)$", common, re.M).group(1)
+    assert f"{version}.0" in required and "3.10.12" not in required

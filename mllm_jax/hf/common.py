@@ -73,8 +73,9 @@ def read_safetensors(model_dir: str) -> dict[str, np.ndarray]:
             else ""
         )
         raise ConversionError(
-            f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}; convert it once with "
-            f"python -m mllm_jax.convert --from_hf={model_dir} --to_safetensors=OUT_DIR"
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}; safetensors is "
+            f"required: convert it once with python -m mllm_jax.convert --from_hf={model_dir}"
+            " --to_safetensors=OUT_DIR"
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
