@@ -304,3 +304,25 @@ def test_llava_repo_checkpoints_convert_to_hf_llava_dirs(llava_repo_converted):
         store.load_pretrained(str(src / "llava-repo"))
     with pytest.raises(ConversionError, match="holds the projector only .stage 1.: pass --llm=DIR"):
         store.from_llava_repo(str(src / "llava-pretrain"), str(ws / "models" / CLIP), str(out / "x"))
+
+
+class NotATensor:  # what a full unpickle would build, and the restricted loader refuses
+    pass
+
+
+def test_the_bin_reader_never_fully_unpickles_and_needs_torch_only_when_used(tmp_path, monkeypatch):
+    from mllm_jax.hf import pytorch_bin
+
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save({"w": torch.ones(2), "evil": NotATensor()}, path)
+    with pytest.raises(ConversionError, match="not a plain tensor file .PyTorch's weights_only loader") as e:
+        pytorch_bin.load(path)
+    assert "\n" not in str(e.value)
+    torch.save({"w": torch.ones(2, dtype=torch.bfloat16), "n": 3}, path)
+    with pytest.raises(ConversionError, match="entry 'n' is a int, not a tensor"):
+        pytorch_bin.load(path)
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(
+        ConversionError, match="needs PyTorch, which mllm_jax does not install: pip install torch"
+    ):
+        pytorch_bin.load(path)
