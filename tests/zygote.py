@@ -47,6 +47,7 @@ PRELOAD = [
     "orbax.checkpoint",
     "torch",
     "transformers",
+    "transformers.models.auto.processing_auto",  # lazy: ~3 s per command that loads a processor
     "mllm_jax.training.train",
     "mllm_jax.training.aot",
     "mllm_jax.families.store",
