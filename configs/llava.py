@@ -4,7 +4,8 @@ runs on a v5e-8, 2 sequences per chip in 8 micro-batches of the global 128; 13b 
 ``python -m mllm_jax.plan`` and docs/scaling.md show how they fit).
 Modifiers compose with a preset (mllm_jax/training/presets.py): ``:tiny,lora`` (LoRA in stage 2),
 ``:tiny,video`` (4-frame clips), ``:tiny,grounding`` (boxes as location tokens), ``:tiny,dpo`` (alias
-``tiny_dpo``: align, instruct, then a DPO preference stage, POPE after instruct and DPO); ``task=video``
+``tiny_dpo``: align, instruct, then a DPO preference stage, POPE after instruct and DPO); ``tiny_retrieval``
+(FROMAGe's [RET] retrieval head, docs/retrieval.md); ``task=video``
 and ``task=grounding`` are the same as the video and grounding modifiers.
 
     python -m mllm_jax.main --config=configs/llava.py:tiny --workdir=/tmp/llava_tiny
@@ -91,7 +92,6 @@ def tiny_retrieval() -> ml_collections.ConfigDict:
     c = presets.base()
     c.synthetic.retrieval_captions = True  # the cells' words and [RET] in the built-in vocabulary
     c.model = model(retrieval=ml_collections.ConfigDict(dict(dim=64, weight=1.0)))
-    c.stage_order = ("instruct",)
     c.stages.instruct = stage(
         steps=1500,
         batch_size=32,
@@ -101,6 +101,18 @@ def tiny_retrieval() -> ml_collections.ConfigDict:
         end_lr_ratio=0.05,
         # a retrieval row: caption, [RET], then its image (16 tokens) in a later turn: 46 tokens at most
         data=data(max_length=48, mix=(dict(weight=0.3, task="caption"), dict(weight=0.7, task="retrieval"))),
+    )
+    # then twice the batch, so that each caption meets more near misses (the same shapes, one moved or
+    # two colours swapped) among its in-batch negatives, at a lower learning rate
+    c.stage_order = ("instruct", "retrieval")
+    c.stages.retrieval = stage(
+        steps=400,
+        batch_size=64,
+        trainable=c.stages.instruct.trainable,
+        learning_rate=1e-3,
+        warmup_steps=20,
+        end_lr_ratio=0.05,
+        data=data(max_length=48, mix=(dict(weight=0.2, task="caption"), dict(weight=0.8, task="retrieval"))),
     )
     c.log_every = 100
     c.checkpoint_every = 500
