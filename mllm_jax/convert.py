@@ -81,10 +81,10 @@ def main(argv):
         elif given in ({"from_llava_repo", "vision", "to_hf"}, {"from_llava_repo", "vision", "to_hf", "llm"}):
             store.from_llava_repo(FLAGS.from_llava_repo, FLAGS.vision, FLAGS.to_hf, FLAGS.llm)
             logging.info("converted %s to the HF LLaVA directory %s", FLAGS.from_llava_repo, FLAGS.to_hf)
-        elif FLAGS.from_hf and FLAGS.to and not (src_ours or FLAGS.to_hf):
+        elif given == {"from_hf", "to"}:
             model = import_hf(FLAGS.from_hf, FLAGS.to)
             logging.info("imported %s (%s) into %s", FLAGS.from_hf, model.family, FLAGS.to)
-        elif src_ours and FLAGS.to_hf and not (FLAGS.from_hf or FLAGS.to):
+        elif given == {"from", "to_hf"}:
             model = export_hf(src_ours, FLAGS.to_hf, FLAGS.step)
             logging.info("exported %s (%s) to %s", src_ours, model.family, FLAGS.to_hf)
         else:

@@ -155,7 +155,8 @@ def llava_repo_converted(tmp):
     jobs.check(
         jobs.python(*convert, f"--from_llava_repo={src / 'llava-pretrain'}", llm, f"--to_hf={tmp / 'pre'}")
     )
-    return src, ws, tmp
+    mixed = ("--from_hf=" + str(src / "siglip"), f"--to={tmp / 'c'}", f"--to_safetensors={tmp / 's'}")
+    return src, ws, tmp, jobs.check(jobs.python("-m", "mllm_jax.convert", *mixed), 2)
 
 
 def bin_tensors(directory) -> dict:
@@ -223,9 +224,9 @@ def test_the_walkthrough_trains_both_stages_from_stock_dirs_resumes_and_exports(
         assert torch.equal(tower[k], v.to(tower[k].dtype)), k
     # Vicuna's vocabulary (52 words here) grown by <image> to a multiple of 64, the old rows kept
     vicuna = common.read_safetensors(str(ws / "models" / VICUNA))["model.embed_tokens.weight"]
-    table = model.model.language_model.embed_tokens.weight.detach().float().numpy()
+    table = model.model.language_model.embed_tokens.weight.detach()  # the preset's dtype too (frozen)
     assert table.shape == (64, vicuna.shape[1]) and model.config.image_token_index == vicuna.shape[0]
-    np.testing.assert_array_equal(table[: vicuna.shape[0]], vicuna.astype(table.dtype))
+    assert torch.equal(table[: vicuna.shape[0]], torch.tensor(vicuna).to(table.dtype))
 
 
 def test_a_siglip_model_dir_is_read_as_its_vision_half(stock_dirs, tmp_path):
@@ -265,7 +266,9 @@ def test_llava_repo_checkpoints_convert_to_hf_llava_dirs(llava_repo_converted):
     one it came from (the vocabulary grown by <image> and <pad> to a multiple of 64)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    src, ws, out = llava_repo_converted
+    src, ws, out, mixed = llava_repo_converted
+    assert mixed.stderr.splitlines()[-1].startswith("error: use one of --from_hf=HF_DIR --to=CKPT_DIR")
+    assert not os.path.exists(out / "c") and not os.path.exists(out / "s")  # two commands' flags: neither
     vicuna = common.read_safetensors(str(ws / "models" / VICUNA))
     for name, repo in (("whole", "llava-repo"), ("pre", "llava-pretrain")):
         theirs = bin_tensors(src / repo)
