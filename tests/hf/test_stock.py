@@ -110,8 +110,8 @@ def stock_dirs(tmp):
 @jobs.fixture
 def walkthrough(tmp):
     """docs/tpu.md run here with ``B`` a local folder: step 2's conversions and data, step 6's launch
-    command for the v5e-16 on tiny sizes (both stages), the same command again (resume), step 9's
-    export. Returns the folder, the bucket and what the commands printed."""
+    command for the v5e-16 on tiny sizes (stage 1), the same command again (resume), step 9's export.
+    Returns the folder and what the commands printed."""
     src = jobs.result("stock_dirs")
     ws = tmp / "ws"
     os.symlink(src / "ws", ws)  # the downloaded stock repos; the bucket is the same folder here
@@ -190,11 +190,11 @@ def test_bin_only_dirs_convert_exactly_and_are_refused_otherwise(stock_dirs, wal
             store.load_pretrained(str(src))
 
 
-def test_the_walkthrough_trains_both_stages_from_stock_dirs_resumes_and_exports(stock_dirs, walkthrough):
-    """Step 6's command (the v5e-16's flags: stock CLIPModel + LLaMA dirs, both stages' LLaVA-JSON data,
-    grad_accum 16 / 8, no synthetic evaluation) trains both stages; rerun, it resumes and trains no more
-    steps; step 9's export loads in transformers with no missing keys, the tower being the CLIPModel's
-    vision half."""
+def test_the_walkthrough_trains_from_stock_dirs_resumes_and_exports(stock_dirs, walkthrough):
+    """Step 6's command (the v5e-16's flags: the converted stock CLIPModel + LLaMA dirs, both stages'
+    LLaVA-JSON data, grad_accum 16 / 8, no synthetic evaluation) trains stage 1 on tiny sizes; rerun
+    unchanged, it resumes and trains no more steps; step 9's export loads in transformers with no
+    missing or unexpected keys, its tower the CLIPModel's vision half, its vocabulary grown by <image>."""
     from transformers import AutoModel, LlavaForConditionalGeneration
 
     ws, out = walkthrough
