@@ -203,6 +203,11 @@ class RunSetup:
         if stage.loss == "dpo":
             return functools.partial(LOSSES["dpo"], beta=stage.beta)
         if stage.loss_chunk:
+            if hasattr(self.model, "train_outputs"):  # its own losses need the whole forward pass
+                raise ConfigError(
+                    "loss_chunk cannot be used with a model that has losses of its own "
+                    "(config.model.retrieval): set loss_chunk=0"
+                )
             return functools.partial(LOSSES["lm"], chunk=stage.loss_chunk)
         return LOSSES[stage.loss]
 
