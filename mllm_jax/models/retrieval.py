@@ -161,6 +161,10 @@ class RetrievalLlava(Llava):
         logits, and InfoNCE between the rows that hold ``[RET]`` and their first images (a row's
         ``[RET]`` must not see its image: data/synthetic.py ``retrieval_record`` puts it after)."""
         c = self.config
+        if positions_BxT is not None:  # packed rows (data.packing): one row would hold several pairs
+            raise ValueError(
+                "the [RET] retrieval loss pairs a row's [RET] with its first image: no data.packing"
+            )
         features, pooled_BxIxE = self._features(images_BxIxYxXxC)
         embeds = splice_images(self.llm.embed(tokens_BxT), tokens_BxT, c.image_token_id, features)
         hidden_BxTxD, logits_BxTxV = self._hidden_and_logits(embeds, positions_BxT, attention_mask_BxT)

@@ -2,6 +2,7 @@
 model's LM path is LLaVA's own, and the train step's loss adds the weighted contrastive loss."""
 
 import dataclasses
+import functools
 
 import chex
 import flax.linen as nn
@@ -123,6 +124,13 @@ def test_generation_path_is_llava_and_the_step_adds_the_weighted_contrastive_los
     np.testing.assert_allclose(aux["ret/accuracy"] / count, accuracy)
     # the LM part is LLaVA's own (the same logits), the contrastive loss joins with weight 0.5
     np.testing.assert_allclose(loss_sum, plain_sum + 0.5 * ret * count, rtol=1e-5)
+
+
+def test_packed_rows_are_refused():
+    tokens, images = jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 1, 8, 8, 3))
+    init = functools.partial(RetrievalLlava(CONFIG).init, method="train_outputs")
+    with pytest.raises(ValueError, match="packing"):  # positions come only with packed rows
+        jax.eval_shape(lambda: init(jax.random.key(0), tokens, images, tokens))
 
 
 def test_config_checks():
