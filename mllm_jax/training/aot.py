@@ -49,8 +49,9 @@ GENERATIONS = {
     "v5p": Generation("megacore", 2, 95, "v5p", SHAPES_3D),
     "v6e": Generation("default", 1, 32, "v6e", SHAPES_2D),
 }
-# The data config keys that fix a batch's shapes (mllm_jax/data/config.py PARENT_ONLY).
-SHAPE_KEYS = ("max_length", "max_images", "text_length")
+# The data config keys that fix a batch's shapes (mllm_jax/data/config.py PARENT_ONLY); packed rows
+# add segment ids and positions and lay images out in packed_images slots.
+SHAPE_KEYS = ("max_length", "max_images", "text_length", "packing", "packed_images")
 
 
 @dataclasses.dataclass(frozen=True)
