@@ -41,6 +41,8 @@ NEW_KEYS = {
     "eval": {"template": "", "types": ("count", "color", "shape"), "num_pope": 0},
     "synthetic": schema.to_config_dict(SyntheticConfig).to_dict(),
     "stage": {"beta": 0.1, "loss_chunk": 0, "moment_dtype": "float32"},
+    "data": {"packing": False, "packed_images": 0},  # #15: packed rows
+    "llava": {"retrieval": {}},  # #17: the [RET] head, off
 }
 
 
@@ -60,7 +62,12 @@ def test_every_preset_gives_the_config_it_gave_before(name):
     before, now = BEFORE[name], load(f"{family}.py:{preset}").to_dict()
     expected = {**before, "eval": {**before["eval"], **NEW_KEYS["eval"]}}
     expected["synthetic"] = {**NEW_KEYS["synthetic"], **before.get("synthetic", {})}
-    expected["stages"] = {k: {**NEW_KEYS["stage"], **v} for k, v in before["stages"].items()}
+    expected["stages"] = {
+        k: {**NEW_KEYS["stage"], **v, "data": {**NEW_KEYS["data"], **v["data"]}}
+        for k, v in before["stages"].items()
+    }
+    if family == "llava":
+        expected["model"] = {**NEW_KEYS["llava"], **before["model"]}
     for key, value in MEMORY_OPTIONS.get(name, {}).items():  # changed on purpose since
         if key == "stages":
             for stage_name, keys in value.items():
