@@ -46,6 +46,11 @@ class LlavaFamily(TrainableFamily):
     image_mode = "crop"  # CLIPImageProcessor: shortest edge, then center crop
     grows_vocab = True  # <image> grows the LLM's tables, as LLaVA's HF conversion
 
+    def pack_refusal(self, m: LlavaSettings) -> str:
+        if m.retrieval:  # the contrastive loss pairs a row's [RET] with that row's first image
+            return "config.model.retrieval pairs each row's [RET] token with the row's first image"
+        return super().pack_refusal(m)
+
     def frames_per_media(self, config: LlavaConfig) -> int:
         return config.frames_per_media
 

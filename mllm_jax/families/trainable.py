@@ -64,6 +64,10 @@ class TrainableFamily(Family):
     starts_from_parts: bool = False  # a pretrained tower + LLM (model.init.vision/llm) can start it
     cannot_pack: str = ""  # why its rows cannot hold several examples (data.packing); "": they can
 
+    def pack_refusal(self, m: ModelSettings) -> str:
+        """Why a model of these settings cannot train on packed rows; "": it can."""
+        return self.cannot_pack
+
     def scratch(self, m: ModelSettings, tokenizer):
         """The model config from the sizes in ``config.model`` and the tokenizer."""
         raise NotImplementedError

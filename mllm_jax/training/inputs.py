@@ -45,8 +45,8 @@ def check_packing(run: RunConfig) -> None:
                 f"{key}: loss {stage.loss!r} scores whole examples (BLIP-2 stage 1's ITC/ITM contrast "
                 "them across the batch, DPO pairs them); packing is for loss 'lm'"
             )
-        if family.cannot_pack:
-            raise ConfigError(f"{key}: model.family {family.name!r} cannot pack: {family.cannot_pack}")
+        if why := family.pack_refusal(run.model):
+            raise ConfigError(f"{key}: model.family {family.name!r} cannot pack: {why}")
 
 
 def _check_model_dirs(model: ModelSettings) -> None:

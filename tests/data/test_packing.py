@@ -231,6 +231,11 @@ def test_stages_that_cannot_pack_are_refused(tmp_path):
     c.stages[stage].data.packing = True
     with pytest.raises(ConfigError, match="model.family 'llama_adapter' cannot pack"):
         inputs.check_packing(runconfig.from_config_dict(c))
+    c = _config("llava", "tiny_retrieval")  # the [RET] head pairs a row's [RET] with its first image
+    for stage in c.stage_order:
+        c.stages[stage].data.packing = True
+    with pytest.raises(ConfigError, match=r"model.family 'llava' cannot pack: config.model.retrieval"):
+        inputs.check_packing(runconfig.from_config_dict(c))
     with pytest.raises(ValueError, match=r"data.mix\[0\].packing: set it on the parent"):
         DataConfig(mix=({"weight": 1.0, "packing": True},))
 
