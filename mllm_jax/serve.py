@@ -13,6 +13,7 @@ split over its batch axes. Bad flags print one
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -73,6 +74,11 @@ def main(argv):
     finally:
         server.server_close()
         service.close()
+    # Stopped: exit now. The engine's daemon thread may still be inside an XLA call, and interpreter
+    # shutdown can then wait on it (seen once, under load, as a server that never exited after SIGINT).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

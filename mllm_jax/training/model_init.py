@@ -93,9 +93,9 @@ def _from_parts(family: TrainableFamily, m: ModelSettings, tok_dir: str) -> Init
         )
     check_processor(init.vision, "config.model.init.vision")
     tok_key = "config.model.tokenizer" if tok_dir != init.llm else "config.model.init.llm"
-    check_tokenizer(tok_dir, tok_key)
     vision = load_hf(init.vision, family.vision_family, "config.model.init.vision")
-    llm = load_hf(init.llm, "llm", "config.model.init.llm")
+    llm = load_hf(init.llm, "llm", "config.model.init.llm")  # a wrong kind of model is the first error
+    check_tokenizer(tok_dir, tok_key)
     tokenizer = with_chat_template(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False), tok_dir)
     missing = [t for t in family.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
