@@ -14,6 +14,7 @@ split over its batch axes. Bad flags print one
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -67,6 +68,10 @@ def main(argv):
     # one line on stdout for whoever started us (scripts and tests read the port from it)
     print(f"serving {service.model_id} on http://{host}:{port}", flush=True)
     logging.info("serving on http://%s:%d", host, port)
+    # SIGINT and SIGTERM stop the server, even where the parent left SIGINT ignored (a child inherits
+    # SIG_IGN, and Python then installs no KeyboardInterrupt handler: seen under a test runner)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -75,7 +80,7 @@ def main(argv):
         server.server_close()
         service.close()
     # Stopped: exit now. The engine's daemon thread may still be inside an XLA call, and interpreter
-    # shutdown can then wait on it (seen once, under load, as a server that never exited after SIGINT).
+    # shutdown could then wait on it.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
