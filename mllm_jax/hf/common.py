@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import ml_dtypes
 import numpy as np
 
+from mllm_jax import paths
 from mllm_jax.errors import ConversionError
 
 # safetensors dtype tag <-> numpy dtype (bf16 through ml_dtypes, which JAX uses too).
@@ -34,6 +35,20 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _TAGS = {v: k for k, v in _DTYPES.items()}
+
+
+# ---------------------------------------------------------------- the other files of a HF directory
+
+# Where stock HF repos keep a tokenizer (any one of these): a fast tokenizer.json, the config naming
+# the others, a SentencePiece tokenizer.model (LLaMA) or spiece.model (T5, SigLIP), a BPE vocab.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
+# and an image processor's settings (size, crop, mean / std)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def has_any_file(directory: str, names: Sequence[str]) -> bool:
+    """Whether ``directory`` (local or ``gs://``) holds at least one of the files ``names``."""
+    return any(paths.isfile(paths.join(directory, n)) for n in names)
 
 
 # ---------------------------------------------------------------- safetensors

@@ -37,7 +37,6 @@ _REPO_ONLY = (
     "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower",
     "tokenizer_padding_side", "tokenizer_model_max_length", "use_cache",
 )  # fmt: skip
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def is_llava_repo(d: dict) -> bool:
@@ -106,9 +105,11 @@ def convert(src: str, vision_dir: str, out: str, llm_dir: str | None = None):
     tower = {k: v for k, v in common.normalize_keys(tower, clip_dual.ALIASES).items()}
     tower = {k: v for k, v in tower.items() if not k.startswith(clip_dual.SKIP)}
 
-    tok_dir = src if any(os.path.exists(os.path.join(src, n)) for n in _TOKENIZER_FILES) else llm_dir
+    tok_dir = src if common.has_any_file(src, common.TOKENIZER_FILES) else llm_dir
     if not tok_dir:
-        raise ConversionError(f"--from_llava_repo={src}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+        raise ConversionError(
+            f"--from_llava_repo={src}: no tokenizer files ({', '.join(common.TOKENIZER_FILES)})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:

@@ -68,8 +68,9 @@ def load(path: str) -> dict[str, np.ndarray]:
 
 def to_safetensors(src: str, out: str) -> list[str]:
     """Convert a ``.bin``-only HF directory once: each ``.bin`` shard becomes one safetensors shard (one
-    shard in memory at a time), with ``model.safetensors.index.json`` when sharded; config.json and the
-    tokenizer / processor files are copied. Returns the weight files written."""
+    shard in memory at a time), with ``model.safetensors.index.json`` when sharded, and config.json (the
+    tokenizer / processor files: ``hf.copy_assets``, which ``store.bin_to_safetensors`` calls). Returns
+    the weight files written."""
     files = bin_files(src)
     if not files:
         raise ConversionError(f"--from_hf={src}: no pytorch_model*.bin files to convert")

@@ -9,11 +9,11 @@ from mllm_jax.data.webdataset import list_shards
 from mllm_jax.errors import ConfigError
 from mllm_jax.families import store
 from mllm_jax.families.trainable import ModelSettings
+from mllm_jax.hf.common import TOKENIZER_FILES, has_any_file
 from mllm_jax.training import checkpoint
 from mllm_jax.training.runconfig import RunConfig
 
 FILE_SOURCES = ("llava_json", "mmc4")  # data.path is one file; webdataset's is a shard dir or pattern
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def check_inputs(run: RunConfig, workdir: str) -> None:
@@ -64,7 +64,7 @@ def _check_model_dirs(model: ModelSettings) -> None:
             continue
         if not paths.isdir(paths.check(path, f"config.model.{key}")):
             raise ConfigError(f"config.model.{key}={path!r}: no such directory (nothing is downloaded)")
-        if not any(paths.isfile(paths.join(path, f)) for f in TOKENIZER_FILES):
+        if not has_any_file(path, TOKENIZER_FILES):
             raise ConfigError(
                 f"config.model.{key}={path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)"
             )

@@ -28,6 +28,7 @@ from mllm_jax.data.transforms import ImageSpec
 from mllm_jax.errors import ConfigError, ConversionError
 from mllm_jax.families import TrainableFamily, base, store
 from mllm_jax.families.trainable import InitSettings, ModelSettings
+from mllm_jax.hf.common import PROCESSOR_FILES, TOKENIZER_FILES, has_any_file
 
 
 @dataclasses.dataclass
@@ -113,17 +114,14 @@ def _from_parts(family: TrainableFamily, m: ModelSettings, tok_dir: str) -> Init
     return InitialModel(config, tokenizer, pretrained, {"vision": vision.hf_config, "llm": llm.hf_config})
 
 
-# Where stock HF repos keep a tokenizer (any one of these), its chat template and the image processor.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# Where stock HF repos keep a chat template outside tokenizer_config.json (the tokenizer and image
+# processor files: hf.common.TOKENIZER_FILES, PROCESSOR_FILES).
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def check_tokenizer(directory: str, key: str):
     """A one-line error naming the files a tokenizer directory lacks (before transformers' own)."""
-    if os.path.isdir(directory) and not any(
-        os.path.exists(os.path.join(directory, n)) for n in TOKENIZER_FILES
-    ):
+    if os.path.isdir(directory) and not has_any_file(directory, TOKENIZER_FILES):
         raise ConfigError(
             f"{key}={directory!r}: no tokenizer files ({' / '.join(TOKENIZER_FILES)}); point"
             " config.model.tokenizer at a directory that has them (stock LLM repos keep them by config.json)"
@@ -132,9 +130,7 @@ def check_tokenizer(directory: str, key: str):
 
 def check_processor(directory: str, key: str):
     """The tower's image preprocessing (size, crop, mean / std) comes from its preprocessor_config.json."""
-    if os.path.isdir(directory) and not any(
-        os.path.exists(os.path.join(directory, n)) for n in PROCESSOR_FILES
-    ):
+    if os.path.isdir(directory) and not has_any_file(directory, PROCESSOR_FILES):
         raise ConfigError(
             f"{key}={directory!r}: no preprocessor_config.json (the image processor's settings, which stock"
             " CLIP / SigLIP repos carry beside config.json; copy it from the tower's repo)"

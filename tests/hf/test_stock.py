@@ -29,12 +29,13 @@ CLIP, VICUNA = "clip-vit-large-patch14-336", "vicuna-7b-v1.5"  # the stock repos
 
 BUILD = """
 import sys
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests", "tests/hf"]
 import hf_fixtures as F
+import stock_fixtures as S
 root = sys.argv[1]
 F.build_dual(f"{root}/ws/clip-vit-large-patch14-336", "clip", seed=1, as_bin=True)
 F.build_llama_bin(f"{root}/ws/vicuna-7b-v1.5", seed=2, shards=2)
-F.build_dual(f"{root}/siglip", "siglip", seed=3)
+S.build_siglip_stock(f"{root}/siglip", seed=3)
 F.build_llava_repo(f"{root}/llava-repo", f"{root}/ws/clip-vit-large-patch14-336", seed=4, tower_inside=True)
 F.build_llava_repo(f"{root}/llava-pretrain", f"{root}/ws/clip-vit-large-patch14-336", seed=5, stage1=True)
 """
@@ -79,7 +80,8 @@ def launched_flags(slice_name: str) -> list[str]:
     [launch] = [line for line in doc_lines() if line.startswith("tpu/launch.sh ")]
     dry = launch.replace("tpu/launch.sh", f"{ROOT}/tpu/launch.sh --dry-run", 1)
     script = f"{slice_variables()[slice_name]}\n{dry}"
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}  # passed on
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     argv = job_argv(shlex.split(r.stdout)[-1].split("=", 1)[1])
     assert argv[1:4] == ["../mllm_jax_env/bin/python", "-m", "mllm_jax.main"], argv
@@ -102,7 +104,8 @@ def write_llava_json(data, name: str, conversations, n: int = 16):
 def stock_dirs(tmp):
     """Tiny stand-ins in the stock layouts: ``ws/`` is a workstation after ``hf download`` of the two
     stock repos (a CLIPModel and a LLaMA, both ``.bin`` only), plus a SiglipModel dir and two
-    checkpoints of the original LLaVA repo (a whole one with the tower inside, a stage-1 projector)."""
+    checkpoints of the original LLaVA repo (a whole one with the tower inside, a stage-1 projector). The
+    SiglipModel dir keeps its tokenizer as google/siglip-* do (``spiece.model``, no tokenizer.json)."""
     jobs.check(jobs.python("-c", BUILD, str(tmp)))
     return tmp
 
@@ -157,6 +160,39 @@ def llava_repo_converted(tmp):
     )
     mixed = ("--from_hf=" + str(src / "siglip"), f"--to={tmp / 'c'}", f"--to_safetensors={tmp / 's'}")
     return src, ws, tmp, jobs.check(jobs.python("-m", "mllm_jax.convert", *mixed), 2)
+
+
+# The two other stock layouts, each as the init of step 6's command (the v5e-16's flags, the walkthrough's
+# tiny sizes): a SiglipModel dir as init.vision (its patches all kept: SigLIP has no class token), and
+# the LLaVA repo's whole checkpoint converted by --from_llava_repo as init.hf (as from_pytorch_llava.md
+# says). The latter is the walkthrough's model again (same tower and LLM sizes): its programs come from
+# the compilation cache.
+OTHER_INITS = {
+    "siglip": lambda src, ws, conv: [
+        f"--config.model.init.vision={src / 'siglip'}",
+        f"--config.model.init.llm={ws / 'models' / VICUNA}",
+        "--config.model.vision_feature_select_strategy=full",
+    ],
+    "llava_repo": lambda src, ws, conv: [f"--config.model.init.hf={conv / 'whole'}"],
+}
+
+
+@jobs.fixture
+def other_stock_runs(tmp):
+    """Stage 1 of step 6's command from each of ``OTHER_INITS`` (its ``model.init`` flags replaced), then
+    step 9's export; returns ``layout -> (workdir, export dir)``."""
+    src = jobs.result("stock_dirs")
+    ws, out = jobs.result("walkthrough")
+    runs = {}
+    for layout, init in OTHER_INITS.items():
+        conv = jobs.result("llava_repo_converted")[2] if layout == "llava_repo" else None
+        workdir, export = tmp / layout, tmp / f"{layout}-hf"
+        flags = [f for f in out["flags"] if not f.startswith(("--config.model.init.", "--workdir="))]
+        main = ["-m", "mllm_jax.main", *flags, f"--workdir={workdir}", *init(src, ws, conv), *TINY]
+        jobs.check(jobs.python(*main))
+        jobs.check(jobs.python("-m", "mllm_jax.convert", f"--from={workdir}", f"--to_hf={export}"))
+        runs[layout] = workdir, export
+    return runs
 
 
 def bin_tensors(directory) -> dict:
@@ -229,13 +265,61 @@ def test_the_walkthrough_trains_from_stock_dirs_resumes_and_exports(stock_dirs, 
     assert torch.equal(table[: vicuna.shape[0]], torch.tensor(vicuna).to(table.dtype))
 
 
+@pytest.mark.parametrize("layout", OTHER_INITS)
+def test_the_other_stock_layouts_train_stage1_and_export(stock_dirs, other_stock_runs, layout):
+    """With step 6's command (tiny sizes), a stock SiglipModel dir (``init.vision``) and an original
+    LLaVA-repo checkpoint converted by ``--from_llava_repo`` (``init.hf``) each train stage 1 (the loss
+    logged, a checkpoint written) and export to a HF LLaVA dir that transformers loads with no missing or
+    unexpected keys, the frozen tower and LLM still the stock ones."""
+    from transformers import LlavaForConditionalGeneration, SiglipModel
+
+    workdir, export = other_stock_runs[layout]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [(r["stage"], r["step"]) for r in rows if "loss" in r]
+    assert trained == [("align", 1), ("align", 2)] and all(
+        np.isfinite(r["loss"]) for r in rows if "loss" in r
+    )
+    assert (workdir / "checkpoints" / "2").is_dir()
+    model, info = LlavaForConditionalGeneration.from_pretrained(str(export), output_loading_info=True)
+    assert not any(info.values()), info
+    vision = model.model.vision_tower
+    tower = (vision.vision_model if hasattr(vision, "vision_model") else vision).state_dict()
+    llm = model.model.language_model.state_dict()
+    if layout == "siglip":
+        assert model.config.vision_config.model_type == "siglip_vision_model"
+        assert model.config.vision_feature_select_strategy == "full"
+        stock_tower = SiglipModel.from_pretrained(str(stock_dirs / "siglip")).vision_model.state_dict()
+        stock_llm = bin_tensors(stock_dirs / "ws" / VICUNA)
+    else:
+        repo = bin_tensors(stock_dirs / "llava-repo")
+        inside = "model.vision_tower.vision_tower.vision_model."
+        stock_tower = {k[len(inside) :]: v for k, v in repo.items() if k.startswith(inside)}
+        stock_llm = repo
+    stock_llm = {k[len("model.") :]: v for k, v in stock_llm.items() if k.startswith("model.layers.")}
+    assert sorted(stock_tower) == sorted(tower) and sorted(stock_llm) == sorted(
+        k for k in llm if k.startswith("layers.")
+    )
+    for ours, theirs in ((tower, stock_tower), (llm, stock_llm)):  # frozen, in the preset's param dtype
+        for k, v in theirs.items():
+            assert torch.equal(ours[k], v.to(ours[k].dtype)), k
+
+
 def test_a_siglip_model_dir_is_read_as_its_vision_half(stock_dirs, tmp_path):
     """``config.model.init.vision`` accepts a stock SiglipModel directory: its tower is exactly the one
     transformers' SiglipVisionModel loads from that directory (whose logits tests/hf/test_towers.py
     checks), and its export base is the vision config."""
     from transformers import SiglipVisionModel
+    from transformers.utils import sentencepiece_model_pb2_new as sp
 
-    pretrained = model_init.load_hf(str(stock_dirs / "siglip"), "vit", "config.model.init.vision")
+    # the stand-in's files are the stock repo's: a SentencePiece tokenizer over the text half's vocabulary
+    siglip = stock_dirs / "siglip"
+    assert sorted(os.listdir(siglip)) == [
+        "config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+        "spiece.model", "tokenizer_config.json",
+    ]  # fmt: skip
+    pieces = sp.ModelProto.FromString((siglip / "spiece.model").read_bytes()).pieces
+    assert len(pieces) == json.loads((siglip / "config.json").read_text())["text_config"]["vocab_size"]
+    pretrained = model_init.load_hf(str(siglip), "vit", "config.model.init.vision")
     assert pretrained.hf_config["model_type"] == "siglip_vision_model" and pretrained.config.pooling_head
     SiglipVisionModel.from_pretrained(str(stock_dirs / "siglip")).save_pretrained(str(tmp_path / "tower"))
     tower = store.load_pretrained(str(tmp_path / "tower"))
@@ -253,8 +337,12 @@ def test_missing_preprocessor_or_tokenizer_is_one_line_naming_the_file(stock_dir
     with pytest.raises(ConfigError, match="no preprocessor_config.json") as e:
         model_init.check_processor(str(vision), "config.model.init.vision")
     assert "\n" not in str(e.value) and "config.model.init.vision=" in str(e.value)
-    with pytest.raises(ConfigError, match=r"no tokenizer files \(tokenizer.json / tokenizer.model"):
+    files = "tokenizer.json / tokenizer_config.json / tokenizer.model / spiece.model / vocab.json"
+    with pytest.raises(ConfigError, match=f"no tokenizer files \\({files}\\); point") as e:
         model_init.check_tokenizer(str(tmp_path), "config.model.init.llm")
+    assert "\n" not in str(e.value)
+    os.symlink(stock_dirs / "siglip" / "spiece.model", tmp_path / "spiece.model")  # SentencePiece alone
+    model_init.check_tokenizer(str(tmp_path), "k")
     model_init.check_processor(str(stock_dirs / "siglip"), "k")
     model_init.check_tokenizer(str(stock_dirs / "siglip"), "k")
 
