@@ -20,7 +20,7 @@ from test_tpu_scripts import job_argv
 from mllm_jax.errors import ConfigError, ConversionError
 from mllm_jax.families import store
 from mllm_jax.hf import common
-from mllm_jax.training import model_init
+from mllm_jax.training import inputs, model_init, presets, runconfig
 
 ROOT = jobs.ROOT
 DOC = os.path.join(ROOT, "docs", "tpu.md")
@@ -341,8 +341,15 @@ def test_missing_preprocessor_or_tokenizer_is_one_line_naming_the_file(stock_dir
     with pytest.raises(ConfigError, match=f"no tokenizer files \\({files}\\); point") as e:
         model_init.check_tokenizer(str(tmp_path), "config.model.init.llm")
     assert "\n" not in str(e.value)
+    # main's start-up check reads the same list (and takes gs:// paths)
+    config = presets.load("configs/llava.py:tiny")
+    config.model.tokenizer = str(tmp_path)
+    run = runconfig.from_config_dict(config)
+    with pytest.raises(ConfigError, match="holds no tokenizer .tokenizer.json, tokenizer_config.json, "):
+        inputs.check_inputs(run, str(tmp_path / "workdir"))
     os.symlink(stock_dirs / "siglip" / "spiece.model", tmp_path / "spiece.model")  # SentencePiece alone
     model_init.check_tokenizer(str(tmp_path), "k")
+    inputs.check_inputs(run, str(tmp_path / "workdir"))
     model_init.check_processor(str(stock_dirs / "siglip"), "k")
     model_init.check_tokenizer(str(stock_dirs / "siglip"), "k")
 
