@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mllm_jax.models.layers import (
@@ -48,6 +49,10 @@ class PerceiverConfig:
     # Init scale of the q and k projections (0: the N(0, 0.02) of every other kernel). With 0.02 the
     # attention logits start near 0, so every latent reads the mean of the image (docs/flamingo.md).
     qk_init_std: float = 0.0
+    # Init of the scale of the LayerNorm on the image features (IDEFICS: 1). The latents are keys too, and
+    # at 1 they take most of the attention and of what is read (the same for every image); larger, the
+    # image tokens do (docs/flamingo.md).
+    context_norm_init: float = 1.0
 
     def validate(self):
         for name in ("embed_dim", "num_latents", "depth", "num_heads", "head_dim", "mlp_dim"):
@@ -58,9 +63,29 @@ class PerceiverConfig:
                 f"perceiver latents_init_std and qk_init_std must be >= 0, got {self.latents_init_std}, "
                 f"{self.qk_init_std}"
             )
+        if self.context_norm_init <= 0:
+            raise ValueError(f"perceiver context_norm_init must be > 0, got {self.context_norm_init}")
         if self.max_frames < 0:
             raise ValueError(f"perceiver max_frames must be >= 0, got {self.max_frames}")
         activation(self.act)
+
+
+class _ScaledNorm(LayerNorm):
+    """``LayerNorm`` (the same params) whose scale starts at ``scale_init`` rather than 1."""
+
+    scale_init: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        norm = lambda name, v: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(nn.initializers.constant(v), ("norm",)), (d,), self.param_dtype
+        )
+        scale, bias = norm("scale", self.scale_init), norm("bias", 0.0)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + self.eps)
+        return (y * scale + bias).astype(self.dtype)
 
 
 class _Projection(nn.Module):
@@ -95,7 +120,10 @@ class PerceiverAttention(Block):
     def __call__(self, context_BxPxD, latents_BxQxD):
         c = self.config
         ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        context_BxPxD = ln("context_layer_norm")(context_BxPxD)
+        context_norm = _ScaledNorm(
+            c.layer_norm_eps, dtype=self.dtype, scale_init=c.context_norm_init, name="context_layer_norm"
+        )
+        context_BxPxD = context_norm(context_BxPxD)
         latents_BxQxD = ln("latents_layer_norm")(latents_BxQxD)
         kv_BxSxD = jnp.concatenate([context_BxPxD, latents_BxQxD], axis=1)  # S = P + Q keys
         heads = lambda name, x: split_heads(x, name, c.num_heads, c.head_dim, False, self.dtype)  # noqa: E731

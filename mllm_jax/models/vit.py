@@ -54,6 +54,15 @@ class VitConfig(TowerConfig):
     pre_norm: bool = True  # CLIP's `pre_layrnorm`
     patch_bias: bool = False  # CLIP's patch conv has no bias, SigLIP's has
     pooling_head: bool = False  # SigLIP's multihead-attention pooling head (`vision_use_head`)
+    # Init scale of the position embeddings (HF: 0.02). Init only. A tower trained from scratch keeps them
+    # far below the patches' content, so position barely reaches a set reader such as the Perceiver
+    # resampler (docs/flamingo.md); tiny Flamingo starts them larger.
+    position_init_std: float = 0.02
+
+    def validate(self):
+        super().validate()
+        if self.position_init_std < 0:
+            raise ValueError(f"vision position_init_std must be >= 0, got {self.position_init_std}")
 
     @property
     def num_positions(self) -> int:
@@ -187,7 +196,7 @@ class VisionTower(ScanStack):
             x_BxPxD = jnp.concatenate([cls_Bx1xD, x_BxPxD], axis=1)
         pos = self.param(
             "position_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(c.position_init_std), ("vocab", "embed")),
             (c.num_positions, c.hidden_size),
         )
         check_positions(c, pixels_BxYxXxC, x_BxPxD)

@@ -63,7 +63,7 @@ def test_init_scales_change_the_numbers_not_the_tree(setup):
     # latents_init_std and qk_init_std only set the starting weights: the tree (and so the HF export) is
     # the same, and q/k/latents start at the asked scale while v and the rest keep N(0, 0.02)
     x, params = setup
-    config = dataclasses.replace(CONFIG, latents_init_std=0.05, qk_init_std=0.5)
+    config = dataclasses.replace(CONFIG, latents_init_std=0.05, qk_init_std=0.5, context_norm_init=2.0)
     scaled = init(config, x)
     chex.assert_trees_all_equal_shapes(params, scaled)
     attn = scaled["blocks_1"]["attn"]
@@ -72,8 +72,13 @@ def test_init_scales_change_the_numbers_not_the_tree(setup):
     assert 0.03 < std(scaled["latents"]) < 0.07
     assert 0.015 < std(attn["v_proj"]["kernel"]) < 0.025
     assert 0.015 < std(params["blocks_1"]["attn"]["q_proj"]["kernel"]) < 0.025  # the default
+    np.testing.assert_array_equal(attn["context_layer_norm"]["scale"], 2.0)
+    np.testing.assert_array_equal(attn["latents_layer_norm"]["scale"], 1.0)
+    np.testing.assert_array_equal(params["blocks_1"]["attn"]["context_layer_norm"]["scale"], 1.0)
     with pytest.raises(ValueError, match="qk_init_std"):
         dataclasses.replace(CONFIG, qk_init_std=-1.0).validate()
+    with pytest.raises(ValueError, match="context_norm_init"):
+        dataclasses.replace(CONFIG, context_norm_init=0.0).validate()
 
 
 def test_qk_layer_norms_are_per_head():

@@ -59,3 +59,16 @@ def test_wrong_image_size_has_clear_error():
     model = VisionTower(CLIP)
     with pytest.raises(ValueError, match="expects 16x16 images"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
+
+
+def test_position_init_std_sets_the_start_not_the_tree():
+    # an init knob only (tiny Flamingo): the same tree, so HF parity and export are unchanged
+    pixels, key = jnp.zeros((1, 16, 16, 3)), jax.random.key(1, impl="unsafe_rbg")  # rbg compiles faster
+    shapes = lambda c: jax.eval_shape(VisionTower(c).init, key, pixels)["params"]  # noqa: E731
+    scaled = dataclasses.replace(CLIP, position_init_std=0.5)
+    chex.assert_trees_all_equal_shapes(shapes(CLIP), shapes(scaled))
+    params = nn.meta.unbox(jax.jit(VisionTower(scaled).init)(key, pixels)["params"])
+    assert 0.4 < float(jnp.std(params["position_embedding"])) < 0.6
+    assert 0.015 < float(jnp.std(params["class_embedding"])) < 0.025  # the rest keeps HF's 0.02
+    with pytest.raises(ValueError, match="position_init_std"):
+        dataclasses.replace(CLIP, position_init_std=-1.0).validate()
