@@ -81,13 +81,15 @@ def model(**overrides) -> ml_collections.ConfigDict:
 def tiny() -> ml_collections.ConfigDict:
     c = presets.base()
     c.model = model()
-    # The Perceiver resampler from scratch (docs/flamingo.md): with IDEFICS's N(0, 1) latents and the
-    # N(0, 0.02) q/k of every kernel, each latent reads the same near-uniform mean of the image and the
-    # latents swamp it (the media are the same for every image), so the model stayed at the blank-image
-    # baseline. Small latents and q/k large enough for attention to pick patches from the first step fix
-    # it; both are initial values only (HF IDEFICS parity and export are unchanged).
+    # The Perceiver resampler from scratch (docs/flamingo.md): with IDEFICS's init each latent reads the
+    # same near-uniform mean of the image and the latents swamp it (the media are the same for every
+    # image), so the model stays at the blank-image baseline. Small latents, q/k large enough for
+    # attention to pick patches from the first step, and image tokens at twice the latents' scale in the
+    # perceiver's keys and values (else the latents, keys too, take most of the attention) fix it; all
+    # three are initial values only (HF IDEFICS parity and export are unchanged).
     c.model.perceiver.latents_init_std = 0.02
     c.model.perceiver.qk_init_std = 0.25
+    c.model.perceiver.context_norm_init = 2.0
     # From scratch, gates at exactly 0 stay near 0 (the model learns the text-only solution first):
     # start them open a little (measured while planning: 0.1 works, 0 does not).
     c.model.xattn.alpha_init = "constant"
