@@ -28,6 +28,15 @@ SMALL = [
 ]
 
 
+def xla_env(devices: int | None = None, **extra: str) -> dict:
+    """This process's environment (with conftest's XLA flags) for a command on ``devices`` CPU devices."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
+
+
 def main_cmd(workdir, *flags, config="configs/llava.py:tiny"):
     """``python -m mllm_jax.main`` on ``config`` shrunk by ``SMALL``, then ``flags``."""
     return [

@@ -24,6 +24,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# Tests compile many small programs and run each a few times: LLVM's optimisations cost a third of the
+# suite's CPU time and buy nothing here (numerics do not depend on them; XLA's own passes still run).
+# Commands the tests run inherit it; commands.xla_env keeps it when a test sets its device count.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 # The tests run on the CPU. Without this an installed libtpu (the test extra's jax[tpu], for plan) first
 # looks for a TPU, asking the GCE metadata server, which on some machines answers 403 to retries for
 # tens of seconds per process. (plan's tests remove it for the commands that compile for TPU slices.)

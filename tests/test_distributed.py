@@ -13,7 +13,7 @@ import time
 
 import jobs
 import pytest
-from commands import free_port, main_cmd, rows
+from commands import free_port, main_cmd, rows, xla_env
 
 from mllm_jax import distributed
 from mllm_jax.errors import ConfigError
@@ -29,12 +29,6 @@ STEPS = [  # one stage (its evaluation included): each process compiles one trai
 COMPARED = ("loss", "accuracy", "grad_norm", "target_tokens", "eval/")
 
 
-def env_with(devices: int) -> dict:
-    return dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-    )
-
-
 class Pair:
     """Both processes of one 2-process run, their stderr in files."""
 
@@ -46,7 +40,7 @@ class Pair:
             cluster = ["--distributed=on", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
             cmd = main_cmd(workdir, *MESH, *STEPS, *flags, *cluster, f"--process_id={i}")
             with open(self.errs[i], "w") as err:
-                self.procs.append(jobs.popen(cmd, env=env_with(4), stdout=subprocess.DEVNULL, stderr=err))
+                self.procs.append(jobs.popen(cmd, env=xla_env(4), stdout=subprocess.DEVNULL, stderr=err))
 
     def wait(self, timeout=900) -> list[int]:
         deadline = time.time() + timeout
@@ -61,11 +55,19 @@ class Pair:
     def stderr(self, i: int) -> str:
         return self.errs[i].read_text()
 
+    def summary(self) -> str:
+        """Exit codes and each process's log without the native stack frames (they hide the cause)."""
+        logs = []
+        for i, p in enumerate(self.procs):
+            lines = [x for x in self.stderr(i).splitlines() if not x.lstrip().startswith("@ ")]
+            logs.append(f"process {i} exit {p.poll()}:\n" + "\n".join(lines[-25:]))
+        return "\n".join(logs)
+
     def signal_when(self, i: int, condition, sig, timeout=900) -> float:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if any(p.poll() is not None for p in self.procs):
-                raise AssertionError(f"a process ended early: {self.stderr(0)[-2000:]}")
+                raise AssertionError(f"a process ended early: {self.summary()}")
             if condition():
                 self.procs[i].send_signal(sig)
                 return time.time()
@@ -77,7 +79,7 @@ class Pair:
 def one_process(tmp):
     """The reference: 1 process x 8 devices, straight through."""
     workdir = str(tmp / "one")
-    jobs.check(jobs.run(main_cmd(workdir, *MESH, *STEPS), env=env_with(8), timeout=900))
+    jobs.check(jobs.run(main_cmd(workdir, *MESH, *STEPS), env=xla_env(8), timeout=900))
     return rows(workdir)
 
 
@@ -166,7 +168,7 @@ def lonely(tmp):
     flags = ["--distributed=on", f"--coordinator_address=127.0.0.1:{free_port()}"]
     flags += ["--num_processes=2", "--process_id=0", "--distributed_timeout=3"]
     t0 = time.time()
-    r = jobs.run(main_cmd(str(tmp / "w"), *flags), env=env_with(4), timeout=120)
+    r = jobs.run(main_cmd(str(tmp / "w"), *flags), env=xla_env(4), timeout=120)
     return r, time.time() - t0
 
 

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # only as a script: importing this module must not c
 
 import jobs  # noqa: E402
 import numpy as np  # noqa: E402
+from commands import xla_env  # noqa: E402
 
 # d2f2t2 caught a real layout problem: the projector's input had to be pinned to the batch layout
 # (models/projector.py), else the batch shards with data != fsdp got wrong image features
@@ -74,8 +75,7 @@ def decode_on_meshes() -> dict:
 
 @jobs.fixture
 def sharded_decodes(tmp):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = jobs.check(jobs.python(os.path.abspath(__file__), env=env, timeout=600))
+    r = jobs.check(jobs.python(os.path.abspath(__file__), env=xla_env(), timeout=600))
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

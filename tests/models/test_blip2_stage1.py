@@ -23,6 +23,7 @@ import pytest
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # blip2_fixtures and this checkout's mllm_jax, as a script too
 from blip2_fixtures import random_params  # noqa: E402
+from commands import xla_env  # noqa: E402
 
 from mllm_jax.data import synthetic, transforms  # noqa: E402
 from mllm_jax.data.tokenizer import build_tokenizer  # noqa: E402
@@ -352,7 +353,7 @@ def sharded_losses() -> dict:
 
 def test_sharded_loss_equals_single_device(reference):
     """The batch of ``reference`` split over 8 devices (data 4 x fsdp 2), params sharded by the rules."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env(8)
     this_file = [sys.executable, os.path.abspath(__file__)]
     r = subprocess.run(
         this_file, capture_output=True, text=True, env=env, cwd=os.path.dirname(TESTS), timeout=600

@@ -42,7 +42,8 @@ get = lambda path: json.load(urllib.request.urlopen(url + path, timeout=60))
 seen = {"first_line": first, "health": get("/health"), "models": get("/v1/models"), "answers": answers}
 proc.send_signal(signal.SIGINT)
 seen["exit"] = proc.wait(timeout=300)  # SIGINT waits for a compilation under way
-env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+env = dict(os.environ)
+env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 proc, log, _, _, seen["mesh_answers"] = serve("--mesh=data=2,fsdp=2", env=env)
 proc.send_signal(signal.SIGINT)
 seen["mesh_exit"] = proc.wait(timeout=300)
