@@ -1,6 +1,9 @@
 """BLIP-2 configs: ``configs/blip2.py:tiny`` (CPU demo on built-in synthetic data: stage 1 trains the
-Q-Former with ITC + ITM + ITG, stage 2 generates through the LLM), ``:opt-2.7b`` (BLIP-2 OPT-2.7b sizes)
-and ``:vicuna-7b`` (InstructBLIP Vicuna-7b sizes).
+Q-Former with ITC + ITM + ITG, stage 2 generates through the LLM), ``:opt-2.7b`` (BLIP-2 OPT-2.7b sizes;
+on a v5e-8: stage 1 the paper's global 1680 (ViT-g) as 210 per chip in one micro-batch, stage 2 its
+1920 (OPT) as 30 per chip in 8 micro-batches) and ``:vicuna-7b`` (InstructBLIP Vicuna-7b sizes; on a
+v5e-8: InstructBLIP's global 128 for its 7B models as 8 per chip in 2 micro-batches); docs/scaling.md
+says which of these ``python -m mllm_jax.plan`` compiled.
 
     python -m mllm_jax.main --config=configs/blip2.py:tiny --workdir=/tmp/blip2_tiny
 """
@@ -106,6 +109,7 @@ def _real(preset: str) -> ml_collections.ConfigDict:
         image_std=(0.26862954, 0.26130258, 0.27577711),
         tokenizer="",
         remat="full",
+        scan_layers=True,  # the EVA tower and the LLM: one compiled layer body each
     )
     # Local directories (nothing is downloaded): --config.model.init.hf=DIR of Salesforce/blip2-opt-2.7b
     # or Salesforce/instructblip-vicuna-7b in HF format, and --config.model.qformer_tokenizer=DIR of
@@ -114,9 +118,13 @@ def _real(preset: str) -> ml_collections.ConfigDict:
     c.stage_order = ("qformer", "generate")
     # BLIP-2 stage 1: Q-Former + heads against the frozen ViT on image-text pairs (ITC + ITM + ITG),
     # lr 1e-4, weight decay 0.05; stage 2: Q-Former + projection into the frozen LLM with the LM loss.
+    # Batches: BLIP-2 (section 3.4) 1680 in stage 1 with ViT-g, 1920 in stage 2 with OPT; v5e-8
+    # (docs/scaling.md). Stage 1 in one micro-batch: ITC and ITM draw their negatives from the whole
+    # batch, as LAVIS gathers them over all its GPUs.
+    stage1, stage2, accum2 = PRESET_BATCHES[preset]
     c.stages.qformer = stage(
         steps=250_000,
-        batch_size=1024,
+        batch_size=stage1,
         trainable=(r"adapter/.*",),
         learning_rate=1e-4,
         warmup_steps=5000,
@@ -133,7 +141,8 @@ def _real(preset: str) -> ml_collections.ConfigDict:
     )
     c.stages.generate = stage(
         steps=80_000,
-        batch_size=512,
+        batch_size=stage2,
+        grad_accum=accum2,
         trainable=(r"adapter/.*",),
         learning_rate=1e-4,
         warmup_steps=2000,
@@ -194,6 +203,9 @@ VICUNA_7B = dict(
 )
 # preset -> (llm_type, LLM sizes, InstructBLIP's instruction-aware Q-Former)
 PRESET_LLMS = {"opt-2.7b": ("opt", OPT_2_7B, False), "vicuna-7b": ("llm", VICUNA_7B, True)}
+# preset -> (stage-1 global batch, stage-2 global batch, stage-2 grad_accum): BLIP-2's 1680 / 1920;
+# InstructBLIP's 128 for its 7B models (it has no stage 1 of its own)
+PRESET_BATCHES = {"opt-2.7b": (1680, 1920, 8), "vicuna-7b": (1680, 128, 2)}
 
 PRESETS = {"tiny": tiny, "opt-2.7b": lambda: _real("opt-2.7b"), "vicuna-7b": lambda: _real("vicuna-7b")}
 

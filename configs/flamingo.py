@@ -1,7 +1,10 @@
 """Flamingo configs (IDEFICS layout): ``configs/flamingo.py:tiny`` (CPU demo on built-in synthetic data,
 from scratch, with multi-image and few-shot evaluation), ``:9b`` (IDEFICS-9B / OpenFlamingo-9B sizes:
-CLIP ViT-H/14 + LLaMA-7B, 64 latents, depth 6, a gated block every 4 layers) and ``:80b`` (IDEFICS-80B
-sizes: LLaMA-65B; config only).
+CLIP ViT-H/14 + LLaMA-7B, 64 latents, depth 6, a gated block every 4 layers; runs on a v5e-8, mesh fsdp 2
+x tensor 4, 4 sequences of 1024 per fsdp rank in 160 micro-batches of IDEFICS-9B's global 1280: 14.8
+GiB of 16 per chip in ``python -m mllm_jax.plan``) and ``:80b`` (IDEFICS-80B sizes: LLaMA-65B; names a
+v5p-32, mesh fsdp 4 x tensor 4, 4 per fsdp rank in 224 micro-batches of IDEFICS-80B's global 3584; an
+estimate, not compiled: docs/scaling.md).
 
     python -m mllm_jax.main --config=configs/flamingo.py:tiny --workdir=/tmp/flamingo_tiny
 """
@@ -135,11 +138,23 @@ def tiny() -> ml_collections.ConfigDict:
     return c
 
 
-def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collections.ConfigDict:
+def _real(
+    llm: dict, vision: dict, xattn: dict, perceiver: dict, tensor: int, batch: int, grad_accum: int
+) -> ml_collections.ConfigDict:
+    """``batch``: the pretrain stage's global batch (IDEFICS's model card: 1.31M tokens for 9B, 3.67M for
+    80B, in sequences of 1024), in ``grad_accum`` micro-batches; ``tensor``: chips per tensor group."""
     c = presets.base()
     c.dtype = "bfloat16"
-    c.mesh.fsdp = -1
+    # Memory (docs/scaling.md, the presets on TPU slices). This family's decoder is not scanned (the
+    # gated blocks sit between its layers); with FSDP alone the 9b step's temporaries on a v5e-8 were
+    # about the whole model in bf16 (15.2 GiB at 2 x 512 tokens per chip), as if every layer's
+    # gathered weights stayed alive. Tensor parallelism inside a host divides the weights each chip
+    # gathers by `tensor`. f32 params (the gated blocks train at small learning rates), bf16 Adam
+    # moments, splash attention (no [B, N, T, S] scores), full remat.
+    c.attention = "splash"
     c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = tensor
     c.model = model(
         vision=ml_collections.ConfigDict(vision),
         llm=ml_collections.ConfigDict(llm),
@@ -158,14 +173,16 @@ def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collectio
     # mixed with image-text pairs; stage 2: instruction tuning (IDEFICS-instruct style).
     c.stages.pretrain = stage(
         steps=20_000,
-        batch_size=512,
+        batch_size=batch,
+        grad_accum=grad_accum,
         trainable=FLAMINGO_TRAINABLE,
         learning_rate=1e-4,
         warmup_steps=2000,
         weight_decay=0.1,
         no_decay=NO_DECAY,
+        moment_dtype="bfloat16",
         data=data(
-            max_length=512,
+            max_length=1024,
             max_images=5,
             mix=(
                 dict(weight=0.7, source="mmc4", path="mmc4/docs.jsonl", image_root="mmc4/images"),
@@ -174,9 +191,12 @@ def _real(llm: dict, vision: dict, xattn: dict, perceiver: dict) -> ml_collectio
             template="plain",
         ),
     )
+    # 128 as LLaVA-1.5 on its mix, as many sequences per fsdp rank as pretrain (fewer images)
     c.stages.instruct = stage(
         steps=5000,
         batch_size=128,
+        grad_accum=grad_accum * 128 // batch,
+        moment_dtype="bfloat16",
         trainable=FLAMINGO_TRAINABLE,
         learning_rate=2e-5,
         warmup_steps=150,
@@ -240,8 +260,18 @@ XATTN_80B = dict(XATTN_9B, intermediate_size=22016, num_heads=64, qk_layer_norms
 
 PRESETS = {
     "tiny": tiny,
-    "9b": lambda: _real(LLAMA_7B, CLIP_VIT_H14, XATTN_9B, PERCEIVER_9B),
-    "80b": lambda: _real(LLAMA_65B, CLIP_VIT_H14, XATTN_80B, dict(PERCEIVER_9B, qk_layer_norms=True)),
+    # v5e-8 (8 chips): fsdp 2 x tensor 4, 4 per fsdp rank: 1280 = 4 x 2 x 160
+    "9b": lambda: _real(LLAMA_7B, CLIP_VIT_H14, XATTN_9B, PERCEIVER_9B, tensor=4, batch=1280, grad_accum=160),
+    # v5p-32 (16 chips): fsdp 4 x tensor 4, 4 per fsdp rank: 3584 = 4 x 4 x 224
+    "80b": lambda: _real(
+        LLAMA_65B,
+        CLIP_VIT_H14,
+        XATTN_80B,
+        dict(PERCEIVER_9B, qk_layer_norms=True),
+        tensor=4,
+        batch=3584,
+        grad_accum=224,
+    ),
 }
 
 

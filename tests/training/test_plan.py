@@ -2,6 +2,7 @@
 a compiler on this CPU) and for simulated CPU devices, its searches, and its one-line errors. The
 commands run as background jobs (tests/jobs.py)."""
 
+import ast
 import importlib.util
 import json
 import math
@@ -12,7 +13,7 @@ import pytest
 
 from mllm_jax import errors, plan
 from mllm_jax.models import params as param_tree
-from mllm_jax.training import aot
+from mllm_jax.training import aot, presets, runconfig
 
 GIB = 1024**3
 needs_libtpu = pytest.mark.skipif(
@@ -216,6 +217,42 @@ def test_llava_7b_on_v5e_8_compiles_without_allocating_it(llava_7b_plan):
     assert p["fits"], p["memory"]
     assert p["memory"]["peak"] > p["state_bytes_per_chip"] and p["fits"] == (p["memory"]["peak"] <= 16 * GIB)
     assert p["model_flops_per_step"] > 6 * p["trainable_params"] * 128 * 2048
+
+
+# ---------------------------------------------------------------- the real presets, without compiling
+
+# config, preset, stage, the slice its docstring names, the paper's global batch (sequences), sequences
+# per chip (per data x fsdp rank) per micro-batch; what docs/scaling.md's table compiles for each
+REAL_PRESETS = [
+    ("configs/llava.py", "7b", "instruct", "v5e-8", 128, 2),  # LLaVA-1.5 stage 2
+    ("configs/llava.py", "13b", "instruct", "v4-32", 128, 1),
+    ("configs/flamingo.py", "9b", "pretrain", "v5e-8", 1280, 4),  # IDEFICS-9B: 1.31M tokens of 1024
+    ("configs/flamingo.py", "80b", "pretrain", "v5p-32", 3584, 4),  # IDEFICS-80B: 3.67M tokens
+    ("configs/blip2.py", "opt-2.7b", "qformer", "v5e-8", 1680, 210),  # BLIP-2 stage 1, ViT-g
+    ("configs/blip2.py", "opt-2.7b", "generate", "v5e-8", 1920, 30),  # BLIP-2 stage 2, OPT
+    ("configs/blip2.py", "vicuna-7b", "generate", "v5e-8", 128, 8),  # InstructBLIP, 7B LLMs
+]
+IDEFICS_TOKENS = {"9b": 1.31e6, "80b": 3.67e6}  # the model card's effective batch, 3 digits
+
+
+@pytest.mark.parametrize("path, preset, stage_name, target, paper, per_chip", REAL_PRESETS)
+def test_a_real_preset_is_the_papers_batch_on_its_slice(path, preset, stage_name, target, paper, per_chip):
+    """Arithmetic only: global batch = per chip x (data x fsdp) x grad_accum = the paper's, on a slice
+    that plan knows and that the preset's docstring names; tensor groups stay inside one host."""
+    run = runconfig.from_config_dict(presets.load(f"{path}:{preset}"))
+    stage = {s.name: s for s in run.stages}[stage_name]
+    t = aot.parse_target(target)
+    with open(path) as f:
+        doc = ast.get_docstring(ast.parse(f.read()))
+    assert f":{preset}``" in doc and target in doc
+    mesh = run.mesh
+    assert mesh.fsdp == -1 and t.chips % (mesh.data * mesh.tensor) == 0
+    ranks = t.chips // mesh.tensor  # data x fsdp: the batch's shards
+    assert mesh.tensor <= (8 if t.generation in ("v5e", "v6e") else 4)
+    assert stage.batch_size == paper
+    assert stage.batch_size == per_chip * ranks * stage.grad_accum
+    if preset in IDEFICS_TOKENS:
+        assert round(stage.batch_size * stage.data.max_length, -4) == IDEFICS_TOKENS[preset]
 
 
 # ---------------------------------------------------------------- targets and searches
