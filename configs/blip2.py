@@ -3,7 +3,7 @@ Q-Former with ITC + ITM + ITG, stage 2 generates through the LLM), ``:opt-2.7b``
 on a v5e-8: stage 1 the paper's global 1680 (ViT-g) as 210 per chip in one micro-batch, stage 2 its
 1920 (OPT) as 30 per chip in 8 micro-batches) and ``:vicuna-7b`` (InstructBLIP Vicuna-7b sizes; on a
 v5e-8: InstructBLIP's global 128 for its 7B models as 8 per chip in 2 micro-batches); docs/scaling.md
-says which of these ``python -m mllm_jax.plan`` compiled.
+has ``python -m mllm_jax.plan``'s figures (stage 2 of both fits; opt-2.7b's stage 1 is not compiled).
 
     python -m mllm_jax.main --config=configs/blip2.py:tiny --workdir=/tmp/blip2_tiny
 """
