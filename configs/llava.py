@@ -1,6 +1,7 @@
 """LLaVA configs: ``configs/llava.py:tiny`` (CPU demo, built-in synthetic data, from scratch),
 ``configs/llava.py:7b`` and ``:13b`` (LLaVA-1.5 recipe: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu; 7b
-runs on a v5e-8, 2 sequences per chip in 8 micro-batches of the global 128; 13b on a v4-32, 1 per chip;
+runs on a v5e-8, 2 sequences per chip in 8 micro-batches of the global 128 (stage 1: 16 micro-batches
+of the global 256); 13b on a v4-32, 1 per chip;
 ``python -m mllm_jax.plan`` and docs/scaling.md show how they fit).
 Modifiers compose with a preset (mllm_jax/training/presets.py): ``:tiny,lora`` (LoRA in stage 2),
 ``:tiny,video`` (4-frame clips), ``:tiny,grounding`` (boxes as location tokens), ``:tiny,dpo`` (alias
@@ -226,6 +227,9 @@ def _real(llm: dict) -> ml_collections.ConfigDict:
     c.stages.align = stage(
         steps=2180,
         batch_size=256,
+        # 16 micro-batches of 16: the instruct stage's 2 sequences per chip on a v5e-8 (1 on a v4-32),
+        # which fits there with the LLM's gradients and moments that this stage does not have
+        grad_accum=16,
         trainable=(r"adapter/.*",),
         learning_rate=1e-3,
         warmup_steps=65,

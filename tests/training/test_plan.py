@@ -224,7 +224,9 @@ def test_llava_7b_on_v5e_8_compiles_without_allocating_it(llava_7b_plan):
 # config, preset, stage, the slice its docstring names, the paper's global batch (sequences), sequences
 # per chip (per data x fsdp rank) per micro-batch; what docs/scaling.md's table compiles for each
 REAL_PRESETS = [
+    ("configs/llava.py", "7b", "align", "v5e-8", 256, 2),  # LLaVA-1.5 stage 1
     ("configs/llava.py", "7b", "instruct", "v5e-8", 128, 2),  # LLaVA-1.5 stage 2
+    ("configs/llava.py", "13b", "align", "v4-32", 256, 1),
     ("configs/llava.py", "13b", "instruct", "v4-32", 128, 1),
     ("configs/flamingo.py", "9b", "pretrain", "v5e-8", 1280, 4),  # IDEFICS-9B: 1.31M tokens of 1024
     ("configs/flamingo.py", "80b", "pretrain", "v5p-32", 3584, 4),  # IDEFICS-80B: 3.67M tokens

@@ -51,7 +51,10 @@ NEW_KEYS = {
 _LLAVA_MEMORY = {
     "param_dtype": "bfloat16",
     "attention": "splash",
-    "stages": {"instruct": {"grad_accum": 8, "moment_dtype": "bfloat16", "loss_chunk": 512}},
+    "stages": {
+        "align": {"grad_accum": 16},
+        "instruct": {"grad_accum": 8, "moment_dtype": "bfloat16", "loss_chunk": 512},
+    },
 }
 MEMORY_OPTIONS = {"llava:7b": _LLAVA_MEMORY, "llava:13b": _LLAVA_MEMORY}
 
