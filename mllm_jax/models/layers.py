@@ -115,10 +115,11 @@ class LayerNorm(nn.Module):
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    scale_init: float = 1.0  # init only (the Perceiver's context norm starts larger: perceiver.py)
 
     @nn.compact
     def __call__(self, x):
-        scale = _norm_param(self, "scale", nn.initializers.ones, x.shape[-1])
+        scale = _norm_param(self, "scale", nn.initializers.constant(self.scale_init), x.shape[-1])
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mllm_jax.models.layers import (
@@ -70,24 +69,6 @@ class PerceiverConfig:
         activation(self.act)
 
 
-class _ScaledNorm(LayerNorm):
-    """``LayerNorm`` (the same params) whose scale starts at ``scale_init`` rather than 1."""
-
-    scale_init: float = 1.0
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        norm = lambda name, v: self.param(  # noqa: E731
-            name, nn.with_logical_partitioning(nn.initializers.constant(v), ("norm",)), (d,), self.param_dtype
-        )
-        scale, bias = norm("scale", self.scale_init), norm("bias", 0.0)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + self.eps)
-        return (y * scale + bias).astype(self.dtype)
-
-
 class _Projection(nn.Module):
     """``Dense`` without bias whose kernel starts at ``N(0, std)`` (same param tree as ``Dense``)."""
 
@@ -120,7 +101,7 @@ class PerceiverAttention(Block):
     def __call__(self, context_BxPxD, latents_BxQxD):
         c = self.config
         ln = lambda name: LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        context_norm = _ScaledNorm(
+        context_norm = LayerNorm(
             c.layer_norm_eps, dtype=self.dtype, scale_init=c.context_norm_init, name="context_layer_norm"
         )
         context_BxPxD = context_norm(context_BxPxD)
