@@ -125,9 +125,14 @@ def job_argv(remote: str) -> list[str]:
     return [w.replace("$M", "mllm_jax.main") for w in words[start : words.index(">", start)]]
 
 
+def env_without_xla_flags() -> dict:
+    """This environment less what launch.sh passes on to the job (the tests' own XLA flags)."""
+    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+
+
 def test_launch_runs_main_detached_on_every_worker(tmp_path):
     extra = ("--config.model.init.llm=/data/vicuna 7b", "--config.seed=1")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+    env = env_without_xla_flags()
     r = subprocess.run(
         [f"{ROOT}/tpu/launch.sh", "--dry-run", "pod", "us-west4-a", "configs/llava.py:7b", "gs://b/run"]
         + ["--", *extra],

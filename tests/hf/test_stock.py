@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_tpu_scripts import job_argv
+from test_tpu_scripts import env_without_xla_flags, job_argv
 
 from mllm_jax.errors import ConfigError, ConversionError
 from mllm_jax.families import store
@@ -80,7 +80,7 @@ def launched_flags(slice_name: str) -> list[str]:
     [launch] = [line for line in doc_lines() if line.startswith("tpu/launch.sh ")]
     dry = launch.replace("tpu/launch.sh", f"{ROOT}/tpu/launch.sh --dry-run", 1)
     script = f"{slice_variables()[slice_name]}\n{dry}"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}  # passed on
+    env = env_without_xla_flags()
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     argv = job_argv(shlex.split(r.stdout)[-1].split("=", 1)[1])

@@ -14,6 +14,7 @@ PROBE = """
 import base64, concurrent.futures, io, json, os, signal, subprocess, sys, tempfile, urllib.request
 sys.path.insert(0, "tests")
 import hf_fixtures
+from commands import xla_env
 hf_fixtures.build_llava(sys.argv[1])
 
 def chat(url, i):
@@ -42,9 +43,7 @@ get = lambda path: json.load(urllib.request.urlopen(url + path, timeout=60))
 seen = {"first_line": first, "health": get("/health"), "models": get("/v1/models"), "answers": answers}
 proc.send_signal(signal.SIGINT)
 seen["exit"] = proc.wait(timeout=300)  # SIGINT waits for a compilation under way
-env = dict(os.environ)
-env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-proc, log, _, _, seen["mesh_answers"] = serve("--mesh=data=2,fsdp=2", env=env)
+proc, log, _, _, seen["mesh_answers"] = serve("--mesh=data=2,fsdp=2", env=xla_env(4))
 proc.send_signal(signal.SIGINT)
 seen["mesh_exit"] = proc.wait(timeout=300)
 log.seek(0)
