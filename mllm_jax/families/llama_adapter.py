@@ -32,9 +32,9 @@ class LlamaAdapterSettings(ModelSettings):
     adapter_len: int = 10  # K adaption prompts per adapted layer
     adapter_layers: int = 30  # the top L decoder layers that get prompts (LLaMA-Adapter on 7B: 30)
     gate_init: float = 0.0  # the gates' start (LLaMA-Adapter: 0, the base model exactly)
-    pooling: str = (
-        "class"  # the global image feature: "class" (CLIP's pooled), "mean" (of the patches), "concat"
-    )
+    # the global image feature (models/llama_adapter.py POOLINGS): "class" (CLIP's pooled), "mean" or
+    # "max" (over the patches), "concat" (class and mean), "concat_max" (class, mean and max)
+    pooling: str = "class"
 
     def check(self, where: str):
         super().check(where)

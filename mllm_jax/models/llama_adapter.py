@@ -49,7 +49,16 @@ from mllm_jax.models.mllm import MultimodalLM, per_image
 from mllm_jax.models.vit import VisionTower, VitConfig
 from mllm_jax.models.xattn import latest_image_mask
 
-POOLINGS = ("class", "mean", "concat")
+# the global feature's parts, concatenated in this order: "class" (CLIP's pooled output, the post-LN class
+# token), "mean" / "max" (over the last layer's patch tokens: the mean keeps how much of the image the
+# objects cover, the max whether any patch holds a feature, its gradient reaching that patch alone)
+POOLINGS = {
+    "class": ("class",),
+    "mean": ("mean",),
+    "max": ("max",),
+    "concat": ("class", "mean"),
+    "concat_max": ("class", "mean", "max"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +72,8 @@ class LlamaAdapterConfig:
     # LLaMA-Adapter starts the gates at 0 (the base model exactly); a model trained from nothing may
     # start them open a little (as configs/flamingo.py:tiny does its tanh gates)
     gate_init: float = 0.0
-    # the global feature: "class" (CLIP's pooled output, the post-LN class token), "mean" (the mean of
-    # the last layer's patch tokens, which keeps how much of the image the objects cover) or "concat"
-    # (both, concatenated, as LLaMA-Adapter concatenates several global features before projecting)
+    # the global feature (POOLINGS): one pooling or several concatenated, as LLaMA-Adapter concatenates
+    # several global features before projecting
     pooling: str = "class"
 
     @property
@@ -81,7 +89,7 @@ class LlamaAdapterConfig:
                 f"got {self.adapter_layers}"
             )
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise ValueError(f"pooling must be one of {tuple(POOLINGS)}, got {self.pooling!r}")
         if self.adapter_len < 1:
             raise ValueError(f"adapter_len must be >= 1, got {self.adapter_len}")
 
@@ -229,12 +237,10 @@ class LlamaAdapter(MultimodalLM, Stack):
         b, i = images_BxIxYxXxC.shape[:2]
         if i > 1:
             raise ValueError(f"LLaMA-Adapter reads one image per sample, got {i}")
-        hidden_states, pooled_BIxE = self.vision(per_image(images_BxIxYxXxC))
-        mean_BIxE = hidden_states[-1][:, int(self.config.vision.class_token) :].mean(axis=1)
-        if self.config.pooling == "mean":
-            pooled_BIxE = mean_BIxE
-        elif self.config.pooling == "concat":
-            pooled_BIxE = jnp.concatenate([pooled_BIxE, mean_BIxE], axis=-1)
+        hidden_states, class_BIxE = self.vision(per_image(images_BxIxYxXxC))
+        patches_BIxPxE = hidden_states[-1][:, int(self.config.vision.class_token) :]
+        parts = {"class": class_BIxE, "mean": patches_BIxPxE.mean(axis=1), "max": patches_BIxPxE.max(axis=1)}
+        pooled_BIxE = jnp.concatenate([parts[k] for k in POOLINGS[self.config.pooling]], axis=-1)
         return self.adapter.visual(pooled_BIxE).reshape(b, i, -1)
 
     def embed(self, tokens_BxT, images_BxIxYxXxC=None):

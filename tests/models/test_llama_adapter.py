@@ -117,13 +117,16 @@ def test_cached_decoding_with_media_matches_the_full_forward(setup):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-def test_pooling_is_class_mean_or_both(setup):
+def test_pooling_is_class_mean_max_or_concatenated(setup):
     _, params, images, _ = setup
     with pytest.raises(ValueError, match="pooling"):
-        dataclasses.replace(CONFIG, pooling="max").validate()
+        dataclasses.replace(CONFIG, pooling="median").validate()
     mean = LlamaAdapter(dataclasses.replace(CONFIG, pooling="mean"))
     shape = jax.eval_shape(lambda p: mean.apply({"params": p}, images, method="media"), params)
     assert shape.shape == (2, 1, 32)  # the same params, one feature per image
     concat = LlamaAdapter(dataclasses.replace(CONFIG, pooling="concat"))
     shapes = jax.eval_shape(lambda: nn.meta.unbox(concat.init(jax.random.key(0), TOKENS, images)["params"]))
     assert shapes["adapter"]["visual_proj"]["kernel"].shape == (2 * 32, 32)  # class token and mean
+    both = LlamaAdapter(dataclasses.replace(CONFIG, pooling="concat_max"))
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(both.init(jax.random.key(0), TOKENS, images)["params"]))
+    assert shapes["adapter"]["visual_proj"]["kernel"].shape == (3 * 32, 32)  # class token, mean and max
