@@ -106,8 +106,10 @@ def tiny() -> ml_collections.ConfigDict:
     # question and answer, ...): each text is about the latest image, as in few-shot prompts
     captions = dict(weight=0.5, task="interleaved_caption")
     docs = dict(weight=0.5, task="interleaved")
+    # 300 align steps (the tower learns here only): at 200, seed 1 stayed at 0.771 and seed 3's 4-shot fell
+    # 0.056 below its 0-shot; at 300, seeds 0-3 all clear the bar (docs/flamingo.md)
     c.stages.align = stage(
-        steps=200,
+        steps=300,
         batch_size=32,
         trainable=everything,
         learning_rate=1.5e-3,  # 3e-3 / 2e-3 left shape at chance: docs/flamingo.md
