@@ -227,8 +227,8 @@ def popen(argv: list[str], *, cwd=ROOT, env=None, input: str | None = None, fres
     if server and server.serves(env):
         proc = server.popen(argv[1:], cwd=cwd, env=env, input=input, tmpdir=_tmp_dir())
     else:
-        stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdin=stdin, **kwargs)
+        kwargs.setdefault("stdin", subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, **kwargs)
         if input is not None:
             proc.stdin.write(input)
             proc.stdin.close()
