@@ -1,9 +1,10 @@
 """BLIP-2 configs: ``configs/blip2.py:tiny`` (CPU demo on built-in synthetic data: stage 1 trains the
 Q-Former with ITC + ITM + ITG, stage 2 generates through the LLM), ``:opt-2.7b`` (BLIP-2 OPT-2.7b sizes;
-on a v5e-8: stage 1 the paper's global 1680 (ViT-g) as 210 per chip in one micro-batch, stage 2 its
-1920 (OPT) as 30 per chip in 8 micro-batches) and ``:vicuna-7b`` (InstructBLIP Vicuna-7b sizes; on a
-v5e-8: InstructBLIP's global 128 for its 7B models as 8 per chip in 2 micro-batches); docs/scaling.md
-has ``python -m mllm_jax.plan``'s figures (stage 2 of both fits; opt-2.7b's stage 1 is not compiled).
+stage 1 on a v5e-16: the paper's global 1680 (ViT-g) as 105 per chip in one micro-batch (210 per chip
+on a v5e-8 does not fit); stage 2 on a v5e-8: its 1920 (OPT) as 30 per chip in 8 micro-batches) and
+``:vicuna-7b`` (InstructBLIP Vicuna-7b sizes; on a v5e-8: InstructBLIP's global 128 for its 7B models
+as 8 per chip in 2 micro-batches); docs/scaling.md has ``python -m mllm_jax.plan``'s figures (every
+stage fits the slice named here).
 
     python -m mllm_jax.main --config=configs/blip2.py:tiny --workdir=/tmp/blip2_tiny
 """
@@ -118,9 +119,9 @@ def _real(preset: str) -> ml_collections.ConfigDict:
     c.stage_order = ("qformer", "generate")
     # BLIP-2 stage 1: Q-Former + heads against the frozen ViT on image-text pairs (ITC + ITM + ITG),
     # lr 1e-4, weight decay 0.05; stage 2: Q-Former + projection into the frozen LLM with the LM loss.
-    # Batches: BLIP-2 (section 3.4) 1680 in stage 1 with ViT-g, 1920 in stage 2 with OPT; v5e-8
-    # (docs/scaling.md). Stage 1 in one micro-batch: ITC and ITM draw their negatives from the whole
-    # batch, as LAVIS gathers them over all its GPUs.
+    # Batches: BLIP-2 (section 3.4) 1680 in stage 1 with ViT-g, 1920 in stage 2 with OPT (docs/scaling.md:
+    # stage 1 on a v5e-16, stage 2 on a v5e-8). Stage 1 in one micro-batch: ITC and ITM draw their
+    # negatives from the whole batch, as LAVIS gathers them over all its GPUs.
     stage1, stage2, accum2 = PRESET_BATCHES[preset]
     c.stages.qformer = stage(
         steps=250_000,
