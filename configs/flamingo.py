@@ -2,9 +2,9 @@
 from scratch, with multi-image and few-shot evaluation), ``:9b`` (IDEFICS-9B / OpenFlamingo-9B sizes:
 CLIP ViT-H/14 + LLaMA-7B, 64 latents, depth 6, a gated block every 4 layers; runs on a v5e-8, mesh fsdp 2
 x tensor 4, 4 sequences of 1024 per fsdp rank in 160 micro-batches of IDEFICS-9B's global 1280: 14.8
-GiB of 16 per chip in ``python -m mllm_jax.plan``) and ``:80b`` (IDEFICS-80B sizes: LLaMA-65B; names a
-v5p-32, mesh fsdp 4 x tensor 4, 4 per fsdp rank in 224 micro-batches of IDEFICS-80B's global 3584; an
-estimate, not compiled: docs/scaling.md).
+GiB of 16 per chip in ``python -m mllm_jax.plan``) and ``:80b`` (IDEFICS-80B sizes: LLaMA-65B; runs on a
+v5p-64, mesh fsdp 8 x tensor 4, 4 per fsdp rank in 112 micro-batches of IDEFICS-80B's global 3584: 35.5
+GiB of 95 per chip in ``python -m mllm_jax.plan``; on a v5p-32 it needs 96.8: docs/scaling.md).
 
     python -m mllm_jax.main --config=configs/flamingo.py:tiny --workdir=/tmp/flamingo_tiny
 """
@@ -264,7 +264,7 @@ PRESETS = {
     "tiny": tiny,
     # v5e-8 (8 chips): fsdp 2 x tensor 4, 4 per fsdp rank: 1280 = 4 x 2 x 160
     "9b": lambda: _real(LLAMA_7B, CLIP_VIT_H14, XATTN_9B, PERCEIVER_9B, tensor=4, batch=1280, grad_accum=160),
-    # v5p-32 (16 chips): fsdp 4 x tensor 4, 4 per fsdp rank: 3584 = 4 x 4 x 224
+    # v5p-64 (32 chips): fsdp 8 x tensor 4, 4 per fsdp rank: 3584 = 4 x 8 x 112 (a v5p-32 misses by 1.8 GiB)
     "80b": lambda: _real(
         LLAMA_65B,
         CLIP_VIT_H14,
@@ -272,7 +272,7 @@ PRESETS = {
         dict(PERCEIVER_9B, qk_layer_norms=True),
         tensor=4,
         batch=3584,
-        grad_accum=224,
+        grad_accum=112,
     ),
 }
 

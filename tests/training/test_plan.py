@@ -233,7 +233,7 @@ REAL_PRESETS = [
     ("configs/llava.py", "13b", "align", "v4-32", 256, 1),
     ("configs/llava.py", "13b", "instruct", "v4-32", 128, 1),
     ("configs/flamingo.py", "9b", "pretrain", "v5e-8", 1280, 4),  # IDEFICS-9B: 1.31M tokens of 1024
-    ("configs/flamingo.py", "80b", "pretrain", "v5p-32", 3584, 4),  # IDEFICS-80B: 3.67M tokens
+    ("configs/flamingo.py", "80b", "pretrain", "v5p-64", 3584, 4),  # IDEFICS-80B: 3.67M tokens
     ("configs/blip2.py", "opt-2.7b", "qformer", "v5e-16", 1680, 105),  # BLIP-2 stage 1, ViT-g
     ("configs/blip2.py", "opt-2.7b", "generate", "v5e-8", 1920, 30),  # BLIP-2 stage 2, OPT
     ("configs/blip2.py", "vicuna-7b", "generate", "v5e-8", 128, 8),  # InstructBLIP, 7B LLMs

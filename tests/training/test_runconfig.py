@@ -73,7 +73,7 @@ def _flamingo_memory(batch: int, grad_accum: int) -> dict:  # IDEFICS's batch of
 
 MEMORY_OPTIONS |= {
     "flamingo:9b": _flamingo_memory(1280, 160),
-    "flamingo:80b": _flamingo_memory(3584, 224),
+    "flamingo:80b": _flamingo_memory(3584, 112),
     # the papers' batches (BLIP-2: 1680 / 1920; InstructBLIP 7B: 128) and a scanned tower and LLM
     "blip2:opt-2.7b": {
         "model": {"scan_layers": True},
