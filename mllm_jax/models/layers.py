@@ -92,7 +92,16 @@ class Dense(nn.Module):
             (in_features, self.features),
             self.param_dtype,
         )
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if jax.sharding.get_abstract_mesh().size > 1:
+            # partitioned: keep the [B, T, in] dot whose layout the constraints pin; flattened, the
+            # projector's pinned input (projector.py) no longer reached its dot and XLA's partitioner
+            # again computed wrong rows on data=2, fsdp=2, tensor=2 (test_generate_sharded.py)
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        else:
+            # one contracting dim: for [B, T, in] XLA:CPU transposes the activations (or their
+            # gradient) to build the kernel's gradient; 1.2x on bench's small step (docs/benchmarks.md)
+            rows = x.astype(self.dtype).reshape(-1, in_features)
+            y = jnp.dot(rows, kernel.astype(self.dtype)).reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -290,7 +299,7 @@ def attention(
     sliding_window: int | None = None,
     kernel: AttentionKernel = AttentionKernel(),
 ):
-    """Scaled dot-product attention through ``jax.nn.dot_product_attention``, or the splash kernel.
+    """Scaled dot-product attention: XLA's (``_xla_attention``), cuDNN's or the splash kernel.
 
     Grouped-query attention is native (N query heads, K kv heads, N % K == 0). ``mask`` is boolean,
     True where a query may attend; broadcastable to ``[B, N, T, S]``. Softmax runs in f32. ``causal``
@@ -306,8 +315,8 @@ def attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal, sliding_window, kernel
             )
         impl = None  # any other mask stays on XLA
-    if impl is not None and dtype == jnp.float32:
-        impl = None  # the fused kernels take half precision only
+    if impl is None or dtype == jnp.float32:  # the fused kernels take half precision only
+        return _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype)
     return jax.nn.dot_product_attention(
         q_BxTxNxH.astype(dtype),
         k_BxSxKxH.astype(dtype),
@@ -315,6 +324,39 @@ def attention(
         mask=mask_BxNxTxS,
         implementation=impl,
     )
+
+
+# a masked logit: finite, so a query with no key left attends uniformly (as jax.nn.dot_product_attention)
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype):
+    """``jax.nn.dot_product_attention``'s arithmetic laid out for XLA: heads before positions, a query
+    head group folded into the query rows (one batched dot over [B, K], GQA included). A select, not
+    an added bias, masks the logits: it costs a pass, but a query with no key left then gets no
+    gradient, as its (uniform) output depends on none of its logits. On XLA:CPU forward and backward
+    take about 0.8x the time of ``jax.nn.dot_product_attention``'s (docs/benchmarks.md)."""
+    b, t, n, h = q_BxTxNxH.shape
+    s, k = k_BxSxKxH.shape[1:3]
+    g = n // k
+    q_BxKxGTxH = (
+        q_BxTxNxH.astype(dtype).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+    )
+    k_BxKxSxH = k_BxSxKxH.astype(dtype).transpose(0, 2, 1, 3)
+    v_BxKxSxH = v_BxSxKxH.astype(dtype).transpose(0, 2, 1, 3)
+    logits_BxKxGTxS = jnp.einsum("bkth,bksh->bkts", q_BxKxGTxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    logits_BxKxGTxS = logits_BxKxGTxS * (1.0 / math.sqrt(h))
+    if mask_BxNxTxS is not None:
+        mb, mn, mt, ms = jnp.shape(mask_BxNxTxS)
+        kk, gg = (k, g) if mn == n else (1, 1)  # per-head masks split into (K, G) as the queries are
+        mask_BxKxGxTxS = jnp.reshape(mask_BxNxTxS, (mb, kk, gg, mt, ms))
+        if g > 1:
+            mask_BxKxGxTxS = jnp.broadcast_to(mask_BxKxGxTxS, (mb, kk, g, t, ms))
+        mask_BxKxGTxS = mask_BxKxGxTxS.reshape(mb, kk, -1, ms)
+        logits_BxKxGTxS = jnp.where(mask_BxKxGTxS, logits_BxKxGTxS, MASKED_LOGIT)
+    probs_BxKxGTxS = jax.nn.softmax(logits_BxKxGTxS, axis=-1).astype(dtype)
+    out_BxKxGTxH = jnp.einsum("bkts,bksh->bkth", probs_BxKxGTxS, v_BxKxSxH)
+    return out_BxKxGTxH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def _splash(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype, causal: bool, sliding_window, kernel):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mllm_jax.training import xent
+
 REFERENCE = "reference_logps"  # the batch key reference_logps adds: f32[B, 2]
 # a pair's model FLOPs in training sequences (6·N·tokens each): its two rows forward and backward, plus the
 # reference's forward of both (2·N each)
@@ -46,8 +48,7 @@ def sequence_logps(model, params, batch) -> jax.Array:
         flat(batch["attention_mask"]),
         **extra,
     )
-    logp_2BxTxV = jax.nn.log_softmax(logits_2BxTxV.astype(jnp.float32), axis=-1)
-    target_2BxT = jnp.take_along_axis(logp_2BxTxV, flat(batch["targets"])[..., None], axis=-1)[..., 0]
+    target_2BxT = -xent.token_nll(logits_2BxTxV.astype(jnp.float32), flat(batch["targets"]))
     return (target_2BxT * flat(batch["loss_mask"]).astype(jnp.float32)).sum(-1).reshape(b, two)
 
 

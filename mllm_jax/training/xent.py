@@ -18,6 +18,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HEAD_METHOD = "head"
 
@@ -51,10 +52,36 @@ def head_fn(model, variables: dict, path: tuple[str, ...]):
     return lambda x_BxTxD: model.apply(variables, x_BxTxD, method=apply_head)
 
 
+@jax.custom_vjp
+def token_nll(logits_BxTxV, targets_BxT):
+    """``-log_softmax(logits)[target]`` per token (f32 logits). Its gradient is written out,
+    ``(softmax - onehot(target)) * g`` in one pass with the one-hot from an iota: autodiff of
+    ``take_along_axis`` scatters into a zero ``[B, T, V]`` buffer and differentiates the log-softmax
+    in further passes."""
+    return _nll_fwd(logits_BxTxV, targets_BxT)[0]
+
+
+def _nll_fwd(logits_BxTxV, targets_BxT):
+    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return lse_BxT - picked_BxT, (logits_BxTxV, lse_BxT, targets_BxT)
+
+
+def _nll_bwd(residuals, g_BxT):
+    logits_BxTxV, lse_BxT, targets_BxT = residuals
+    onehot_BxTxV = jnp.arange(logits_BxTxV.shape[-1]) == targets_BxT[..., None]
+    probs_BxTxV = jnp.exp(logits_BxTxV - lse_BxT[..., None])
+    dlogits_BxTxV = (probs_BxTxV - onehot_BxTxV) * g_BxT[..., None]
+    # integer targets take a float0 cotangent
+    return dlogits_BxTxV.astype(logits_BxTxV.dtype), np.zeros(targets_BxT.shape, jax.dtypes.float0)
+
+
+token_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
 def token_sums(logits_BxTxV, targets_BxT, mask_BxT):
     """Summed NLL and correct argmax over the tokens ``mask`` marks (f32 logits)."""
-    logp = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
+    nll_BxT = token_nll(logits_BxTxV, targets_BxT)
     correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT).astype(jnp.float32)
     return (nll_BxT * mask_BxT).sum(), (correct_BxT * mask_BxT).sum()
 

@@ -50,3 +50,44 @@ def test_dense_params_carry_logical_axes():
     variables = layers.Dense(6, ("embed", "mlp")).init(jax.random.key(0), jnp.ones((1, 4)))
     assert variables["params"]["kernel"].names == ("embed", "mlp")
     assert variables["params"]["bias"].names == ("mlp",)
+
+
+def test_dense_on_a_sequence_equals_the_matmul():
+    x = jax.random.normal(jax.random.key(2), (2, 3, 4))
+    variables = layers.Dense(6, ("embed", "mlp")).init(jax.random.key(0), x)
+    p = variables["params"]
+    y = layers.Dense(6, ("embed", "mlp")).apply(variables, x)
+    chex.assert_shape(y, (2, 3, 6))
+    chex.assert_trees_all_close(
+        y, np.einsum("bti,io->bto", x, p["kernel"].value) + p["bias"].value, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "mask_shape", [None, (2, 1, 5, 7), (2, 6, 5, 7), (1, 1, 5, 7), (2, 1, 1, 7), (2, 6, 1, 7)]
+)
+def test_xla_attention_equals_jax_reference_with_gqa_and_masks(mask_shape):
+    """Our XLA layout (heads first, query groups folded into rows) is jax.nn.dot_product_attention's
+    arithmetic: outputs in f32 and bf16, and gradients, also where a query has no key left."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 5, 6, 8)), jnp.float32)  # 6 query heads over 2 kv heads
+    k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
+    mask = None
+    if mask_shape is not None:
+        mask = jnp.asarray(rng.random(mask_shape) > 0.4)
+        if mask_shape[2] > 1:
+            mask = mask.at[..., 0, :].set(False)  # query 0 sees no key
+    for dtype in (jnp.float32, jnp.bfloat16):
+        ours = layers.attention(q, k, v, mask, dtype)
+        ref = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask)
+        assert ours.dtype == dtype
+        chex.assert_trees_all_close(ours.astype(jnp.float32), ref.astype(jnp.float32), atol=1e-6)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: (fn(q, k, v) * jnp.arange(8.0)).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    chex.assert_trees_all_close(
+        grads(lambda q, k, v: layers.attention(q, k, v, mask)),
+        grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)),
+        atol=2e-6,
+    )

@@ -11,7 +11,7 @@ import pytest
 import sharded_step
 
 from mllm_jax.errors import ConfigError
-from mllm_jax.training import runconfig, step, wiring
+from mllm_jax.training import runconfig, step, wiring, xent
 
 CASES = {
     "llava": (sharded_step.llava, "instruct"),
@@ -63,3 +63,20 @@ def test_loss_chunk_is_for_the_lm_loss_only():
     c.stages.qformer.loss_chunk = 256
     with pytest.raises(ConfigError, match="stages.qformer.loss_chunk applies to loss 'lm' only"):
         runconfig.from_config_dict(c)
+
+
+def test_token_nll_and_its_gradient_equal_the_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 5)))
+    weights = jnp.asarray(rng.random((3, 5)), jnp.float32)
+
+    def ref(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights).sum()
+
+    def ours(logits):
+        return (xent.token_nll(logits, targets) * weights).sum()
+
+    chex.assert_trees_all_close(ours(logits), ref(logits), rtol=1e-6)
+    chex.assert_trees_all_close(jax.grad(ours)(logits), jax.grad(ref)(logits), atol=1e-6)
