@@ -92,16 +92,16 @@ class Dense(nn.Module):
             (in_features, self.features),
             self.param_dtype,
         )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if jax.sharding.get_abstract_mesh().size > 1:
             # partitioned: keep the [B, T, in] dot whose layout the constraints pin; flattened, the
             # projector's pinned input (projector.py) no longer reached its dot and XLA's partitioner
             # again computed wrong rows on data=2, fsdp=2, tensor=2 (test_generate_sharded.py)
-            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+            y = jnp.dot(x, kernel)
         else:
             # one contracting dim: for [B, T, in] XLA:CPU transposes the activations (or their
             # gradient) to build the kernel's gradient; 1.2x on bench's small step (docs/benchmarks.md)
-            rows = x.astype(self.dtype).reshape(-1, in_features)
-            y = jnp.dot(rows, kernel.astype(self.dtype)).reshape(*x.shape[:-1], self.features)
+            y = jnp.dot(x.reshape(-1, in_features), kernel).reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -337,7 +337,7 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxNxTxS, dtype):
     gradient, as its (uniform) output depends on none of its logits. On XLA:CPU forward and backward
     take about 0.8x the time of ``jax.nn.dot_product_attention``'s (docs/benchmarks.md)."""
     b, t, n, h = q_BxTxNxH.shape
-    s, k = k_BxSxKxH.shape[1:3]
+    k = k_BxSxKxH.shape[2]
     g = n // k
     q_BxKxGTxH = (
         q_BxTxNxH.astype(dtype).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
